@@ -1,15 +1,25 @@
 """wkv6 (RWKV-6 linear attention) kernels: CUDA and C++ CPU backends, JIT-built on first use.
 
-`wkv6(r, k, v, w, u, initial_state=None, output_final_state=False) -> (y, state)` is the public op;
-`wkv6_ref` (sequential) and `wkv6_chunked_ref` (chunked) are its pure-PyTorch twins.
-Importing this package is cheap: nothing is compiled until the first call (or `build_extension`).
+    from kernels import wkv6
+    y, state = wkv6(r, k, v, w, u, initial_state=None, output_final_state=True)
+
+`wkv6_ref` (sequential, the ground truth) and `wkv6_chunked_ref` (chunked parallel form) are its
+pure-PyTorch twins with the same signature. `build_extension(device)` builds or finds the extension
+and reports the toolchain; `smoke_test(backend)` checks it against `wkv6_ref`;
+`toolchain_fingerprint(device)` is what a cache key should hash. Importing this package is cheap:
+nothing is compiled until the first call. This package never imports dagster.
 """
+from .build import build_extension, toolchain_fingerprint
 from .reference import wkv6_chunked_ref, wkv6_ref
+from .smoke import smoke_test
+from .wkv6 import WKV6Function, wkv6
 
-
-def wkv6(r, k, v, w, u, initial_state=None, output_final_state=False):
-    """Temporary entry point (dispatches to the reference while the compiled backends land)."""
-    return wkv6_ref(r, k, v, w, u, initial_state, output_final_state)
-
-
-__all__ = ["wkv6", "wkv6_ref", "wkv6_chunked_ref"]
+__all__ = [
+    "wkv6",
+    "wkv6_ref",
+    "wkv6_chunked_ref",
+    "WKV6Function",
+    "build_extension",
+    "smoke_test",
+    "toolchain_fingerprint",
+]

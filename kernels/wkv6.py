@@ -1,0 +1,157 @@
+"""`wkv6`: the public RWKV-6 op, an autograd Function over the compiled CPU and CUDA backends.
+
+The backend follows the inputs' device: CPU tensors (float32, float64) run the C++ extension,
+CUDA tensors (float32, bfloat16; float32 state and accumulation) the CUDA one. Both are JIT-built on
+first use (kernels/build.py). If a build fails the call raises; it never falls back to the (much
+slower) references, which stay available as `wkv6_ref` / `wkv6_chunked_ref`.
+"""
+from __future__ import annotations
+
+import torch
+
+from .build import HEAD_SIZES_CUDA, get_extension
+
+__all__ = ["wkv6", "WKV6Function"]
+
+_CPU_DTYPES = (torch.float32, torch.float64)
+_CUDA_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _fmt(t: torch.Tensor) -> str:
+    return f"{tuple(t.shape)} {t.dtype} on {t.device}"
+
+
+def _validate(r, k, v, w, u, initial_state) -> None:
+    """Raise ValueError naming the problem; the kernels assume everything checked here."""
+    named = {"r": r, "k": k, "v": v, "w": w, "u": u}
+    if initial_state is not None:
+        named["initial_state"] = initial_state
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"wkv6: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if r.dim() != 4:
+        raise ValueError(f"wkv6: r must be [B, T, H, K], got shape {tuple(r.shape)}")
+    B, T, H, K = r.shape
+    if k.shape != r.shape:
+        raise ValueError(f"wkv6: k must have r's shape [B, T, H, K] = {tuple(r.shape)}, got {tuple(k.shape)}")
+    if w.shape != r.shape:
+        raise ValueError(f"wkv6: w must have r's shape [B, T, H, K] = {tuple(r.shape)}, got {tuple(w.shape)}")
+    if v.dim() != 4 or v.shape[:3] != r.shape[:3]:
+        raise ValueError(
+            f"wkv6: v must be [B, T, H, V] with B, T, H = {B}, {T}, {H} (from r), got {tuple(v.shape)}"
+        )
+    V = v.shape[3]
+    if u.shape != (H, K):
+        raise ValueError(f"wkv6: u must be [H, K] = ({H}, {K}), got {tuple(u.shape)}")
+    if initial_state is not None and initial_state.shape != (B, H, K, V):
+        raise ValueError(
+            f"wkv6: initial_state must be [B, H, K, V] = ({B}, {H}, {K}, {V}), got {tuple(initial_state.shape)}"
+        )
+    if min(B, T, H, K, V) < 1:
+        raise ValueError(f"wkv6: every dimension must be >= 1, got B,T,H,K,V = {B},{T},{H},{K},{V}")
+    dev = r.device
+    for name, t in named.items():
+        if t.device != dev:
+            raise ValueError(f"wkv6: all inputs must be on one device; r is on {dev}, {name} on {t.device}")
+        if not t.is_floating_point():
+            raise ValueError(f"wkv6: {name} must be a floating-point tensor, got {t.dtype}")
+    if dev.type == "cpu":
+        if r.dtype not in _CPU_DTYPES:
+            raise ValueError(f"wkv6: CPU backend supports float32 and float64 inputs, got r {r.dtype}")
+        for name in ("k", "v", "w"):
+            if named[name].dtype != r.dtype:
+                raise ValueError(f"wkv6: {name} must have r's dtype {r.dtype}, got {named[name].dtype}")
+    elif dev.type == "cuda":
+        if r.dtype not in _CUDA_DTYPES:
+            raise ValueError(f"wkv6: CUDA backend supports float32 and bfloat16 inputs, got r {r.dtype}")
+        for name in ("k", "v"):
+            if named[name].dtype != r.dtype:
+                raise ValueError(f"wkv6: {name} must have r's dtype {r.dtype}, got {named[name].dtype}")
+        if w.dtype != r.dtype and not (r.dtype == torch.bfloat16 and w.dtype == torch.float32):
+            raise ValueError(
+                f"wkv6: w must have r's dtype {r.dtype} (or float32 with bfloat16 r), got {w.dtype}"
+            )
+        if not (K == V and K in HEAD_SIZES_CUDA):
+            raise ValueError(
+                f"wkv6: the CUDA backend supports head sizes K = V in {HEAD_SIZES_CUDA}, got K={K}, V={V}"
+            )
+    else:
+        raise ValueError(f"wkv6: unsupported device {dev}; expected cpu or cuda")
+
+
+def _prep(t: torch.Tensor) -> torch.Tensor:
+    """Contiguous and 16-byte aligned (the CUDA kernels use vector loads)."""
+    t = t.contiguous()
+    if t.data_ptr() % 16 != 0:
+        t = t.clone()
+    return t
+
+
+class WKV6Function(torch.autograd.Function):
+    """forward(r, k, v, w, u, initial_state) -> (y, final_state); inputs already validated by `wkv6`.
+
+    Saves only the inputs; the backward recomputes the states (no [T, K, V] history is kept).
+    """
+
+    @staticmethod
+    def forward(ctx, r, k, v, w, u, initial_state):
+        backend = "cuda" if r.is_cuda else "cpu"
+        ext = get_extension(backend)
+        if backend == "cpu":
+            r, k, v, w = (_prep(x) for x in (r, k, v, w))
+            u_c = _prep(u.to(r.dtype))
+            h0 = None if initial_state is None else _prep(initial_state.to(r.dtype))
+        else:
+            r, k, v, w = (_prep(x) for x in (r, k, v, w))
+            u_c = _prep(u.float())
+            h0 = None if initial_state is None else _prep(initial_state.float())
+        y, state = ext.forward(r, k, v, w, u_c, h0)
+        ctx.save_for_backward(r, k, v, w, u_c, h0)
+        ctx.u_dtype = u.dtype
+        ctx.h0_dtype = None if initial_state is None else initial_state.dtype
+        ctx.set_materialize_grads(False)
+        return y, state
+
+    @staticmethod
+    def backward(ctx, gy, gstate):
+        r, k, v, w, u_c, h0 = ctx.saved_tensors
+        if gy is None and gstate is None:
+            return (None,) * 6
+        ext = get_extension("cuda" if r.is_cuda else "cpu")
+        gy = torch.zeros_like(v) if gy is None else _prep(gy.to(v.dtype))
+        gs = None if gstate is None else _prep(gstate.to(u_c.dtype if r.is_cuda else r.dtype))
+        gr, gk, gv, gw, gu, gh0 = ext.backward(r, k, v, w, u_c, h0, gy, gs)
+        gu = gu.to(ctx.u_dtype)
+        gh0 = None if h0 is None else gh0.to(ctx.h0_dtype)
+        return gr, gk, gv, gw, gu, gh0
+
+
+def wkv6(
+    r: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    w: torch.Tensor,
+    u: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """RWKV-6 wkv: y_t = r_t (diag(u) k_t^T v_t + S_{t-1}),  S_t = diag(exp(-exp(w_t))) S_{t-1} + k_t^T v_t.
+
+    Args:
+        r: `[B, T, H, K]` receptance.
+        k: `[B, T, H, K]` key.
+        v: `[B, T, H, V]` value.
+        w: `[B, T, H, K]` raw decay (RWKV-LM convention: decay = exp(-exp(w)), computed in fp32).
+        u: `[H, K]` bonus for the current token (any float dtype).
+        initial_state: optional `[B, H, K, V]` state S_{-1}; differentiable.
+        output_final_state: also return S_{T-1}.
+    dtypes: CPU float32/float64 (all of r, k, v, w alike); CUDA float32 or bfloat16 for r, k, v, and
+        w in r's dtype or float32; CUDA needs K = V in (32, 64, 128). Accumulation is float32 (float64
+        on the float64 CPU path).
+    Returns:
+        y `[B, T, H, V]` in r's dtype, and the final state `[B, H, K, V]` (float32; float64 on the
+        float64 CPU path) or None. Differentiable in r, k, v, w, u and initial_state.
+    """
+    _validate(r, k, v, w, u, initial_state)
+    y, state = WKV6Function.apply(r, k, v, w, u, initial_state)
+    return y, (state if output_final_state else None)
