@@ -1,0 +1,87 @@
+"""Model configuration: one typed, validated dataclass and the named size presets.
+
+Sizes (shared by every variant; baselines then pick their depth, see `models.registry`):
+    demo  hidden 64  x 2 layers, RWKV head 32, Mamba d_state 32 / headdim 32  (trains in minutes on 2 CPU cores)
+    tiny  hidden 128 x 4 layers                                               (~3.6M parameters at vocab 16000)
+    5m    hidden 128 x 8 layers  (the seeds' "5M" class)                      (~5.2M at vocab 16000)
+    8m    hidden 192 x 12 layers (the seeds' 8M preset as SEEDS.md states it) (~12.9M at vocab 16000)
+Defaults follow the seeds: RWKV-6 head size 64, Mamba-2 d_state 64 / d_conv 4 / expand 2 / headdim 64,
+FFN 4x GELU, RMSNorm eps 1e-6, tied embeddings. `models/PARAMS.md` lists every count.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+__all__ = ["ModelConfig", "SIZE_PRESETS", "HYBRID_NAMES", "BASELINE_NAMES", "MODEL_NAMES"]
+
+HYBRID_NAMES = ("GF-MH", "GF-RH", "GF", "HY", "WS", "RF", "CP")
+BASELINE_NAMES = ("GPT", "RWKV6", "MAMBA2")
+MODEL_NAMES = HYBRID_NAMES + BASELINE_NAMES
+
+SIZE_PRESETS: dict[str, dict] = {
+    "demo": dict(hidden_size=64, n_layer=2, head_size=32, d_state=32, mamba_headdim=32),
+    "tiny": dict(hidden_size=128, n_layer=4),
+    "5m": dict(hidden_size=128, n_layer=8),
+    "8m": dict(hidden_size=192, n_layer=12),
+}
+
+
+@dataclass
+class ModelConfig:
+    name: str                       # canonical variant name, one of MODEL_NAMES
+    size: str                       # preset it came from (a key of SIZE_PRESETS), for records
+    vocab_size: int
+    hidden_size: int = 128
+    n_layer: int = 8
+    head_size: int = 64             # RWKV-6 head size; also the GPT attention head size
+    d_state: int = 64               # Mamba-2 state size N
+    d_conv: int = 4
+    expand: int = 2
+    mamba_headdim: int = 64         # Mamba-2 head dim P
+    ngroups: int = 1
+    mamba_chunk_size: int = 256     # Triton SSD chunk (the CPU path picks its own, result is the same)
+    ffn_mult: int = 4               # block FFN width = ffn_mult * hidden (GELU, no bias)
+    gate_init: float | None = None  # GF family start gate; None = the variant's own (GF-MH 0.3, GF-RH 0.7)
+    norm_eps: float = 1e-6
+
+    def __post_init__(self):
+        if self.name not in MODEL_NAMES:
+            raise ValueError(f"ModelConfig.name: unknown model {self.name!r}; valid: {', '.join(MODEL_NAMES)}")
+        for f in ("vocab_size", "hidden_size", "n_layer", "head_size", "d_state", "d_conv", "expand",
+                  "mamba_headdim", "ngroups", "mamba_chunk_size", "ffn_mult"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"ModelConfig.{f}: must be a positive int, got {v!r}")
+        if self.vocab_size < 2:
+            raise ValueError(f"ModelConfig.vocab_size: must be >= 2, got {self.vocab_size}")
+        uses_heads = self.name in HYBRID_NAMES or self.name in ("GPT", "RWKV6")
+        if uses_heads and self.hidden_size % self.head_size != 0:
+            raise ValueError(f"ModelConfig.head_size: hidden_size {self.hidden_size} is not divisible by "
+                             f"head_size {self.head_size}; choose a head_size that divides hidden_size")
+        if self.name in HYBRID_NAMES or self.name == "MAMBA2":
+            d_inner = self.expand * self.hidden_size
+            if d_inner % self.mamba_headdim != 0:
+                raise ValueError(f"ModelConfig.mamba_headdim: expand * hidden_size = {d_inner} is not divisible by "
+                                 f"mamba_headdim {self.mamba_headdim}")
+            if (d_inner // self.mamba_headdim) % self.ngroups != 0:
+                raise ValueError(f"ModelConfig.ngroups: {self.ngroups} does not divide the Mamba-2 head count "
+                                 f"{d_inner // self.mamba_headdim}")
+        if self.gate_init is not None:
+            if self.name not in ("GF", "GF-MH", "GF-RH"):
+                raise ValueError(f"ModelConfig.gate_init: only the GF family has a gate init, not {self.name}")
+            if not 0.0 < float(self.gate_init) < 1.0:
+                raise ValueError(f"ModelConfig.gate_init: must lie in (0, 1), got {self.gate_init}")
+        if not self.norm_eps > 0:
+            raise ValueError(f"ModelConfig.norm_eps: must be > 0, got {self.norm_eps}")
+
+    @property
+    def is_hybrid(self) -> bool:
+        return self.name in HYBRID_NAMES
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

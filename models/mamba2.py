@@ -1,0 +1,202 @@
+"""Mamba-2 mixer with mamba_ssm.Mamba2's parameter names, shapes and initialisation, plus carried state.
+
+    layer = Mamba2(d_model=128, d_state=64)          # headdim 64, expand 2 -> 4 heads
+    y = layer(x)                                      # x, y: (B, T, d_model)
+    y, st = layer(x, return_state=True)               # st: {"mamba_conv_state", "mamba_ssm_state"}
+    y2, st = layer(x2, state=st, return_state=True)   # continues exactly where x stopped
+
+Parameters (G = ngroups, N = d_state, P = headdim, H = d_inner / P, conv_dim = d_inner + 2GN), laid out like
+mamba_ssm 2.x so a state_dict loads either way:
+    in_proj.weight (2*d_inner + 2GN + H, d_model)   output split [z | x | B | C | dt]
+    conv1d.weight (conv_dim, 1, d_conv), conv1d.bias (conv_dim)   depthwise causal conv over xBC, then SiLU
+    dt_bias (H), A_log (H), D (H)                    no weight decay (`_no_weight_decay = True`)
+    norm.weight (d_inner)                            gated RMSNorm: rmsnorm(y * silu(z)) * weight, eps 1e-5
+    out_proj.weight (d_model, d_inner)
+Only mamba_ssm's defaults are supported (d_ssm = d_inner, rmsnorm, norm_before_gate False, D per head).
+
+Two forward paths with the same maths (tested against each other and, on a GPU, against mamba_ssm.Mamba2):
+  * CUDA with mamba_ssm importable: mamba_ssm's Triton `mamba_chunk_scan_combined` (and `causal_conv1d_fn`
+    for the convolution when that package is importable and no conv state is carried in);
+  * otherwise `models.ssd.ssd_chunked`, a chunked pure-PyTorch SSD.
+State: conv state = the last d_conv *pre-conv* xBC columns (B, conv_dim, d_conv), as mamba_ssm's inference
+cache; SSM state (B, H, P, N) fp32.
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .ssd import ssd_chunked
+
+__all__ = ["Mamba2", "RMSNormGated"]
+
+# The pure-PyTorch SSD materialises (B, H, T, chunk) decay matrices: a 64-long chunk keeps that small on CPU.
+# The result does not depend on the chunk length (up to rounding), so this is a memory choice only.
+TORCH_SSD_CHUNK = 64
+
+
+@lru_cache(maxsize=None)
+def _mamba_ssm_ops():
+    """mamba_ssm's Triton SSD and causal_conv1d's conv, or None for each one that cannot be imported."""
+    try:
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    except ImportError:
+        mamba_chunk_scan_combined = None
+    try:
+        from causal_conv1d import causal_conv1d_fn
+    except ImportError:
+        causal_conv1d_fn = None
+    return mamba_chunk_scan_combined, causal_conv1d_fn
+
+
+class RMSNormGated(nn.Module):
+    """mamba_ssm.ops.triton.layernorm_gated.RMSNorm (norm_before_gate=False): rmsnorm_g(x * silu(z)) * weight.
+
+    Normalised per group of `group_size` channels, computed in fp32. Holds `weight` only (its bias is None).
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5, group_size: int | None = None):
+        super().__init__()
+        self.eps = eps
+        self.group_size = hidden_size if group_size is None else group_size
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.register_parameter("bias", None)
+
+    def forward(self, x, z=None):
+        dtype = x.dtype
+        x = x.float() if x.dtype != torch.float64 else x
+        if z is not None:
+            x = x * F.silu(z.to(x.dtype))
+        xg = x.unflatten(-1, (-1, self.group_size))                                      # (..., G, d/G)
+        xg = xg * torch.rsqrt(xg.square().mean(dim=-1, keepdim=True) + self.eps)
+        return (xg.flatten(-2) * self.weight.to(x.dtype)).to(dtype)
+
+
+class Mamba2(nn.Module):
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 128,
+        d_conv: int = 4,
+        expand: int = 2,
+        headdim: int = 64,
+        ngroups: int = 1,
+        chunk_size: int = 256,
+        A_init_range: tuple[float, float] = (1.0, 16.0),
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+        dt_limit: tuple[float, float] = (0.0, float("inf")),
+        bias: bool = False,
+        conv_bias: bool = True,
+        conv_init: float | None = None,
+        layer_idx: int | None = None,
+    ):
+        super().__init__()
+        for field, value in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv), ("expand", expand),
+                             ("headdim", headdim), ("ngroups", ngroups), ("chunk_size", chunk_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"Mamba2: {field} must be a positive int, got {value!r}")
+        d_inner = expand * d_model
+        if d_inner % headdim != 0:
+            raise ValueError(f"Mamba2: headdim ({headdim}) must divide d_inner = expand * d_model = {d_inner}")
+        nheads = d_inner // headdim
+        if nheads % ngroups != 0:
+            raise ValueError(f"Mamba2: ngroups ({ngroups}) must divide the number of heads ({nheads})")
+        if not (0 < A_init_range[0] <= A_init_range[1]):
+            raise ValueError(f"Mamba2: A_init_range must satisfy 0 < lo <= hi, got {A_init_range}")
+        self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
+        self.headdim, self.ngroups, self.chunk_size = headdim, ngroups, chunk_size
+        self.d_inner, self.d_ssm, self.nheads = d_inner, d_inner, nheads
+        self.dt_limit = tuple(dt_limit)
+        self.layer_idx = layer_idx
+        self.conv_dim = d_inner + 2 * ngroups * d_state
+
+        # Parameters in mamba_ssm's order and with its initialisation (nn.Linear / nn.Conv1d defaults included).
+        self.in_proj = nn.Linear(d_model, 2 * d_inner + 2 * ngroups * d_state + nheads, bias=bias)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, kernel_size=d_conv, groups=self.conv_dim,
+                                padding=d_conv - 1, bias=conv_bias)
+        if conv_init is not None:
+            nn.init.uniform_(self.conv1d.weight, -conv_init, conv_init)
+        # dt ~ logUniform[dt_min, dt_max] floored, stored as its softplus inverse so softplus(dt_bias) = dt.
+        dt = torch.exp(torch.rand(nheads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = torch.clamp(dt, min=dt_init_floor)
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+        self.dt_bias._no_weight_decay = True
+        self.A_log = nn.Parameter(torch.log(torch.empty(nheads).uniform_(*A_init_range)))   # A = -exp(A_log)
+        self.A_log._no_weight_decay = True
+        self.D = nn.Parameter(torch.ones(nheads))
+        self.D._no_weight_decay = True
+        self.norm = RMSNormGated(d_inner, eps=1e-5, group_size=d_inner // ngroups)
+        self.out_proj = nn.Linear(d_inner, d_model, bias=bias)
+
+    # ------------------------------------------------------------------------------------------------ state
+    def init_state(self, batch_size: int, device=None) -> dict:
+        device = self.in_proj.weight.device if device is None else device
+        return {
+            "mamba_conv_state": torch.zeros(batch_size, self.conv_dim, self.d_conv, device=device,
+                                            dtype=self.conv1d.weight.dtype),
+            "mamba_ssm_state": torch.zeros(batch_size, self.nheads, self.headdim, self.d_state, device=device,
+                                           dtype=torch.float32),
+        }
+
+    def use_triton(self, u: torch.Tensor) -> bool:
+        return u.is_cuda and _mamba_ssm_ops()[0] is not None
+
+    # ---------------------------------------------------------------------------------------------- forward
+    def _conv(self, xBC, conv_state):
+        """Depthwise causal conv + SiLU over (B, T, conv_dim), continuing from conv_state (B, conv_dim, d_conv)."""
+        _, causal_conv1d_fn = _mamba_ssm_ops()
+        xBC_t = xBC.transpose(1, 2)                                                       # (B, conv_dim, T)
+        if conv_state is None:
+            prev = xBC_t.new_zeros(xBC_t.shape[0], self.conv_dim, self.d_conv - 1)
+        else:
+            prev = conv_state[..., 1:].to(xBC_t.dtype)          # the last d_conv-1 inputs before this chunk
+        full = torch.cat([prev, xBC_t], dim=-1)                                           # (B, conv_dim, d_conv-1+T)
+        new_conv_state = full[..., -self.d_conv:]                                         # (B, conv_dim, d_conv)
+        if conv_state is None and xBC.is_cuda and causal_conv1d_fn is not None:
+            out = causal_conv1d_fn(xBC_t, self.conv1d.weight.squeeze(1), bias=self.conv1d.bias, activation="silu")
+        else:
+            out = F.silu(F.conv1d(full, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim))
+        return out.transpose(1, 2), new_conv_state
+
+    def forward(self, u, state: dict | None = None, return_state: bool = False):
+        """u: (B, T, d_model) -> (B, T, d_model); with return_state also the new state dict (see module doc)."""
+        Bsz, T, _ = u.shape
+        conv_state = None if state is None else state["mamba_conv_state"]
+        ssm_state = None if state is None else state["mamba_ssm_state"]
+        zxbcdt = self.in_proj(u)                                                          # (B, T, d_in_proj)
+        z, xBC, dt = torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        xBC, new_conv_state = self._conv(xBC, conv_state)
+        x, Bm, Cm = torch.split(xBC, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
+        x = x.unflatten(-1, (self.nheads, self.headdim))                                  # (B, T, H, P)
+        Bm = Bm.unflatten(-1, (self.ngroups, self.d_state))                               # (B, T, G, N)
+        Cm = Cm.unflatten(-1, (self.ngroups, self.d_state))
+        A = -torch.exp(self.A_log.float())                                                # (H,)
+
+        if self.use_triton(u):
+            mamba_chunk_scan_combined, _ = _mamba_ssm_ops()
+            kw = {} if self.dt_limit == (0.0, float("inf")) else {"dt_limit": self.dt_limit}
+            y, new_ssm_state = mamba_chunk_scan_combined(
+                x, dt, A, Bm, Cm, chunk_size=self.chunk_size, D=self.D, z=None, dt_bias=self.dt_bias,
+                dt_softplus=True, initial_states=None if ssm_state is None else ssm_state.float(),
+                return_final_states=True, **kw)
+        else:
+            # dt in fp32 (fp64 for fp64 tests) as the Triton kernel does: softplus (identity above 20), clamp.
+            cd = torch.float64 if dt.dtype == torch.float64 else torch.float32
+            dtc = F.softplus(dt.to(cd) + self.dt_bias.to(cd), threshold=20.0)
+            if self.dt_limit != (0.0, float("inf")):
+                dtc = dtc.clamp(self.dt_limit[0], self.dt_limit[1])
+            with torch.autocast(device_type=u.device.type, enabled=False):   # keep the scan in fp32 under AMP
+                y, new_ssm_state = ssd_chunked(x, dtc, A, Bm, Cm, D=self.D, initial_state=ssm_state,
+                                               chunk_size=min(self.chunk_size, TORCH_SSD_CHUNK))
+        y = self.norm(y.flatten(-2), z)                                                   # (B, T, d_inner)
+        out = self.out_proj(y)
+        if not return_state:
+            return out
+        ssm_dtype = torch.float64 if new_ssm_state.dtype == torch.float64 else torch.float32
+        return out, {"mamba_conv_state": new_conv_state, "mamba_ssm_state": new_ssm_state.to(ssm_dtype)}

@@ -1,0 +1,147 @@
+"""Model registry and the helpers trainers and reports use: get_model, list_models, list_sizes,
+component_of, no_weight_decay, ablate, force_gate.
+
+    model = get_model("gf_mh", vocab_size=16000, size="5m", d_state=32)   # names are case-insensitive
+    for n, p in model.named_parameters(): component_of(n), no_weight_decay(n, p)
+    with ablate(model, "mamba"): loss_without_mamba = ...
+    with force_gate(model, 1.0, layers=[0]): ...
+
+Baseline sizing rule (GPT, RWKV6, MAMBA2): same hidden size, vocab and tied embedding as the hybrids at the same
+preset; depth n_layer = max(1, round(L * P(GF-MH block) / P(baseline block))), where L is the preset's depth and
+P(.) the parameter count of one block (computed by building one). Total parameters then match GF-MH's within
+half a baseline block. An explicit n_layer override skips the rule.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch.nn as nn
+
+from .config import BASELINE_NAMES, HYBRID_NAMES, MODEL_NAMES, SIZE_PRESETS, ModelConfig
+from .lm import LM, make_block
+
+__all__ = ["get_model", "list_models", "list_sizes", "canonical_name", "make_config", "component_of",
+           "no_weight_decay", "ablate", "force_gate"]
+
+_ALIASES = {"MAMBA-2": "MAMBA2", "RWKV-6": "RWKV6", "GPT-2": "GPT", "GPT2": "GPT", "GFMH": "GF-MH", "GFRH": "GF-RH"}
+
+
+def list_models() -> list[str]:
+    return list(MODEL_NAMES)
+
+
+def list_sizes() -> list[str]:
+    return list(SIZE_PRESETS)
+
+
+def canonical_name(name: str) -> str:
+    """'gf_mh', 'GF-MH', 'Gf-Mh' -> 'GF-MH'; raises ValueError listing the valid names."""
+    if not isinstance(name, str):
+        raise ValueError(f"model name must be a string, got {name!r}")
+    key = name.strip().upper().replace("_", "-")
+    key = _ALIASES.get(key, key)
+    if key not in MODEL_NAMES:
+        raise ValueError(f"unknown model name {name!r}; valid names: {', '.join(MODEL_NAMES)} "
+                         f"(case-insensitive, '_' accepted for '-')")
+    return key
+
+
+def _block_params(cfg: ModelConfig) -> int:
+    return sum(p.numel() for p in make_block(cfg, 0).parameters())
+
+
+def make_config(name: str, vocab_size: int, size: str = "5m", **overrides) -> ModelConfig:
+    """Resolve name + size preset + overrides into a validated ModelConfig (baseline depth rule applied)."""
+    canon = canonical_name(name)
+    if not isinstance(size, str) or size.lower() not in SIZE_PRESETS:
+        raise ValueError(f"unknown size {size!r}; valid sizes: {', '.join(SIZE_PRESETS)}")
+    size = size.lower()
+    allowed = [f for f in ModelConfig.field_names() if f not in ("name", "size", "vocab_size")]
+    for key in overrides:
+        if key not in allowed:
+            raise ValueError(f"unknown model override {key!r}; valid overrides: {', '.join(allowed)}")
+    fields = {**SIZE_PRESETS[size], **overrides}
+    if canon in BASELINE_NAMES and "n_layer" not in overrides:
+        ref = ModelConfig(name="GF-MH", size=size, vocab_size=vocab_size,
+                          **{k: v for k, v in fields.items() if k != "gate_init"})
+        base = ModelConfig(name=canon, size=size, vocab_size=vocab_size, **{**fields, "n_layer": 1})
+        fields["n_layer"] = max(1, round(ref.n_layer * _block_params(ref) / _block_params(base)))
+    return ModelConfig(name=canon, size=size, vocab_size=vocab_size, **fields)
+
+
+def get_model(name: str, vocab_size: int, size: str = "5m", **overrides) -> LM:
+    """Build a model: name in list_models(), size in list_sizes(), overrides = ModelConfig fields."""
+    return LM(make_config(name, vocab_size, size, **overrides))
+
+
+# ------------------------------------------------------------------------------------------- parameter groups
+def component_of(param_name: str) -> str:
+    """'rwkv' | 'mamba' | 'fusion' | 'other' from a parameter name of these models (by module path)."""
+    parts = param_name.split(".")
+    for comp in ("rwkv", "mamba", "fusion"):
+        if comp in parts:
+            return comp
+    return "other"
+
+
+def no_weight_decay(param_name: str, param: nn.Parameter) -> bool:
+    """RWKV-LM's rule: decay only >= 2-D `.weight` matrices (after squeeze), so biases, norms, time_* / *_w1 /
+    *_w2 mixing parameters and scalars are exempt; plus anything marked `_no_weight_decay` (Mamba-2's A_log,
+    D, dt_bias)."""
+    if getattr(param, "_no_weight_decay", False):
+        return True
+    if param_name.split(".")[-1] in ("A_log", "D", "dt_bias"):
+        return True
+    return not param_name.endswith(".weight") or param.squeeze().dim() < 2
+
+
+# --------------------------------------------------------------------------------------------------- ablation
+def _select_blocks(model: LM, layers) -> list:
+    n = len(model.blocks)
+    if layers is None:
+        return list(model.blocks)
+    layers = [layers] if isinstance(layers, int) else list(layers)
+    bad = [i for i in layers if not isinstance(i, int) or not 0 <= i < n]
+    if bad:
+        raise ValueError(f"layers: {bad} out of range for a model with {n} layers (valid 0..{n - 1})")
+    return [model.blocks[i] for i in layers]
+
+
+@contextlib.contextmanager
+def ablate(model: LM, branch: str, layers=None):
+    """Zero `branch` ('rwkv' or 'mamba') output before fusion in `layers` (None = all) while inside the block."""
+    if branch not in ("rwkv", "mamba"):
+        raise ValueError(f"ablate: branch must be 'rwkv' or 'mamba', got {branch!r}")
+    blocks = _select_blocks(model, layers)
+    if not all(branch in b.branches for b in blocks):
+        raise ValueError(f"ablate: model {model.config.name} has no {branch!r} branch "
+                         f"(hybrids: {', '.join(HYBRID_NAMES)}; also RWKV6 for 'rwkv', MAMBA2 for 'mamba')")
+    added = [b for b in blocks if branch not in b.ablated]
+    for b in added:
+        b.ablated.add(branch)
+    try:
+        yield model
+    finally:
+        for b in added:
+            b.ablated.discard(branch)
+
+
+@contextlib.contextmanager
+def force_gate(model: LM, value: float, layers=None):
+    """Force the fusion gate g (GF, GF-MH, GF-RH) or alpha (WS) to `value` in [0, 1] in `layers` (None = all)."""
+    if not hasattr(model, "blocks") or not all(hasattr(getattr(b, "fusion", None), "forced_gate")
+                                               for b in model.blocks):
+        name = getattr(getattr(model, "config", None), "name", type(model).__name__)
+        raise ValueError(f"force_gate: model {name} has no fusion gate; gated variants: GF, GF-MH, GF-RH, WS")
+    if not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"force_gate: value must lie in [0, 1], got {value}")
+    blocks = _select_blocks(model, layers)
+    saved = [(b.fusion, b.fusion.forced_gate) for b in blocks]
+    for b in blocks:
+        b.fusion.forced_gate = float(value)
+    try:
+        yield model
+    finally:
+        for fusion, old in saved:
+            fusion.forced_gate = old
+
