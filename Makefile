@@ -1,0 +1,50 @@
+# GroundThink pipeline. Each target creates .venv and installs what it needs on a fresh machine.
+#   make demo   the main chain on the embedded demo profile (CPU, minutes)
+#   make test   the test suite (GPU tests skip without CUDA)
+#   make dev    the Dagster UI on http://127.0.0.1:3000
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# The CPU machines carry torch 2.13.0 (CPU build) on local disk; on a GPU box pip takes the CUDA build.
+TORCH ?= torch==2.13.0
+
+export GT_HOME ?= $(CURDIR)/.gt
+export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
+# `dagster asset materialize` ignores pyproject.toml and workspace.yaml: it finds code only through
+# -m or this variable (a .env file is read too late for it).
+export DAGSTER_MODULE_NAME := gt_pipeline.definitions
+
+DEMO_SELECT ?= +token_shards
+
+.PHONY: demo test dev clean-artifacts
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e '.[dev]'
+	@# The project's environment: activating the venv exports what the dagster CLI needs.
+	@grep -q DAGSTER_MODULE_NAME $(VENV)/bin/activate || printf '%s\n' \
+	  '# groundthink: dagster CLI settings' \
+	  'export DAGSTER_MODULE_NAME=gt_pipeline.definitions' \
+	  'export DAGSTER_HOME="$(CURDIR)/.dagster_home"' >> $(VENV)/bin/activate
+	touch $@
+
+$(DAGSTER_HOME)/dagster.yaml:
+	mkdir -p $(DAGSTER_HOME)
+	printf 'telemetry:\n  enabled: false\n' > $@
+
+demo: $(VENV)/.installed $(DAGSTER_HOME)/dagster.yaml
+	@start=$$(date +%s); \
+	GT_PROFILE=demo $(VENV)/bin/dagster asset materialize --select '$(DEMO_SELECT)' && \
+	echo "demo finished in $$(( $$(date +%s) - start ))s; artifacts under $(GT_HOME) (LATEST.json in each asset's folder)"
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+dev: $(VENV)/.installed $(DAGSTER_HOME)/dagster.yaml
+	$(VENV)/bin/dagster dev -h 127.0.0.1
+
+clean-artifacts:
+	rm -rf $(GT_HOME)

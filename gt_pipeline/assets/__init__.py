@@ -1,0 +1,1 @@
+"""Assets grouped by domain: data, kernels, training, reports (one module each)."""

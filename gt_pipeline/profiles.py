@@ -1,0 +1,98 @@
+"""Run profiles: the one place where `full` and `demo` differ.
+
+`GT_PROFILE` picks one (read once, in `gt_pipeline.definitions`); every asset config field left unset
+takes its value from the profile, and run config (`-c configs/*.yaml`) overrides single fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+PROFILE_ENV = "GT_PROFILE"
+SOURCE_ENV = "GT_DATA_SOURCE"
+WIKITEXT_DIR_ENV = "GT_WIKITEXT_DIR"
+HOME_ENV = "GT_HOME"
+
+
+@dataclass(frozen=True)
+class TrainDefaults:
+    size: str
+    steps: int
+    batch_size: int
+    seq_len: int
+    lr: float
+    min_lr: float
+    warmup_frac: float
+    eval_every: int
+    eval_batches: int
+    checkpoint_every: int
+
+
+@dataclass(frozen=True)
+class ReportDefaults:
+    eval_seqs: int  # validation windows for ablation / state tests
+    eval_len: int  # tokens per window for ablation
+    lc_lengths: tuple[int, ...]  # long-context curve: context lengths
+    lc_seqs: int
+    niah_lengths: tuple[int, ...]
+    niah_depths: tuple[float, ...]
+    niah_trials: int
+    overfit_steps: int
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    data_source: str  # default for GT_DATA_SOURCE
+    demo_size_mb: float  # size of the generated corpus when the source is `demo`
+    vocab_size: int
+    bpe_max_train_bytes: int | None  # None = train the tokenizer on the whole train split
+    train: TrainDefaults = field(repr=False, default=None)  # type: ignore[assignment]
+    reports: ReportDefaults = field(repr=False, default=None)  # type: ignore[assignment]
+    description: str = ""
+
+
+PROFILES: dict[str, Profile] = {
+    "full": Profile(
+        name="full",
+        data_source="hf",
+        demo_size_mb=8.0,
+        vocab_size=16000,
+        bpe_max_train_bytes=None,
+        train=TrainDefaults(
+            size="5m", steps=5000, batch_size=64, seq_len=512, lr=3e-4, min_lr=3e-5, warmup_frac=0.1,
+            eval_every=100, eval_batches=20, checkpoint_every=500,
+        ),
+        reports=ReportDefaults(
+            eval_seqs=16, eval_len=512, lc_lengths=(64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384), lc_seqs=4,
+            niah_lengths=(1024, 2048, 4096, 8192, 16384), niah_depths=(0.0, 0.25, 0.5, 0.75, 1.0), niah_trials=5,
+            overfit_steps=500,
+        ),
+        description="the seeds' setup: WikiText-103, BPE 16K, 5M-class models, GPU if present",
+    ),
+    "demo": Profile(
+        name="demo",
+        data_source="demo",
+        demo_size_mb=3.0,
+        vocab_size=4096,
+        bpe_max_train_bytes=None,
+        train=TrainDefaults(
+            size="demo", steps=150, batch_size=8, seq_len=64, lr=2e-3, min_lr=2e-4, warmup_frac=0.1,
+            eval_every=50, eval_batches=4, checkpoint_every=50,
+        ),
+        reports=ReportDefaults(
+            eval_seqs=8, eval_len=128, lc_lengths=(64, 128, 256, 512, 1024), lc_seqs=2,
+            niah_lengths=(128, 256, 512), niah_depths=(0.0, 0.5, 1.0), niah_trials=2, overfit_steps=300,
+        ),
+        description="embedded corpus, tiny models; the whole chain finishes on 2 CPU cores in minutes",
+    ),
+}
+
+
+def get_profile(name: str) -> Profile:
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise ValueError(
+            f"{PROFILE_ENV}={name!r} is not a profile; choose one of {sorted(PROFILES)}"
+        ) from None
