@@ -14,7 +14,8 @@ mamba_ssm 2.x so a state_dict loads either way:
     out_proj.weight (d_model, d_inner)
 Only mamba_ssm's defaults are supported (d_ssm = d_inner, rmsnorm, norm_before_gate False, D per head).
 
-Two forward paths with the same maths (tested against each other and, on a GPU, against mamba_ssm.Mamba2):
+Two forward paths with the same maths (tested against each other and, on a GPU, against mamba_ssm.Mamba2);
+`backend` = "auto" (default) picks the first that applies, "torch" / "triton" force one:
   * CUDA with mamba_ssm importable: mamba_ssm's Triton `mamba_chunk_scan_combined` (and `causal_conv1d_fn`
     for the convolution when that package is importable and no conv state is carried in);
   * otherwise `models.ssd.ssd_chunked`, a chunked pure-PyTorch SSD.
@@ -95,6 +96,7 @@ class Mamba2(nn.Module):
         conv_bias: bool = True,
         conv_init: float | None = None,
         layer_idx: int | None = None,
+        backend: str = "auto",
     ):
         super().__init__()
         for field, value in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv), ("expand", expand),
@@ -109,6 +111,9 @@ class Mamba2(nn.Module):
             raise ValueError(f"Mamba2: ngroups ({ngroups}) must divide the number of heads ({nheads})")
         if not (0 < A_init_range[0] <= A_init_range[1]):
             raise ValueError(f"Mamba2: A_init_range must satisfy 0 < lo <= hi, got {A_init_range}")
+        if backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"Mamba2: backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+        self.backend = backend   # "auto": Triton SSD on CUDA when mamba_ssm imports, else the PyTorch SSD
         self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
         self.headdim, self.ngroups, self.chunk_size = headdim, ngroups, chunk_size
         self.d_inner, self.d_ssm, self.nheads = d_inner, d_inner, nheads
@@ -145,7 +150,11 @@ class Mamba2(nn.Module):
         }
 
     def use_triton(self, u: torch.Tensor) -> bool:
-        return u.is_cuda and _mamba_ssm_ops()[0] is not None
+        available = u.is_cuda and _mamba_ssm_ops()[0] is not None
+        if self.backend == "triton" and not available:
+            raise RuntimeError("Mamba2(backend='triton') needs CUDA inputs and an importable mamba_ssm "
+                               "(pip install -e '.[cuda]'); use backend='auto' or 'torch' otherwise")
+        return available and self.backend != "torch"
 
     # ---------------------------------------------------------------------------------------------- forward
     def _conv(self, xBC, conv_state):
@@ -158,7 +167,7 @@ class Mamba2(nn.Module):
             prev = conv_state[..., 1:].to(xBC_t.dtype)          # the last d_conv-1 inputs before this chunk
         full = torch.cat([prev, xBC_t], dim=-1)                                           # (B, conv_dim, d_conv-1+T)
         new_conv_state = full[..., -self.d_conv:]                                         # (B, conv_dim, d_conv)
-        if conv_state is None and xBC.is_cuda and causal_conv1d_fn is not None:
+        if conv_state is None and xBC.is_cuda and causal_conv1d_fn is not None and self.backend != "torch":
             out = causal_conv1d_fn(xBC_t, self.conv1d.weight.squeeze(1), bias=self.conv1d.bias, activation="silu")
         else:
             out = F.silu(F.conv1d(full, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim))
@@ -176,7 +185,8 @@ class Mamba2(nn.Module):
         x = x.unflatten(-1, (self.nheads, self.headdim))                                  # (B, T, H, P)
         Bm = Bm.unflatten(-1, (self.ngroups, self.d_state))                               # (B, T, G, N)
         Cm = Cm.unflatten(-1, (self.ngroups, self.d_state))
-        A = -torch.exp(self.A_log.float())                                                # (H,)
+        # fp32 as mamba_ssm ("if the model is loaded in fp16, without .float() A might be -inf"); fp64 stays fp64
+        A = -torch.exp(self.A_log if self.A_log.dtype == torch.float64 else self.A_log.float())   # (H,)
 
         if self.use_triton(u):
             mamba_chunk_scan_combined, _ = _mamba_ssm_ops()
