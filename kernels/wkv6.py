@@ -17,10 +17,6 @@ _CPU_DTYPES = (torch.float32, torch.float64)
 _CUDA_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def _fmt(t: torch.Tensor) -> str:
-    return f"{tuple(t.shape)} {t.dtype} on {t.device}"
-
-
 def _validate(r, k, v, w, u, initial_state) -> None:
     """Raise ValueError naming the problem; the kernels assume everything checked here."""
     named = {"r": r, "k": k, "v": v, "w": w, "u": u}
@@ -55,28 +51,33 @@ def _validate(r, k, v, w, u, initial_state) -> None:
             raise ValueError(f"wkv6: all inputs must be on one device; r is on {dev}, {name} on {t.device}")
         if not t.is_floating_point():
             raise ValueError(f"wkv6: {name} must be a floating-point tensor, got {t.dtype}")
-    if dev.type == "cpu":
-        if r.dtype not in _CPU_DTYPES:
-            raise ValueError(f"wkv6: CPU backend supports float32 and float64 inputs, got r {r.dtype}")
-        for name in ("k", "v", "w"):
-            if named[name].dtype != r.dtype:
-                raise ValueError(f"wkv6: {name} must have r's dtype {r.dtype}, got {named[name].dtype}")
-    elif dev.type == "cuda":
-        if r.dtype not in _CUDA_DTYPES:
-            raise ValueError(f"wkv6: CUDA backend supports float32 and bfloat16 inputs, got r {r.dtype}")
-        for name in ("k", "v"):
-            if named[name].dtype != r.dtype:
-                raise ValueError(f"wkv6: {name} must have r's dtype {r.dtype}, got {named[name].dtype}")
-        if w.dtype != r.dtype and not (r.dtype == torch.bfloat16 and w.dtype == torch.float32):
-            raise ValueError(
-                f"wkv6: w must have r's dtype {r.dtype} (or float32 with bfloat16 r), got {w.dtype}"
-            )
+    check_backend_support(dev.type, r.dtype, k.dtype, v.dtype, w.dtype, K, V)
+
+
+def check_backend_support(device_type: str, r_dtype, k_dtype, v_dtype, w_dtype, K: int, V: int) -> None:
+    """Raise ValueError unless the backend for `device_type` handles these dtypes and head sizes."""
+    named = {"k": k_dtype, "v": v_dtype}
+    if device_type == "cpu":
+        if r_dtype not in _CPU_DTYPES:
+            raise ValueError(f"wkv6: the CPU backend supports float32 and float64 inputs, got r {r_dtype}")
+        named["w"] = w_dtype
+        for name, dt in named.items():
+            if dt != r_dtype:
+                raise ValueError(f"wkv6: {name} must have r's dtype {r_dtype}, got {dt}")
+    elif device_type == "cuda":
+        if r_dtype not in _CUDA_DTYPES:
+            raise ValueError(f"wkv6: the CUDA backend supports float32 and bfloat16 inputs, got r {r_dtype}")
+        for name, dt in named.items():
+            if dt != r_dtype:
+                raise ValueError(f"wkv6: {name} must have r's dtype {r_dtype}, got {dt}")
+        if w_dtype != r_dtype and not (r_dtype == torch.bfloat16 and w_dtype == torch.float32):
+            raise ValueError(f"wkv6: w must have r's dtype {r_dtype} (or float32 with bfloat16 r), got {w_dtype}")
         if not (K == V and K in HEAD_SIZES_CUDA):
             raise ValueError(
                 f"wkv6: the CUDA backend supports head sizes K = V in {HEAD_SIZES_CUDA}, got K={K}, V={V}"
             )
     else:
-        raise ValueError(f"wkv6: unsupported device {dev}; expected cpu or cuda")
+        raise ValueError(f"wkv6: unsupported device type {device_type!r}; expected cpu or cuda")
 
 
 def _prep(t: torch.Tensor) -> torch.Tensor:

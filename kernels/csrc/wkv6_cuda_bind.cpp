@@ -1,0 +1,100 @@
+// Torch binding for the wkv6 CUDA kernels in wkv6_cuda.cu: allocates outputs and scratch, picks the
+// current stream, and turns launch errors into exceptions. kernels/wkv6.py validates user input
+// (shapes, dtypes, head size) and raises ValueError first; the checks here guard invariants.
+#include <torch/extension.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_runtime.h>
+
+cudaError_t wkv6_cuda_forward(int tin, int tw, int N, int B, int T, int H, const void* r, const void* k,
+                              const void* v, const void* w, const float* u, const float* h0, void* y, float* hT,
+                              cudaStream_t stream);
+cudaError_t wkv6_cuda_backward(int tin, int tw, int N, int B, int T, int H, const void* r, const void* k,
+                               const void* v, const void* w, const float* u, const float* h0, const void* gy,
+                               const float* ghT, void* gr, void* gk, void* gv, void* gw, float* gu_part,
+                               float* gh0, float* bscr, float* P, cudaStream_t stream);
+
+namespace {
+
+int dtype_code(const at::Tensor& t) {
+  if (t.scalar_type() == at::kFloat) return 0;
+  if (t.scalar_type() == at::kBFloat16) return 1;
+  TORCH_CHECK(false, "wkv6_cuda: unsupported dtype ", t.scalar_type());
+}
+
+void check(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda() && t.is_contiguous(), "wkv6_cuda: ", name, " must be a contiguous CUDA tensor");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "wkv6_cuda: ", name, " must be 16-byte aligned");
+}
+
+void check_inputs(const at::Tensor& r, const at::Tensor& k, const at::Tensor& v, const at::Tensor& w,
+                  const at::Tensor& u) {
+  check(r, "r"); check(k, "k"); check(v, "v"); check(w, "w"); check(u, "u");
+  TORCH_CHECK(r.dim() == 4 && k.sizes() == r.sizes() && v.sizes() == r.sizes() && w.sizes() == r.sizes(),
+              "wkv6_cuda: r, k, v, w must all be [B,T,H,N]");
+  TORCH_CHECK(u.scalar_type() == at::kFloat && u.numel() == r.size(2) * r.size(3), "wkv6_cuda: u must be fp32 [H,N]");
+  TORCH_CHECK(k.scalar_type() == r.scalar_type() && v.scalar_type() == r.scalar_type(), "wkv6_cuda: r,k,v dtypes differ");
+  TORCH_CHECK(r.numel() < (int64_t(1) << 62) && r.size(0) * r.size(2) < (int64_t(1) << 31) && r.size(1) < (int64_t(1) << 31),
+              "wkv6_cuda: sizes out of range");
+}
+
+const float* opt_ptr(const c10::optional<at::Tensor>& t, const at::Tensor& like, const char* name) {
+  if (!t.has_value()) return nullptr;
+  check(*t, name);
+  TORCH_CHECK(t->scalar_type() == at::kFloat, "wkv6_cuda: ", name, " must be fp32");
+  TORCH_CHECK(t->dim() == 4 && t->size(0) == like.size(0) && t->size(1) == like.size(2) &&
+                  t->size(2) == like.size(3) && t->size(3) == like.size(3),
+              "wkv6_cuda: ", name, " must be [B,H,N,N]");
+  return t->data_ptr<float>();
+}
+
+std::vector<at::Tensor> wkv6_forward(const at::Tensor& r, const at::Tensor& k, const at::Tensor& v,
+                                     const at::Tensor& w, const at::Tensor& u,
+                                     const c10::optional<at::Tensor>& h0) {
+  check_inputs(r, k, v, w, u);
+  const c10::cuda::CUDAGuard guard(r.device());
+  const int64_t B = r.size(0), T = r.size(1), H = r.size(2), N = r.size(3);
+  const float* h0p = opt_ptr(h0, r, "initial_state");
+  auto y = at::empty_like(v);
+  auto hT = at::empty({B, H, N, N}, r.options().dtype(at::kFloat));
+  const cudaError_t err = wkv6_cuda_forward(dtype_code(r), dtype_code(w), (int)N, (int)B, (int)T, (int)H,
+                                            r.data_ptr(), k.data_ptr(), v.data_ptr(), w.data_ptr(),
+                                            u.data_ptr<float>(), h0p, y.data_ptr(), hT.data_ptr<float>(),
+                                            at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "wkv6_cuda forward launch failed (N=", N, "): ", cudaGetErrorString(err));
+  return {y, hT};
+}
+
+std::vector<at::Tensor> wkv6_backward(const at::Tensor& r, const at::Tensor& k, const at::Tensor& v,
+                                      const at::Tensor& w, const at::Tensor& u,
+                                      const c10::optional<at::Tensor>& h0, const at::Tensor& gy,
+                                      const c10::optional<at::Tensor>& ghT) {
+  check_inputs(r, k, v, w, u);
+  check(gy, "gy");
+  TORCH_CHECK(gy.sizes() == v.sizes() && gy.scalar_type() == v.scalar_type(), "wkv6_cuda: bad gy");
+  const c10::cuda::CUDAGuard guard(r.device());
+  const int64_t B = r.size(0), T = r.size(1), H = r.size(2), N = r.size(3);
+  const float* h0p = opt_ptr(h0, r, "initial_state");
+  const float* ghTp = opt_ptr(ghT, r, "final_state grad");
+  auto gr = at::empty_like(r), gk = at::empty_like(k), gv = at::empty_like(v), gw = at::empty_like(w);
+  auto f32 = r.options().dtype(at::kFloat);
+  auto gu_part = at::empty({B, H, N}, f32);
+  auto P = at::empty({B, H, N}, f32);
+  auto bscr = at::empty({B, T, H, N}, f32);
+  auto gh0 = h0.has_value() ? at::empty({B, H, N, N}, f32) : at::empty({0}, f32);
+  const cudaError_t err = wkv6_cuda_backward(
+      dtype_code(r), dtype_code(w), (int)N, (int)B, (int)T, (int)H, r.data_ptr(), k.data_ptr(), v.data_ptr(),
+      w.data_ptr(), u.data_ptr<float>(), h0p, gy.data_ptr(), ghTp, gr.data_ptr(), gk.data_ptr(), gv.data_ptr(),
+      gw.data_ptr(), gu_part.data_ptr<float>(), h0.has_value() ? gh0.data_ptr<float>() : nullptr,
+      bscr.data_ptr<float>(), P.data_ptr<float>(), at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "wkv6_cuda backward launch failed (N=", N, "): ", cudaGetErrorString(err));
+  return {gr, gk, gv, gw, gu_part.sum(0), gh0};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "wkv6 (RWKV-6) CUDA kernels: fp32/bf16 inputs, fp32 state and accumulation";
+  m.def("forward", &wkv6_forward, "wkv6 forward -> (y, final_state fp32)");
+  m.def("backward", &wkv6_backward, "wkv6 backward -> (gr, gk, gv, gw, gu fp32 [H,N], gh0 fp32)");
+}
