@@ -1,0 +1,211 @@
+"""wkv6 benchmark; prints one JSON document on stdout.
+
+    python -m kernels.bench                 # CUDA part if a GPU is visible, CPU part always
+    python -m kernels.bench --skip-cpu      # GPU numbers only
+
+CUDA part: bf16 inputs, K = V = 64, shapes (B, T, H) in SHAPES; forward (under no_grad) and
+forward+backward (torch.autograd.grad with a fixed random gy) medians and p20/p80 from CUDA events,
+one event pair per repetition, L2 flushed (256 MiB write) before each repetition, everything warmed
+up (JIT build included) before anything is timed. Bandwidth bound: forward reads r, k, v, w and
+writes y (5 tensors of B*T*H*64 bf16); forward+backward moves 14 such tensors (backward reads
+r, k, v, w, gy, writes gr, gk, gv, gw). `fraction_of_hbm_bound` = bound time / measured time, with
+the GPU's nominal HBM bandwidth; the measured device-to-device copy bandwidth is reported beside it.
+Peers in the same run: the sequential and chunked PyTorch references on the first shape.
+
+CPU part: forward+backward of (B, T, H) = (4, 1024, 4), K = V = 64, float32, the C++ extension
+vs the sequential PyTorch reference `wkv6_ref`, same process, ratio reported.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+from .build import build_extension
+from .reference import wkv6_chunked_ref, wkv6_ref
+from .wkv6 import wkv6
+
+SHAPES = [(64, 512, 2), (16, 4096, 8), (8, 4096, 32), (4, 2048, 32)]
+HEAD = 64
+# Nominal HBM bandwidth (bytes/s) by device-name fragment, most specific first.
+NOMINAL_HBM = [("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("H200", 4.8e12), ("A100-SXM4-80GB", 2.039e12),
+               ("A100", 1.555e12)]
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _inputs(B, T, H, dtype, device, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    mk = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    r, k, v = (mk(B, T, H, HEAD).to(device, dtype) for _ in range(3))
+    w = (torch.rand(B, T, H, HEAD, generator=g) * 7 - 6).to(device, dtype)  # decays 0.9975 .. 0.07
+    u = mk(H, HEAD).to(device, torch.float32)
+    gy = mk(B, T, H, HEAD).to(device, dtype)
+    return [r, k, v, w, u], gy
+
+
+def _quantiles(ts: list[float]) -> dict:
+    ts = sorted(ts)
+    q = lambda p: ts[min(len(ts) - 1, int(round(p * (len(ts) - 1))))]  # noqa: E731
+    return {"median_ms": statistics.median(ts), "p20_ms": q(0.2), "p80_ms": q(0.8), "reps": len(ts)}
+
+
+def _time_cuda(fn, reps: int, flush: torch.Tensor) -> dict:
+    fn()
+    torch.cuda.synchronize()
+    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for start, end in ev:
+        flush.zero_()  # evict L2 (50 MB on H100) so every repetition reads from HBM
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return _quantiles([s.elapsed_time(e) for s, e in ev])
+
+
+def _copy_bandwidth() -> float:
+    """Device-to-device copy of 1 GiB: bytes read + written per second (median of 10)."""
+    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    ts = []
+    for _ in range(12):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        b.copy_(a)
+        e.record()
+        torch.cuda.synchronize()
+        ts.append(s.elapsed_time(e))
+    return 2 * a.numel() / (statistics.median(ts[2:]) * 1e-3)
+
+
+def bench_cuda(reps: int) -> dict:
+    name = torch.cuda.get_device_name()
+    peak = next((bw for frag, bw in NOMINAL_HBM if frag in name), None)
+    info = build_extension("cuda")
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    cases = {s: _inputs(*s, torch.bfloat16, "cuda") for s in SHAPES}
+    for xs, gy in cases.values():  # global warm-up: every shape fwd+bwd once before any timing
+        leaves = [x.requires_grad_(True) for x in xs]
+        torch.autograd.grad(wkv6(*leaves)[0], leaves, gy)
+    torch.cuda.synchronize()
+    rows = []
+    for (B, T, H), (xs, gy) in cases.items():
+        E = B * T * H * HEAD
+
+        def fwd():
+            with torch.no_grad():
+                wkv6(*xs)
+
+        def fwd_bwd():
+            y, _ = wkv6(*xs)
+            torch.autograd.grad(y, xs, gy)
+
+        f, fb = _time_cuda(fwd, reps, flush), _time_cuda(fwd_bwd, reps, flush)
+        row = {"B": B, "T": T, "H": H, "K": HEAD, "V": HEAD, "dtype": "bfloat16", "forward": f, "forward_backward": fb,
+               "forward_bytes": 5 * E * 2, "forward_backward_bytes": 14 * E * 2,
+               "forward_us_per_step": 1e3 * f["median_ms"] / T,
+               "forward_backward_tokens_per_s": B * T / (fb["median_ms"] * 1e-3)}
+        if peak:
+            row["forward_bound_ms"] = 1e3 * row["forward_bytes"] / peak
+            row["forward_backward_bound_ms"] = 1e3 * row["forward_backward_bytes"] / peak
+            row["forward_fraction_of_hbm_bound"] = row["forward_bound_ms"] / f["median_ms"]
+            row["forward_backward_fraction_of_hbm_bound"] = row["forward_backward_bound_ms"] / fb["median_ms"]
+        rows.append(row)
+        _log(f"cuda {B},{T},{H}: fwd {f['median_ms']:.3f} ms, fwd+bwd {fb['median_ms']:.3f} ms")
+    # peers on the first shape (same inputs, same protocol, fewer repetitions: they are slow)
+    (B, T, H), (xs, gy) = SHAPES[0], cases[SHAPES[0]]
+    peers = {}
+    for pname, fn in (("wkv6_ref_sequential", wkv6_ref), ("wkv6_chunked_ref", wkv6_chunked_ref)):
+        def peer_fb(fn=fn):
+            y, _ = fn(*xs)
+            torch.autograd.grad(y, xs, gy)
+
+        def peer_f(fn=fn):
+            with torch.no_grad():
+                fn(*xs)
+
+        peers[pname] = {"shape": [B, T, H], "forward": _time_cuda(peer_f, 3, flush),
+                        "forward_backward": _time_cuda(peer_fb, 3, flush)}
+        _log(f"cuda peer {pname}: fwd+bwd {peers[pname]['forward_backward']['median_ms']:.1f} ms")
+    return {"device": name, "nominal_hbm_bytes_per_s": peak, "measured_copy_bytes_per_s": _copy_bandwidth(),
+            "build": info, "shapes": rows, "peers_same_run": peers}
+
+
+def bench_cpu(reps: int) -> dict:
+    build_extension("cpu")
+    B, T, H = 4, 1024, 4
+    xs, gy = _inputs(B, T, H, torch.float32, "cpu")
+    leaves = [x.requires_grad_(True) for x in xs]
+
+    def timed(fn, n):
+        fn()
+        ts = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(1e3 * (time.perf_counter() - t0))
+        return _quantiles(ts)
+
+    def fb(op):
+        y, _ = op(*leaves)
+        torch.autograd.grad(y, leaves, gy)
+
+    def f(op):
+        with torch.no_grad():
+            op(*leaves)
+
+    ours_fb = timed(lambda: fb(wkv6), reps)
+    ours_f = timed(lambda: f(wkv6), reps)
+    _log(f"cpu ours: fwd+bwd {ours_fb['median_ms']:.1f} ms")
+    ref_fb = timed(lambda: fb(wkv6_ref), 3)
+    ref_f = timed(lambda: f(wkv6_ref), 3)
+    _log(f"cpu wkv6_ref: fwd+bwd {ref_fb['median_ms']:.1f} ms")
+    return {"shape": {"B": B, "T": T, "H": H, "K": HEAD, "V": HEAD}, "dtype": "float32",
+            "threads": torch.get_num_threads(),
+            "ours": {"forward": ours_f, "forward_backward": ours_fb},
+            "wkv6_ref_sequential": {"forward": ref_f, "forward_backward": ref_fb},
+            "speedup_forward_backward": ref_fb["median_ms"] / ours_fb["median_ms"],
+            "speedup_forward": ref_f["median_ms"] / ours_f["median_ms"]}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--reps", type=int, default=20, help="timed repetitions per CUDA measurement")
+    ap.add_argument("--cpu-reps", type=int, default=10)
+    ap.add_argument("--skip-cpu", action="store_true")
+    ap.add_argument("--skip-cuda", action="store_true")
+    args = ap.parse_args(argv)
+    out = {
+        "benchmark": "kernels.wkv6",
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpu": _cpu_name(), "cpu_threads": torch.get_num_threads(),
+                    "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+                    "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version()},
+    }
+    if torch.cuda.is_available() and not args.skip_cuda:
+        out["cuda"] = bench_cuda(args.reps)
+    if not args.skip_cpu:
+        out["cpu"] = bench_cpu(args.cpu_reps)
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""wkv6 CUDA backend against the float64 sequential reference (run on the GPU in float64):
+fp32 and bf16 inputs, outputs, final state and every gradient; long sequences; extreme decays;
+CPU/CUDA parity; determinism. Marked `gpu`: tests/conftest.py skips them without CUDA."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernels
+from kernels import wkv6, wkv6_ref
+
+pytestmark = pytest.mark.gpu
+
+NAMES = ("y", "state", "r", "k", "v", "w", "u", "h0")
+F32, BF16 = torch.float32, torch.bfloat16
+
+# Tolerance on max|err| / max(max|ref|, 1), the reference being float64 on the *same rounded inputs*.
+# fp32: fp32 state and accumulation; sums of <= T*K O(1) terms carry ~1e-6 relative error at the
+# lengths used here, so 1e-4 leaves margin; gw (difference of running sums of fp32 products) 3e-4.
+# bf16 I/O: y, gr, gk, gv, gw are *rounded to bf16* on output (relative spacing 2^-8 = 3.9e-3, so
+# rounding alone reaches 2e-3 of an element); 1e-2 of the tensor's max allows that plus fp32
+# accumulation. The final state, gu and gh0 stay fp32 (the bf16 path changes only the I/O).
+TOL = {
+    "fp32": {**dict.fromkeys(NAMES, 1e-4), "w": 3e-4},
+    "bf16": {**dict.fromkeys(("y", "r", "k", "v", "w"), 1e-2), "state": 1e-4, "u": 1e-4, "h0": 1e-4},
+}
+
+
+def make_inputs(B, T, H, N, seed=0, w_range=(-3.0, 1.0), device="cuda"):
+    g = torch.Generator().manual_seed(seed)
+    opt = dict(dtype=torch.float64, generator=g)
+    lo, hi = w_range
+    x = {
+        "r": torch.randn(B, T, H, N, **opt),
+        "k": torch.randn(B, T, H, N, **opt),
+        "v": torch.randn(B, T, H, N, **opt),
+        "w": torch.rand(B, T, H, N, **opt) * (hi - lo) + lo,
+        "u": torch.randn(H, N, **opt),
+        "h0": torch.randn(B, H, N, N, **opt),
+    }
+    cot = {"gy": torch.randn(B, T, H, N, **opt), "gs": torch.randn(B, H, N, N, **opt)}
+    return {n: t.to(device) for n, t in x.items()}, {n: t.to(device) for n, t in cot.items()}
+
+
+def cast(x, io_dtype, w_dtype=None):
+    """Inputs for the kernel: r, k, v (and w unless w_dtype) in io_dtype; u, h0 fp32."""
+    out = {n: x[n].to(io_dtype) for n in "rkv"}
+    out["w"] = x["w"].to(w_dtype or io_dtype)
+    out["u"], out["h0"] = x["u"].float(), x["h0"].float()
+    return out
+
+
+def run_with_grads(fn, x, cot, use_h0=True):
+    leaves = {n: t.detach().clone().requires_grad_(True) for n, t in x.items()}
+    h0 = leaves["h0"] if use_h0 else None
+    y, s = fn(leaves["r"], leaves["k"], leaves["v"], leaves["w"], leaves["u"], h0, True)
+    names = [n for n in ("r", "k", "v", "w", "u", "h0") if n != "h0" or use_h0]
+    grads = torch.autograd.grad((y, s), [leaves[n] for n in names], (cot["gy"].to(y.dtype), cot["gs"].to(s.dtype)))
+    out = {"y": y, "state": s, **dict(zip(names, grads))}
+    return {n: t.detach().double() for n, t in out.items()}
+
+
+def assert_close(name, actual, expected, tol):
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
+    max_abs = (actual - expected).abs().max().item()
+    scale = expected.abs().max().item()
+    rel = max_abs / max(scale, 1.0)
+    assert rel <= tol, f"{name}: max abs err {max_abs:.3e}, max|ref| {scale:.3e}, rel {rel:.3e} > tol {tol:.1e}"
+
+
+def check_against_reference(x_kernel, cot, tol, use_h0=True):
+    # the cotangents too are rounded as the kernel will see them (gy in the I/O dtype, gs fp32)
+    cot = {"gy": cot["gy"].to(x_kernel["v"].dtype).double(), "gs": cot["gs"].float().double()}
+    ref = run_with_grads(wkv6_ref, {n: t.double() for n, t in x_kernel.items()}, cot, use_h0)
+    got = run_with_grads(wkv6, x_kernel, cot, use_h0)
+    assert_close("y", got["y"], ref["y"], tol["y"])
+    assert_close("state", got["state"], ref["state"], tol["state"])
+    assert_close("r", got["r"], ref["r"], tol["r"])
+    assert_close("k", got["k"], ref["k"], tol["k"])
+    assert_close("v", got["v"], ref["v"], tol["v"])
+    assert_close("w", got["w"], ref["w"], tol["w"])
+    assert_close("u", got["u"], ref["u"], tol["u"])
+    if use_h0:
+        assert_close("h0", got["h0"], ref["h0"], tol["h0"])
+
+
+# (B, T, H, N): T = 1; odd T not a multiple of any staging chunk; every supported head size.
+SHAPES = [(1, 1, 1, 64), (2, 67, 3, 64), (3, 33, 2, 32), (1, 45, 2, 128), (2, 200, 2, 64)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-T{}-H{}-N{}".format(*s))
+@pytest.mark.parametrize("io", ["fp32", "bf16", "bf16_w32"])
+@pytest.mark.parametrize("use_h0", [True, False], ids=["h0", "no_h0"])
+def test_cuda_matches_reference(shape, io, use_h0):
+    x, cot = make_inputs(*shape, seed=sum(shape))
+    if io == "fp32":
+        xk, tol = cast(x, F32), TOL["fp32"]
+    elif io == "bf16":
+        xk, tol = cast(x, BF16), TOL["bf16"]
+    else:  # bf16 r, k, v with fp32 w (the precise-decay mode)
+        xk, tol = cast(x, BF16, F32), {**TOL["bf16"], "w": 3e-4}
+    check_against_reference(xk, cot, tol, use_h0)
+
+
+@pytest.mark.parametrize("w_range", [(3.0, 5.0), (-12.0, -8.0), (-8.0, 5.0)], ids=["strong", "weak", "mixed"])
+def test_cuda_extreme_decays(w_range):
+    x, cot = make_inputs(2, 150, 2, 64, seed=7, w_range=w_range)
+    check_against_reference(cast(x, F32), cot, TOL["fp32"])
+
+
+def test_cuda_long_sequence_fp32():
+    """T = 16384 with slow decays (state magnitudes grow ~1/(1-d)) and fast ones: no overflow,
+    still within fp32 tolerance of the float64 reference (which runs on the GPU)."""
+    x, cot = make_inputs(1, 16384, 2, 64, seed=11, w_range=(-9.0, 1.0))
+    check_against_reference(cast(x, F32), cot, {**TOL["fp32"], "w": 1e-3})
+
+
+def test_cuda_long_sequence_bf16_finite():
+    x, cot = make_inputs(2, 16384, 4, 64, seed=12, w_range=(-9.0, 1.0))
+    xk = cast(x, BF16)
+    got = run_with_grads(wkv6, xk, cot)
+    for name in NAMES:
+        assert torch.isfinite(got[name]).all(), f"{name}: non-finite at T=16384"
+
+
+def test_cuda_matches_cpu_backend():
+    x, cot = make_inputs(2, 50, 2, 64, seed=3)
+    xk = cast(x, F32)
+    gpu = run_with_grads(wkv6, xk, cot)
+    cpu = run_with_grads(wkv6, {n: t.cpu() for n, t in xk.items()}, {n: t.cpu() for n, t in cot.items()})
+    for name in NAMES:
+        assert_close(name, gpu[name], cpu[name].to(gpu[name].device), 1e-4)
+
+
+def test_cuda_deterministic():
+    x, cot = make_inputs(2, 100, 2, 64, seed=4)
+    xk = cast(x, BF16)
+    a, b = run_with_grads(wkv6, xk, cot), run_with_grads(wkv6, xk, cot)
+    for name in NAMES:
+        assert torch.equal(a[name], b[name]), f"{name}: two runs differ"
+
+
+def test_cuda_state_chaining_equals_one_pass():
+    x, cot = make_inputs(1, 90, 2, 64, seed=6)
+    xk = cast(x, F32)
+    one = run_with_grads(wkv6, xk, cot)
+
+    def chained(r, k, v, w, u, h0, _out):
+        y1, s1 = wkv6(r[:, :37], k[:, :37], v[:, :37], w[:, :37], u, h0, True)
+        y2, s2 = wkv6(r[:, 37:], k[:, 37:], v[:, 37:], w[:, 37:], u, s1, True)
+        return torch.cat([y1, y2], dim=1), s2
+
+    two = run_with_grads(chained, xk, cot)
+    for name in NAMES:
+        assert_close(name, two[name], one[name], 1e-5)
+
+
+@pytest.mark.parametrize(
+    "kind, match",
+    [("head48", "head sizes K = V in"), ("fp64", "CUDA backend supports float32 and bfloat16"),
+     ("mixed_device", "all inputs must be on one device")],
+)
+def test_cuda_bad_input(kind, match):
+    N = 48 if kind == "head48" else 64
+    x, _ = make_inputs(1, 5, 2, N)
+    xk = {n: t.double() for n, t in x.items()} if kind == "fp64" else cast(x, F32)
+    if kind == "mixed_device":
+        xk["u"] = xk["u"].cpu()
+    with pytest.raises(ValueError, match=match):
+        wkv6(xk["r"], xk["k"], xk["v"], xk["w"], xk["u"], xk["h0"])
+
+
+def test_cuda_build_and_smoke_test():
+    info = kernels.build_extension("cuda")
+    assert info["backend"] == "cuda" and info["arch"].startswith("sm_")
+    assert kernels.build_extension("cuda")["cache_hit"] is True
+    res = kernels.smoke_test("cuda")
+    assert res["passed"], res
