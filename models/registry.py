@@ -62,8 +62,12 @@ def make_config(name: str, vocab_size: int, size: str = "5m", **overrides) -> Mo
             raise ValueError(f"unknown model override {key!r}; valid overrides: {', '.join(allowed)}")
     fields = {**SIZE_PRESETS[size], **overrides}
     if canon in BASELINE_NAMES and "n_layer" not in overrides:
-        ref = ModelConfig(name="GF-MH", size=size, vocab_size=vocab_size,
-                          **{k: v for k, v in fields.items() if k != "gate_init"})
+        try:
+            ref = ModelConfig(name="GF-MH", size=size, vocab_size=vocab_size,
+                              **{k: v for k, v in fields.items() if k != "gate_init"})
+        except ValueError as e:
+            raise ValueError(f"cannot size baseline {canon} by the GF-MH parameter-matching rule ({e}); "
+                             f"pass n_layer explicitly") from e
         base = ModelConfig(name=canon, size=size, vocab_size=vocab_size, **{**fields, "n_layer": 1})
         fields["n_layer"] = max(1, round(ref.n_layer * _block_params(ref) / _block_params(base)))
     return ModelConfig(name=canon, size=size, vocab_size=vocab_size, **fields)
