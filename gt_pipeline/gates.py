@@ -122,3 +122,17 @@ def g3_verdict(loss_first: float, loss_last: float, grad_norm_last: float) -> tu
     if not down:
         return Verdict.FAIL, detail
     return G3_GRAD_NORM.classify(grad_norm_last), detail
+
+
+# ---- State tests S1-S4 and graduation (gate_report); definitions from the seeds, made two-sided.
+S1_STATE_NORM = Band("s1_state_norm", "norm of each layer's state after 32 real tokens",
+                     passing=Interval(1e-3, 1e3, lo_closed=False, hi_closed=False))
+S2_STATE_CHANGE = Band("s2_state_change", "relative state change between two different real inputs",
+                       passing=Interval(0.01, math.inf, lo_closed=False))
+S3_DETERMINISM = Band("s3_determinism", "max abs state difference for the same input twice",
+                      passing=Interval(-math.inf, 1e-5, hi_closed=False))
+S4_STATE_BALANCE = Band("s4_state_balance", "RWKV/Mamba state variance ratio, max(r, 1/r)",
+                        passing=Interval(-math.inf, 3.0), warning=(Interval(3.0, 10.0, lo_closed=False, hi_closed=False),))
+OVERFIT_TARGET_LOSS = 0.5  # graduation: overfit 10 samples below this within OVERFIT_MAX_STEPS
+OVERFIT_MAX_STEPS = 500
+ROUNDTRIP_MAX_ABS = 1e-5  # checkpoint save -> load: max abs logit difference

@@ -1,0 +1,320 @@
+"""The training engine: plain PyTorch, no Dagster (the `trained_*` assets call `train()`).
+
+AdamW with per-component learning-rate multipliers (the seeds' `mamba_lr_mult`), linear warmup then
+cosine to `min_lr`, pre-clip gradient norms per component (for G3/G4), gradient clipping and
+accumulation, bf16 autocast on CUDA (fp32 on CPU), optional torch.compile, periodic validation on
+fixed windows, atomic checkpoints every `checkpoint_every` steps and exact resume: on CPU a resumed
+run ends bit for bit where an uninterrupted one does.
+
+Run standalone:  python -m gt_pipeline.engine.train --shards .gt/token_shards/<fp> --model GF-MH --size demo --steps 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import data
+import models
+from gt_pipeline.engine import metrics
+from gt_pipeline.engine.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+
+COMPONENTS = ("rwkv", "mamba", "fusion", "other")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/inf; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainConfig:
+    model: str = "GF-MH"
+    size: str = "5m"
+    vocab_size: int = 16000
+    steps: int = 5000
+    batch_size: int = 64
+    seq_len: int = 512
+    grad_accum: int = 1
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_frac: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    lr_mult: dict[str, float] = field(default_factory=lambda: {"mamba": 0.5})  # seeds' mamba_lr_mult 0.5
+    eval_every: int = 100
+    eval_batches: int = 20
+    checkpoint_every: int = 500
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True  # bf16 autocast on CUDA; ignored on CPU (fp32)
+    compile: bool = False
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        positive = ("vocab_size", "steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches", "checkpoint_every")
+        for name in positive:
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"TrainConfig.{name} must be a positive integer, got {v!r}")
+        for name in ("lr", "min_lr", "grad_clip"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"TrainConfig.{name} must be > 0, got {getattr(self, name)!r}")
+        if self.min_lr > self.lr:
+            raise ValueError(f"TrainConfig.min_lr={self.min_lr} exceeds lr={self.lr}")
+        if not 0 <= self.warmup_frac < 1:
+            raise ValueError(f"TrainConfig.warmup_frac must be in [0, 1), got {self.warmup_frac}")
+        if not 0 <= self.weight_decay < 1:
+            raise ValueError(f"TrainConfig.weight_decay must be in [0, 1), got {self.weight_decay}")
+        bad = set(self.lr_mult) - set(COMPONENTS)
+        if bad:
+            raise ValueError(f"TrainConfig.lr_mult has unknown components {sorted(bad)}; valid: {list(COMPONENTS)}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"TrainConfig.device must be auto, cpu or cuda, got {self.device!r}")
+        if self.model.upper().replace("_", "-") not in {m.upper().replace("_", "-") for m in models.list_models()}:
+            raise ValueError(f"TrainConfig.model={self.model!r} is not a registered model; choose one of {models.list_models()}")
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("TrainConfig.device='cuda' but torch.cuda.is_available() is False")
+        return torch.device(self.device)
+
+
+@dataclass
+class TrainResult:
+    model: torch.nn.Module
+    log: list[dict[str, Any]]
+    resumed_from_step: int
+    seconds: float
+    tokens_per_s: float
+    peak_memory_mb: float
+    device: str
+    n_params: int
+    init_entropy_ratio: float
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warmup over warmup_frac of the steps, then cosine from lr down to min_lr."""
+    warmup = int(cfg.warmup_frac * cfg.steps)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, cfg.steps - warmup)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, fused: bool = False) -> torch.optim.AdamW:
+    """AdamW with one group per (component, decay?) so each component has its own LR multiplier."""
+    groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        key = (models.component_of(name), not models.no_weight_decay(name, p))
+        groups.setdefault(key, []).append(p)
+    param_groups = [
+        {
+            "params": ps,
+            "name": f"{comp}{'' if decay else '_nodecay'}",
+            "weight_decay": cfg.weight_decay if decay else 0.0,
+            "lr_mult": cfg.lr_mult.get(comp, 1.0),
+        }
+        for (comp, decay), ps in sorted(groups.items())
+    ]
+    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
+
+
+def component_grad_norms(model: torch.nn.Module) -> dict[str, float]:
+    """Pre-clip L2 norm of all gradients of each component (G4 uses rwkv / mamba), plus the total."""
+    sq = {c: 0.0 for c in COMPONENTS}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            sq[models.component_of(name)] += float(p.grad.detach().float().pow(2).sum())
+    out = {f"grad_norm_{c}": math.sqrt(v) for c, v in sq.items()}
+    out["grad_norm"] = math.sqrt(sum(sq.values()))
+    return out
+
+
+def eval_windows(tokens: np.ndarray, n_windows: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fixed, evenly spaced validation windows: the same every eval, every run."""
+    span = len(tokens) - seq_len - 1
+    if span < 0:
+        raise ValueError(f"validation split has {len(tokens)} tokens, fewer than seq_len+1={seq_len + 1}")
+    starts = np.linspace(0, span, n_windows).astype(np.int64)
+    win = np.stack([np.asarray(tokens[s : s + seq_len + 1], dtype=np.int64) for s in starts])
+    t = torch.from_numpy(win)
+    return t[:, :-1], t[:, 1:]
+
+
+@torch.no_grad()
+def evaluate(model, x_all, y_all, batch_size, device, autocast) -> float:
+    model.eval()
+    total, n = 0.0, 0
+    for i in range(0, len(x_all), batch_size):
+        x, y = x_all[i : i + batch_size].to(device), y_all[i : i + batch_size].to(device)
+        with autocast():
+            logits = model(x).logits
+        total += float(F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum"))
+        n += y.numel()
+    model.train()
+    return total / n
+
+
+def train(
+    cfg: TrainConfig,
+    shards_dir: Path,
+    work_dir: Path,
+    *,
+    on_log: Callable[[dict[str, Any]], None] | None = None,
+    on_step_end: Callable[[int, torch.nn.Module], None] | None = None,
+    log_every_s: float = 5.0,
+    progress: bool = False,
+) -> TrainResult:
+    """Train `cfg.model` on `shards_dir`; checkpoints go to `work_dir/checkpoints`, resumed if present."""
+    shards = data.TokenShards(shards_dir)
+    if shards.manifest["vocab_size"] > cfg.vocab_size:
+        raise ValueError(f"TrainConfig.vocab_size={cfg.vocab_size} is smaller than the tokenizer's {shards.manifest['vocab_size']}")
+    train_tokens, val_tokens = shards.split("train"), shards.split("validation")
+    for split, toks in (("train", train_tokens), ("validation", val_tokens)):
+        if len(toks) < cfg.seq_len + 2:
+            raise ValueError(f"TrainConfig.seq_len={cfg.seq_len} is beyond the {split} shard ({len(toks)} tokens)")
+
+    device = cfg.resolved_device()
+    torch.manual_seed(cfg.seed)
+    model = models.get_model(cfg.model, cfg.vocab_size, size=cfg.size, **cfg.model_overrides).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    optimizer = build_optimizer(model, cfg, fused=device.type == "cuda")
+    use_amp = cfg.amp and device.type == "cuda"
+
+    def autocast():
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+    fwd = torch.compile(model) if cfg.compile else model
+    x_val, y_val = eval_windows(val_tokens, cfg.eval_batches * cfg.batch_size, cfg.seq_len)
+    # G2 looks at the freshly initialised model (init is deterministic, so this holds on resume too).
+    init_entropy_ratio = metrics.entropy_ratio(model, x_val[: cfg.batch_size].to(device), cfg.vocab_size)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)  # data order, independent of init
+
+    ckpt_root = work_dir / "checkpoints"
+    log: list[dict[str, Any]] = []
+    start = 0
+    existing = list_checkpoints(ckpt_root)
+    if existing:
+        state, rng = load_checkpoint(existing[-1], model, optimizer)
+        if state["config"] != _jsonable(cfg):
+            raise ValueError(f"checkpoint {existing[-1]} was written with another config; remove {ckpt_root} to start over")
+        start, log = state["step"], state["log"]
+        gen.set_state(rng["data_generator"])
+        torch.set_rng_state(rng["torch_cpu"])
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    bar = _progress_bar(cfg.steps, start) if progress else None
+    t_start, t_last_log, tokens_done = time.perf_counter(), 0.0, 0
+    model.train()
+    for step in range(start, cfg.steps):
+        t0 = time.perf_counter()
+        lr = lr_at(cfg, step)
+        for g in optimizer.param_groups:
+            g["lr"] = lr * g["lr_mult"]
+        loss_sum = 0.0
+        for _ in range(cfg.grad_accum):
+            x, y = data.random_windows(train_tokens, cfg.batch_size, cfg.seq_len, gen)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with autocast():
+                logits = fwd(x).logits
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1)) / cfg.grad_accum
+            loss.backward()
+            loss_sum += float(loss.detach())
+        if not math.isfinite(loss_sum):
+            last = list_checkpoints(ckpt_root)
+            raise TrainingDiverged(
+                f"loss is {loss_sum} at step {step + 1} (lr {lr:.3g}); training stopped. "
+                f"Last good checkpoint: {last[-1] if last else 'none (diverged before the first checkpoint)'}"
+            )
+        norms = component_grad_norms(model)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        dt = time.perf_counter() - t0
+        n_tok = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+        tokens_done += n_tok
+        row = {"step": step + 1, "train_loss": loss_sum, "val_loss": math.nan, "lr": lr, **norms,
+               "tokens_per_s": n_tok / dt}
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            row["val_loss"] = evaluate(model, x_val, y_val, cfg.batch_size, device, autocast)
+        log.append(row)
+        if on_step_end is not None:
+            on_step_end(step + 1, model)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+        now = time.perf_counter()
+        if on_log is not None and (now - t_last_log >= log_every_s or step + 1 == cfg.steps or not math.isnan(row["val_loss"])):
+            on_log(row)
+            t_last_log = now
+        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+            rng = {"data_generator": gen.get_state(), "torch_cpu": torch.get_rng_state()}
+            save_checkpoint(ckpt_root, step + 1, model, optimizer, rng, {"config": _jsonable(cfg), "log": log})
+    if bar is not None:
+        bar.close()
+    seconds = time.perf_counter() - t_start
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else _rss_mb()
+    return TrainResult(
+        model=model, log=log, resumed_from_step=start, seconds=seconds,
+        tokens_per_s=tokens_done / seconds if seconds > 0 else 0.0, peak_memory_mb=peak,
+        device=str(device) if device.type == "cpu" else torch.cuda.get_device_name(device), n_params=n_params,
+        init_entropy_ratio=init_entropy_ratio,
+    )
+
+
+def _jsonable(cfg: TrainConfig) -> dict[str, Any]:
+    import json
+
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def _rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _progress_bar(total: int, initial: int):
+    from tqdm import tqdm
+
+    # disable=None: a bar on a terminal (the CLI), nothing when stderr is a pipe or a log file.
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, disable=None, mininterval=1.0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shards", type=Path, required=True)
+    ap.add_argument("--work-dir", type=Path, default=Path("train_work"))
+    scalar_types = {"int": int, "float": float, "str": str}
+    for f in dataclasses.fields(TrainConfig):
+        if f.type in scalar_types:
+            ap.add_argument(f"--{f.name.replace('_', '-')}", type=scalar_types[f.type], default=None)
+    args = ap.parse_args()
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                 if getattr(args, f.name, None) is not None}
+    cfg = TrainConfig(**overrides)
+    res = train(cfg, args.shards, args.work_dir, progress=True)
+    last = res.log[-1]
+    print({"train_loss": last["train_loss"], "val_loss": last["val_loss"], "tokens_per_s": res.tokens_per_s})
+
+
+if __name__ == "__main__":
+    main()
