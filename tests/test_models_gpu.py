@@ -1,0 +1,144 @@
+"""GPU tests (marker `gpu`, skipped without CUDA): our Mamba-2 against the published mamba_ssm.Mamba2 with the
+same state_dict, our two Mamba-2 backends against each other, and the whole LM on CUDA against CPU.
+
+Tolerances. mamba_ssm's Triton SSD kernels call tl.dot on fp32 inputs without pinning the precision, so they
+run in TF32 (10-bit mantissa, unit roundoff 2^-11 ~ 4.9e-4); sums of a few hundred such products give a
+relative (rms) error of order 1e-3, which is also what the mamba/FLA test suites allow for fp32 SSD (notes:
+kernels.md section 7). So anything that goes through the Triton SSD is compared with err_ratio =
+rms(a - b) / rms(b) <= 5e-3. Paths without TF32 (our PyTorch SSD with cuBLAS/cuDNN TF32 switched off, and
+mamba_ssm's decode `step`, which is elementwise + fp32 einsum) are compared at 1e-4 relative.
+"""
+import pytest
+import torch
+
+import models
+
+pytestmark = pytest.mark.gpu
+
+
+def err_ratio(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-30)).item()
+
+
+def assert_ratio(name, got, want, tol):
+    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    r = err_ratio(got, want)
+    max_abs = (got.double() - want.double()).abs().max().item()
+    assert r <= tol, f"{name}: err_ratio {r:.3e} > {tol:g} (max abs err {max_abs:.3e})"
+
+
+@pytest.fixture
+def no_tf32():
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+KW = dict(d_model=128, d_state=64, d_conv=4, expand=2, headdim=64, ngroups=1, chunk_size=64)
+
+
+def _pair():
+    pytest.importorskip("mamba_ssm")
+    from mamba_ssm.modules.mamba2 import Mamba2 as RefMamba2
+    torch.manual_seed(0)
+    ref = RefMamba2(**KW, use_mem_eff_path=False, layer_idx=0).cuda()
+    ours = models.Mamba2(**KW).cuda()
+    # state_dicts load both ways, strictly (same names and shapes)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    with torch.no_grad():   # spread dt so some heads decay fast: the chunk boundaries then matter
+        ref.dt_bias.copy_(torch.log(torch.expm1(torch.linspace(0.005, 0.5, ours.nheads, device="cuda"))))
+        ours.dt_bias.copy_(ref.dt_bias)
+    return ref, ours
+
+
+def _mamba_ssm_decode(ref, x):
+    """mamba_ssm's own one-token `step`, from zero states: the published module's recurrence."""
+    conv_state, ssm_state = ref.allocate_inference_cache(x.shape[0], x.shape[1])
+    ys = []
+    for t in range(x.shape[1]):
+        y, conv_state, ssm_state = ref.step(x[:, t:t + 1], conv_state, ssm_state)
+        ys.append(y)
+    return torch.cat(ys, 1), conv_state, ssm_state
+
+
+def test_mamba2_matches_mamba_ssm_decode(no_tf32):
+    ref, ours = _pair()
+    x = torch.randn(2, 150, 128, device="cuda")          # 150: not a multiple of the chunk (64)
+    with torch.no_grad():
+        y_ref, conv_ref, ssm_ref = _mamba_ssm_decode(ref, x)
+        ours.backend = "torch"
+        y_torch, st_torch = ours(x, return_state=True)
+        ours.backend = "triton"
+        y_tri, st_tri = ours(x, return_state=True)
+    assert_ratio("torch path vs mamba_ssm step", y_torch, y_ref, 1e-4)
+    assert_ratio("torch ssm state vs mamba_ssm", st_torch["mamba_ssm_state"], ssm_ref.float(), 1e-4)
+    assert_ratio("conv state vs mamba_ssm", st_torch["mamba_conv_state"], conv_ref, 1e-6)
+    assert_ratio("triton path vs mamba_ssm step", y_tri, y_ref, 5e-3)
+    assert_ratio("triton ssm state vs mamba_ssm", st_tri["mamba_ssm_state"], ssm_ref.float(), 5e-3)
+
+
+def test_mamba2_triton_state_carry_matches_decode(no_tf32):
+    ref, ours = _pair()
+    ours.backend = "triton"
+    x = torch.randn(2, 150, 128, device="cuda")
+    with torch.no_grad():
+        y_ref, _, _ = _mamba_ssm_decode(ref, x)
+        pieces, st = [], None
+        for a, b in [(0, 1), (1, 67), (67, 150)]:
+            y, st = ours(x[:, a:b], state=st, return_state=True)
+            pieces.append(y)
+    assert_ratio("triton, 3 pieces with state vs mamba_ssm step", torch.cat(pieces, 1), y_ref, 5e-3)
+
+
+def test_mamba2_full_forward_matches_mamba_ssm():
+    # mamba_ssm 2.2-2.3's use_mem_eff_path=False branch without causal_conv1d reads `self.dconv` (a typo) and
+    # slices the conv output wrongly, and the mem-eff path needs causal_conv1d outright: the published
+    # whole-sequence forward only runs with causal_conv1d installed. The decode comparison above does not.
+    pytest.importorskip("causal_conv1d", reason="mamba_ssm's full-sequence Mamba2.forward needs causal_conv1d")
+    ref, ours = _pair()
+    x = torch.randn(2, 150, 128, device="cuda")
+    with torch.no_grad():
+        y_ref = ref(x)
+        y = ours(x)
+    assert_ratio("full forward vs mamba_ssm", y, y_ref, 5e-3)
+
+
+def test_mamba2_backends_agree_on_gradients(no_tf32):
+    _, ours = _pair()
+    x = torch.randn(2, 150, 128, device="cuda", requires_grad=True)
+    gy = torch.randn(2, 150, 128, device="cuda")
+    grads = {}
+    for backend in ("torch", "triton"):
+        ours.backend = backend
+        ours.zero_grad()
+        x.grad = None
+        (ours(x) * gy).sum().backward()
+        grads[backend] = {"x": x.grad.clone(), **{n: p.grad.clone() for n, p in ours.named_parameters()}}
+    for name in grads["torch"]:
+        assert_ratio(f"grad {name}: triton vs torch", grads["triton"][name], grads["torch"][name], 1e-2)
+
+
+def test_lm_cuda_matches_cpu_and_carries_state(no_tf32):
+    torch.manual_seed(0)
+    cpu = models.get_model("GF-MH", 97, size="demo")
+    with torch.no_grad():
+        for p in cpu.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    gpu = models.get_model("GF-MH", 97, size="demo").cuda()
+    gpu.load_state_dict(cpu.state_dict())
+    idx = torch.randint(0, 97, (2, 100))
+    with torch.no_grad():
+        want = cpu(idx).logits
+        got = gpu(idx.cuda()).logits.cpu()
+        a = gpu(idx[:, :37].cuda())
+        b = gpu(idx[:, 37:].cuda(), state=a.state)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            bf = gpu(idx.cuda()).logits.float().cpu()
+    assert_ratio("LM cuda vs cpu", got, want, 5e-3)
+    assert_ratio("LM cuda split with state vs cpu whole", torch.cat([a.logits, b.logits], 1).cpu(), want, 5e-3)
+    assert_ratio("LM bf16 autocast vs fp32 cpu", bf, want, 5e-2)
