@@ -14,9 +14,11 @@
 //   gr_t = S_{t-1} gy_t + u k_t (v_t.gy_t)           forward sweep, "row" layout     (kernel A, y=0)
 //   gv_t = G_t^T k_t + (r_t.u.k_t) gy_t               reverse sweep, "column" layout  (kernel A, y=1)
 //   gk_t = G_t v_t + u r_t (v_t.gy_t), gw_t, gh0       reverse sweep, "row" layout     (kernel B)
-//   dL/dl_t = P - sum_{s>t}(a_s - b_s) - a_t with a_t = k_t*(G_t v_t), b_t = r_t*(S_{t-1} gy_t),
-//   P = rowsum(G_{T-1} * S_{T-1}); gw_t = dL/dl_t * (-exp(w_t)). Kernel A writes b_t (fp32 scratch)
-//   and P; kernel B consumes them. Kernel A's two halves are independent and share one launch.
+//   dL/dl_t = P' - sum_{s>=t} a'_s + sum_{s>t} b'_s with a'_s = k_s*(d_{s+1} G_{s+1} v_s),
+//   b'_s = r_s*(d_{s-1} S_{s-2} gy_s), P' = rowsum(G_{T-1} * d_{T-1} S_{T-2}); gw_t = dL/dl_t * (-exp(w_t)).
+//   (Every term carries a decay factor, so fast-decaying channels keep relative accuracy: see
+//   wkv6_cpu.cpp.) Kernel A writes b'_t (fp32 scratch) and P'; kernel B consumes them. Kernel A's
+//   two halves are independent and share one launch.
 //
 // Thread mapping: one block of 4N threads per (b,h). Each thread owns N/4 entries of the N x N
 // state in registers: "column" layout = thread (s, j) holds S[s*N/4 .. s*N/4+N/4-1, j] and reduces
@@ -170,7 +172,7 @@ wkv6_forward_kernel(int T, int H, const Tin* __restrict__ r, const Tin* __restri
 
 // ------------------------------------------------------------------------------------------------
 // Backward part A, y = 0: forward sweep in the row layout, thread (s, i). Staged: r, k, w, v, gy.
-// Writes gr, b (fp32 scratch [B,T,H,N]), gu partials [B,H,N] and P [B,H,N].
+// Writes gr, b' (fp32 scratch [B,T,H,N]), gu partials [B,H,N] and P' [B,H,N].
 template <typename Tin, typename Tw, int N>
 __device__ __forceinline__ void bwd_forward_sweep(float* sm, int T, int H, const Tin* r, const Tin* k,
                                                   const Tin* v, const Tw* w, const float* u, const float* h0,
@@ -182,9 +184,12 @@ __device__ __forceinline__ void bwd_forward_sweep(float* sm, int T, int H, const
   const int64_t base = ((int64_t)b * T * H + h) * N, stride = (int64_t)H * N;
   const int64_t srow = (int64_t)bh * N * N + (int64_t)i * N + s * PER;  // &state[b,h,i,s*PER]
 
-  float S[PER];
+  float S[PER], D[PER];  // S_{t-1} and its decayed part d_{t-1} S_{t-2}
 #pragma unroll
-  for (int m = 0; m < PER; ++m) S[m] = h0 ? h0[srow + m] : 0.f;
+  for (int m = 0; m < PER; ++m) {
+    S[m] = h0 ? h0[srow + m] : 0.f;
+    D[m] = 0.f;
+  }
   const float ui = u[h * N + i];
   double gu_acc = 0.0;
   const Stager<N, TC> st(tid);
@@ -216,7 +221,7 @@ __device__ __forceinline__ void bwd_forward_sweep(float* sm, int T, int H, const
       const float di = decay(vec(cur, 2)[tt * PADN + pad(i)]);
       const float* sv = vec(cur, 3) + tt * PADN + pad(s * PER);
       const float* sg = vec(cur, 4) + tt * PADN + pad(s * PER);
-      float sgy = 0.f, vgy = 0.f;
+      float sgy = 0.f, dgy = 0.f, vgy = 0.f;
 #pragma unroll
       for (int m4 = 0; m4 < PER; m4 += 4) {
         const float4 v4 = load4(sv + pad(m4)), g4 = load4(sg + pad(m4));
@@ -225,17 +230,20 @@ __device__ __forceinline__ void bwd_forward_sweep(float* sm, int T, int H, const
           const int m = m4 + c4;
           const float vv = comp(v4, c4), gg = comp(g4, c4);
           sgy = fmaf(S[m], gg, sgy);  // (S_{t-1} gy_t)[i]
+          dgy = fmaf(D[m], gg, dgy);  // (d_{t-1} S_{t-2} gy_t)[i]
           vgy = fmaf(vv, gg, vgy);
-          S[m] = fmaf(di, S[m], ki * vv);
+          D[m] = di * S[m];
+          S[m] = fmaf(ki, vv, D[m]);
         }
       }
       sgy = quad_sum(sgy);
+      dgy = quad_sum(dgy);
       vgy = quad_sum(vgy);
       gu_acc += (double)(ri * ki * vgy);
       if (s == 0) {
         const int64_t o = base + (int64_t)(t0 + tt) * stride + i;
         gr[o] = from_float<Tin>(sgy + ui * ki * vgy);
-        bscr[o] = ri * sgy;
+        bscr[o] = ri * dgy;  // b'_t
       }
     }
     if (more) store_all(cur ^ 1);
@@ -244,7 +252,7 @@ __device__ __forceinline__ void bwd_forward_sweep(float* sm, int T, int H, const
   float pp = 0.f;
   if (ghT) {
 #pragma unroll
-    for (int m = 0; m < PER; ++m) pp = fmaf(ghT[srow + m], S[m], pp);
+    for (int m = 0; m < PER; ++m) pp = fmaf(ghT[srow + m], D[m], pp);  // D = d_{T-1} S_{T-2}
   }
   pp = quad_sum(pp);
   if (s == 0) {
@@ -360,11 +368,14 @@ wkv6_backward_b_kernel(int T, int H, const Tin* __restrict__ r, const Tin* __res
   const int64_t base = ((int64_t)b * T * H + h) * N, stride = (int64_t)H * N;
   const int64_t srow = (int64_t)bh * N * N + (int64_t)i * N + s * PER;
 
-  float G[PER];
+  float G[PER], E[PER];  // G_t and its decayed part d_{t+1} G_{t+1} (0 at t = T-1: a'_{T-1} = 0)
 #pragma unroll
-  for (int m = 0; m < PER; ++m) G[m] = ghT ? ghT[srow + m] : 0.f;
+  for (int m = 0; m < PER; ++m) {
+    G[m] = ghT ? ghT[srow + m] : 0.f;
+    E[m] = 0.f;
+  }
   const float ui = u[h * N + i];
-  double acc = (double)P[(int64_t)bh * N + i];  // P_t, walked back from P_{T-1}
+  double acc = (double)P[(int64_t)bh * N + i];  // P' - sum_{s>t} a'_s + sum_{s>t} b'_s
   const Stager<N, TC> st(tid);
   auto vec = [&](int buf, int n) { return sm + (buf * NV + n) * TC * PADN; };
   float4 p[NV];
@@ -397,7 +408,7 @@ wkv6_backward_b_kernel(int T, int H, const Tin* __restrict__ r, const Tin* __res
       const float bi = vec(cur, 5)[tt * PADN + pad(i)];
       const float* sv = vec(cur, 3) + tt * PADN + pad(s * PER);
       const float* sg = vec(cur, 4) + tt * PADN + pad(s * PER);
-      float gvd = 0.f, vgy = 0.f;
+      float gvd = 0.f, evd = 0.f, vgy = 0.f;
 #pragma unroll
       for (int m4 = 0; m4 < PER; m4 += 4) {
         const float4 v4 = load4(sv + pad(m4)), g4 = load4(sg + pad(m4));
@@ -406,15 +417,18 @@ wkv6_backward_b_kernel(int T, int H, const Tin* __restrict__ r, const Tin* __res
           const int m = m4 + c4;
           const float vv = comp(v4, c4), gg = comp(g4, c4);
           gvd = fmaf(G[m], vv, gvd);  // (G_t v_t)[i]
+          evd = fmaf(E[m], vv, evd);  // (d_{t+1} G_{t+1} v_t)[i]
           vgy = fmaf(vv, gg, vgy);
-          G[m] = fmaf(di, G[m], ri * gg);
+          E[m] = di * G[m];
+          G[m] = fmaf(ri, gg, E[m]);
         }
       }
       gvd = quad_sum(gvd);
+      evd = quad_sum(evd);
       vgy = quad_sum(vgy);
-      const double a = (double)(ki * gvd);
-      const double dl = acc - a;  // dL/dl_t
-      acc -= a - (double)bi;      // P_{t-1}
+      acc -= (double)(ki * evd);  // - a'_t
+      const double dl = acc;      // dL/dl_t
+      acc += (double)bi;          // + b'_t, for step t-1
       if (s == 0) {
         const int64_t o = base + (int64_t)(t0 + tt) * stride + i;
         gk[o] = from_float<Tin>(gvd + ui * ri * vgy);
