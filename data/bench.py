@@ -40,7 +40,7 @@ BLOCK_BYTES = 16_000_000   # one generated world per block
 HELDOUT_BYTES = 1_100_000  # WikiText-103 validation/test are ~1.1 MB each
 RSS_LIMIT_MIB = 1536       # the issue's bound for ours at 540 MB
 POLL_S = 0.05
-GEN_VERSION = "bench-corpus-v2"
+GEN_VERSION = "bench-corpus-v3"
 
 
 # ---------------------------------------------------------------------------------- corpus
@@ -114,9 +114,13 @@ def run_naive(corpus: Path, work: Path, vocab_size: int, max_train_bytes: int | 
 WORKERS = {"ours": run_ours, "naive": run_naive}
 
 
-def measure(kind: str, corpus: Path, work: Path, args) -> dict:
-    """Run one contender in a subprocess; poll its process tree's RSS; return timings and peaks."""
+def measure(kind: str, corpus: Path, work: Path, args, mem_limit_bytes: int | None = None) -> dict:
+    """Run one contender in a subprocess; poll its process tree's RSS; return timings and peaks.
+
+    mem_limit_bytes: address-space limit (RLIMIT_AS) of the worker, so that a peer that needs more
+    memory than the machine has fails alone instead of waking the OOM killer on other processes."""
     import psutil
+    import resource
 
     work.mkdir(parents=True, exist_ok=True)
     result_file = work / f"{kind}.result.json"
@@ -127,7 +131,11 @@ def measure(kind: str, corpus: Path, work: Path, args) -> dict:
         cmd += ["--max-train-bytes", str(args.max_train_bytes)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, env=env, cwd=str(REPO))
+    def limit():
+        if mem_limit_bytes:
+            resource.setrlimit(resource.RLIMIT_AS, (mem_limit_bytes, mem_limit_bytes))
+
+    p = subprocess.Popen(cmd, env=env, cwd=str(REPO), preexec_fn=limit)
     proc = psutil.Process(p.pid)
     peak = 0
     while True:
@@ -145,7 +153,11 @@ def measure(kind: str, corpus: Path, work: Path, args) -> dict:
     wall = time.perf_counter() - t0
     p.returncode = os.waitstatus_to_exitcode(status)
     if p.returncode != 0:
-        raise RuntimeError(f"bench worker {kind!r} failed with exit code {p.returncode} (see its stderr above)")
+        why = f"exit code {p.returncode} (see its stderr)"
+        if mem_limit_bytes:
+            why += f"; it ran under a {mem_limit_bytes / 2**30:.1f} GiB address-space limit, likely exhausted"
+        return {"failed": why, "wall_s_until_failure": round(wall, 2), "peak_rss_mib": round(peak / 2**20, 1),
+                "ru_maxrss_mib": round(ru.ru_maxrss / 1024, 1)}
     out = json.loads(result_file.read_text())
     total = json.loads((corpus / "corpus.json").read_text())["total_bytes"]
     return {"wall_s": round(wall, 2), "peak_rss_mib": round(peak / 2**20, 1),
@@ -177,6 +189,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--num-workers", type=int, default=2)
     ap.add_argument("--corpus-dir", type=Path)
     ap.add_argument("--work-dir", type=Path)
+    ap.add_argument("--peer-mem-limit-gib", type=float,
+                    help="address-space cap for the peer (default: available RAM minus 1 GiB at its start)")
     ap.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -202,13 +216,21 @@ def main(argv: list[str] | None = None) -> None:
     report["ours"]["within_rss_limit"] = report["ours"]["peak_rss_mib"] <= RSS_LIMIT_MIB
     print(f"[data.bench] ours: {report['ours']}", file=sys.stderr)
     if args.peer:
-        print("[data.bench] running naive ...", file=sys.stderr)
-        report["naive"] = measure("naive", corpus_dir, work_dir, args)
-        report["ours_vs_naive"] = {
-            "speedup": round(report["naive"]["wall_s"] / report["ours"]["wall_s"], 3),
-            "peak_rss_ratio": round(report["naive"]["peak_rss_mib"] / report["ours"]["peak_rss_mib"], 2),
-            "ours_not_slower": report["ours"]["wall_s"] <= report["naive"]["wall_s"],
-        }
+        import psutil
+
+        avail = psutil.virtual_memory().available
+        limit = int(args.peer_mem_limit_gib * 2**30) if args.peer_mem_limit_gib else avail - 2**30
+        print(f"[data.bench] running naive (available {avail / 2**30:.1f} GiB, cap {limit / 2**30:.1f} GiB) ...",
+              file=sys.stderr)
+        report["naive"] = measure("naive", corpus_dir, work_dir, args, mem_limit_bytes=limit)
+        report["naive"]["available_gib_at_start"] = round(avail / 2**30, 1)
+        report["naive"]["mem_limit_gib"] = round(limit / 2**30, 1)
+        if "failed" not in report["naive"]:
+            report["ours_vs_naive"] = {
+                "speedup": round(report["naive"]["wall_s"] / report["ours"]["wall_s"], 3),
+                "peak_rss_ratio": round(report["naive"]["peak_rss_mib"] / report["ours"]["peak_rss_mib"], 2),
+                "ours_not_slower": report["ours"]["wall_s"] <= report["naive"]["wall_s"],
+            }
     print(json.dumps(report, indent=1))
 
 

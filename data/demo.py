@@ -337,7 +337,7 @@ def _country_article(wr: _Writer, ci: int, fx: dict) -> None:
     hist += [wr.filler(c, r.choice(c.cities + [c.capital])) for _ in range(r.randint(3, 7))]
     wr.para(hist)
     for _ in range(r.randint(2, 5)):
-        wr.para([wr.filler(c, r.choice(c.cities + [c.capital])) for _ in range(r.randint(4, 9))])
+        wr.para([wr.filler(c, r.choice(c.cities + [c.capital])) for _ in range(r.randint(5, 10))])
     for b in w.battles:
         if ci in (b.side_a, b.side_b) and r.random() < 0.7:
             other = w.countries[b.side_b if ci == b.side_a else b.side_a]
@@ -359,13 +359,11 @@ def _country_article(wr: _Writer, ci: int, fx: dict) -> None:
         wr.end_section()
     wr.end_section()
 
-    wr.section("Cities")
+    wr.section("Cities")  # one paragraph per city, as WikiText's long sections (~3 KB) have
     for city in [c.capital] + c.cities:
-        wr.section(city, level=3)
         lead = (f"{city} is the capital of {c.name} ." if city == c.capital else
                 f"{city} lies {r.randint(5, 400)} kilometres from {c.capital} .")
         wr.para([lead] + [wr.filler(c, city) for _ in range(r.randint(3, 7))])
-        wr.end_section()
 
     wr.section("Economy")
     eco = [_canon(fx[(c.name, 'export')]), _canon(fx[(c.name, 'currency')]),
@@ -399,8 +397,8 @@ def _city_article(wr: _Writer, city: str, fx: dict) -> None:
     wr.para(first)
     wr.end_section()
     wr.section("History")
-    for _ in range(r.randint(2, 4)):
-        wr.para([wr.filler(c, city) for _ in range(r.randint(4, 8))])
+    for _ in range(r.randint(2, 5)):
+        wr.para([wr.filler(c, city) for _ in range(r.randint(5, 10))])
     for b in w.battles:
         if b.place == city:
             wr.para([f"The Battle of {city} was fought here in {b.year} between {w.countries[b.side_a].name} "
@@ -429,7 +427,8 @@ def _person_article(wr: _Writer, pi: int, fx: dict) -> None:
     car = [f"In {p.born + r.randint(20, 27)} {p.name.split()[-1]} completed {p.work} ."]
     car += [wr.filler(c, p.birthplace, (p.born, p.died)) for _ in range(r.randint(3, 6))]
     wr.para(car)
-    wr.para([wr.filler(c, r.choice(c.cities), (p.born, p.died)) for _ in range(r.randint(3, 7))])
+    for _ in range(r.randint(1, 3)):
+        wr.para([wr.filler(c, r.choice(c.cities), (p.born, p.died)) for _ in range(r.randint(4, 8))])
     wr.end_section()
     wr.section("Death and legacy")
     wr.para([f"{p.name} died in {p.died} in {r.choice([c.capital] + c.cities)} .",
@@ -455,7 +454,8 @@ def _battle_article(wr: _Writer, bi: int, fx: dict) -> None:
             + [wr.filler(d, b.place, (b.year, b.year)) for _ in range(r.randint(2, 5))])
     wr.end_section()
     wr.section("Aftermath")
-    wr.para([f"After the battle {win.name} took {r.choice(_EXPORTS)} and {win.export} as tribute ."])
+    wr.para([f"After the battle {win.name} took {r.choice(_EXPORTS)} and {win.export} as tribute ."]
+            + [wr.filler(win, r.choice(win.cities), (b.year, b.year + 30)) for _ in range(r.randint(3, 6))])
     wr.end_section()
 
 
