@@ -208,8 +208,9 @@ def _world(seed: int) -> _World:
 
 
 def facts(seed: int = 0) -> list[Fact]:
-    """The facts every demo corpus of this seed states (in its canonical sentence at least once per
-    article about the subject, in every split). Deterministic; 4 per country + 1 per person."""
+    """The facts of this seed's world. Every article about a subject states its facts in the canonical
+    `Fact.sentence` form (and never contradicts them); a 3 MB train split states >= 90% of them.
+    Deterministic; 4 per country (capital, river, currency, export) + 1 per person (birthplace)."""
     w = _world(seed)
     rng = random.Random(f"groundthink-demo-facts-{seed}")
     out: list[Fact] = []

@@ -104,7 +104,7 @@ def test_demo_corpus_is_deterministic_and_wikitext_shaped(tmp_path):
     assert all(line.endswith(" \n") for line in text.splitlines(keepends=True))  # wiki.*.raw line endings
 
 
-def test_demo_facts_are_stated_in_every_split(tmp_path):
+def test_demo_facts_are_stated_in_the_corpus(tmp_path):
     facts = data.demo.facts()
     assert facts == data.demo.facts(0) and facts != data.demo.facts(1)
     assert len(facts) >= 100
@@ -161,6 +161,23 @@ def test_unreadable_parquet(tmp_path):
     bad.write_bytes(b"this is not parquet")
     with pytest.raises(ValueError, match=rf"cannot read parquet file .*{bad.name}.*download it again"):
         write_raw_corpus("local", tmp_path / "out", local_dir=d)
+
+
+def test_hf_rows_are_written_like_the_raw_files(tmp_path, monkeypatch):
+    """The hf source with datasets.load_dataset replaced by an in-memory DatasetDict of HF-shaped rows."""
+    datasets = pytest.importorskip("datasets")
+    texts = split_texts()
+    dd = datasets.DatasetDict({
+        s: datasets.Dataset.from_dict({"text": ["" if x == " \n" else x for x in t.splitlines(keepends=True)]})
+        for s, t in texts.items()})
+    calls = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append((a, k)) or dd)
+    stats = write_raw_corpus("hf", tmp_path / "out", hf_cache_dir=tmp_path / "cache")
+    assert calls[0][0] == ("Salesforce/wikitext", "wikitext-103-raw-v1")
+    assert calls[0][1]["cache_dir"] == str(tmp_path / "cache")
+    for s in data.SPLITS:
+        assert (tmp_path / "out" / f"{s}.txt").read_text(encoding="utf-8") == texts[s]
+    assert stats["train"]["documents"] == 6
 
 
 def test_hf_offline_gives_the_use_local_files_error(tmp_path):
