@@ -1,0 +1,307 @@
+"""Report assets on the trained GF-MH: gates (G1-G4, G3.5, S0-S4, graduation), ablation, long context.
+
+Each report is computed on held-out validation text of the checkpoint it names, stored through the
+artifact store (markdown + CSV + JSON + PNG), and records its provenance: checkpoint fingerprint,
+report code version, torch and wkv6 kernel build. A verdict that changed since the previous report is
+flagged. The re-validation schedule re-runs them with `force: true` (recompute, never retrain).
+"""
+
+import base64
+import csv
+import io
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import torch
+from pydantic import Field
+
+import data
+import models
+from gt_pipeline import gates
+from gt_pipeline.assets.common import OWNER, artifact_output, md_table
+from gt_pipeline.assets.training import VARIANTS, load_trained
+from gt_pipeline.checks import evaluate_gates
+from gt_pipeline.engine import evaluate
+from gt_pipeline.resources import ProfileResource, StoreResource
+from gt_pipeline.store import Artifact, ArtifactStore, fingerprint, write_json_atomic
+
+GROUP = "reports"
+REPORT_VERSION = "reports-v1"
+SUBJECT = "trained_gf_mh"
+
+
+class ReportConfig(dg.Config):
+    device: str = Field(default="auto", description="auto (CUDA if present), cuda or cpu")
+    overfit_steps: int | None = Field(default=None, description="gate_report graduation: overfit step budget (profile default)")
+    force: bool = Field(default=False, description="Recompute even when a report for this checkpoint exists (re-validation)")
+
+
+def _device(name: str) -> torch.device:
+    if name not in ("auto", "cuda", "cpu"):
+        raise ValueError(f"report device must be auto, cuda or cpu, got {name!r}")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("report device='cuda' but no CUDA device is available")
+    return torch.device(name)
+
+
+def provenance(ckpt: Artifact, kernel: Artifact) -> dict[str, Any]:
+    return {"checkpoint": ckpt.asset, "checkpoint_fingerprint": ckpt.fingerprint, "report_code_version": REPORT_VERSION,
+            "torch": torch.__version__, "wkv6_kernel_fingerprint": kernel.fingerprint,
+            "computed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def previous_verdicts(store: ArtifactStore, asset: str) -> dict[str, str]:
+    """check -> verdict of the last published report of `asset` (read before a forced rebuild moves it)."""
+    try:
+        prev = json.loads(store.latest(asset).file("report.json").read_text())
+    except FileNotFoundError:
+        return {}
+    return {r["check"]: r["verdict"] for r in prev.get("rows", [])}
+
+
+def verdict_changes(before: dict[str, str], rows: list[dict[str, Any]]) -> list[str]:
+    """Checks whose verdict differs from the previous report."""
+    return [f"{r['check']}: {before[r['check']]} -> {r['verdict']}" for r in rows
+            if r["check"] in before and before[r["check"]] != r["verdict"]]
+
+
+def _png_md(png: bytes, alt: str) -> str:
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"
+
+
+def _write_rows(d: Path, name: str, rows: list[dict[str, Any]]) -> None:
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    with open(d / f"{name}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _fp(asset: str, cfg: ReportConfig, prof, ckpt: Artifact, kernel: Artifact) -> str:
+    return fingerprint(asset, REPORT_VERSION, {"device": cfg.device, "overfit_steps": cfg.overfit_steps,
+                                               "defaults": prof.reports.__dict__},
+                       {SUBJECT: ckpt.fingerprint, "wkv6_kernel": kernel.fingerprint}, {"torch": torch.__version__})
+
+
+def _shards_of(store: ArtifactStore, ckpt: Artifact) -> Artifact:
+    shards = store.get("token_shards", ckpt.inputs["token_shards"])
+    if shards is None:
+        raise FileNotFoundError(f"the token_shards {ckpt.inputs['token_shards']} that trained {ckpt.asset} are gone; "
+                                "re-materialize token_shards")
+    return shards
+
+
+REPORT_KW = dict(group_name=GROUP, kinds={"pandas", "pytorch"}, owners=[OWNER], tags={"stage": "reports"},
+                 code_version=REPORT_VERSION)
+
+
+@dg.asset(**REPORT_KW)
+def gate_report(context: dg.AssetExecutionContext, config: ReportConfig, profile: ProfileResource,
+                store: StoreResource, trained_gf_mh: Artifact, wkv6_kernel: Artifact) -> dg.Output[Artifact]:
+    """G1-G4 and G3.5, the state tests S0-S4 and the graduation tests (overfit a few samples, beat the
+    uniform baseline ln(V), checkpoint round-trip) for trained_gf_mh: value / band / verdict."""
+    prof, st, dev = profile.get(), store.get(), _device(config.device)
+    ckpt = trained_gf_mh
+    before = previous_verdicts(st, "gate_report")
+
+    def build(d: Path) -> dict[str, Any]:
+        rows = []
+        for r in evaluate_gates(st, ckpt, "gf_mh", device=str(dev)):
+            band = gates.BANDS.get({"g2_init_entropy": "g2_entropy_ratio", "g4_component_balance": "g4_grad_ratio",
+                                    "g3_training_health": "g3_grad_norm"}.get(r.gate, ""), None)
+            rows.append({"check": r.gate, "value": r.value, "band": json.dumps(band.describe()) if band else "",
+                         "verdict": r.verdict.value})
+        model, cfg = load_trained(ckpt, str(dev))
+        shards = _shards_of(st, ckpt)
+        val = data.TokenShards(shards.path).split("validation")
+        n = prof.reports.eval_seqs
+        xa, _ = evaluate.windows(val, n, 64)
+        xb, _ = evaluate.windows(val, n, 64, offset=n * 65)
+        for name, res in evaluate.state_tests(model, xa.to(dev), xb.to(dev)).items():
+            rows.append({"check": name, "value": json.dumps(res["value"]), "band": "", "verdict": res["verdict"]})
+        factory = lambda: models.get_model(cfg["model"], cfg["vocab_size"], size=cfg["size"], **cfg["model_overrides"]).to(dev)  # noqa: E731
+        xo, yo = evaluate.windows(val, 10, 64)
+        budget = config.overfit_steps or prof.reports.overfit_steps
+        ov = evaluate.overfit_test(factory, xo.to(dev), yo.to(dev), budget, gates.OVERFIT_TARGET_LOSS)
+        rows.append({"check": "grad_overfit_10", "value": ov["value"],
+                     "band": f"loss < {gates.OVERFIT_TARGET_LOSS} within {budget} steps",
+                     "verdict": ov["verdict"]})
+        val_loss = ckpt.metadata["final_val_loss"]
+        uniform = math.log(cfg["vocab_size"])
+        rows.append({"check": "grad_beats_uniform", "value": val_loss, "band": f"< ln(V) = {uniform:.3f}",
+                     "verdict": "pass" if val_loss < uniform else "fail"})
+        rt = evaluate.roundtrip_test(model, factory, d / "roundtrip.safetensors", xa[:2].to(dev), gates.ROUNDTRIP_MAX_ABS)
+        (d / "roundtrip.safetensors").unlink()
+        rows.append({"check": "grad_checkpoint_roundtrip", "value": rt["value"], "band": f"< {gates.ROUNDTRIP_MAX_ABS}",
+                     "verdict": rt["verdict"]})
+        changes = verdict_changes(before, rows)
+        report = {"provenance": provenance(ckpt, wkv6_kernel), "rows": rows, "verdict_changes": changes}
+        write_json_atomic(d / "report.json", report)
+        _write_rows(d, "gate_report", rows)
+        md = md_table(rows)
+        if changes:
+            md = "**Verdict changed since the previous report:** " + "; ".join(changes) + "\n\n" + md
+        (d / "report.md").write_text(md)
+        counts = {v: sum(r["verdict"] == v for r in rows) for v in ("pass", "warn", "fail", "n/a")}
+        return {"counts": counts, "verdict_changes": changes, "provenance": report["provenance"]}
+
+    result = st.build("gate_report", _fp("gate_report", config, prof, ckpt, wkv6_kernel), build,
+                      inputs={SUBJECT: ckpt.fingerprint}, force=config.force, on_event=context.log.warning)
+    m = result.artifact.metadata
+    return artifact_output(context, result, headline={
+        "checks_pass": m["counts"]["pass"], "checks_warn": m["counts"]["warn"], "checks_fail": m["counts"]["fail"],
+        "verdict_changed": bool(m["verdict_changes"]), "checkpoint_fingerprint": ckpt.fingerprint,
+    }, preview_md=result.artifact.file("report.md").read_text())
+
+
+@dg.asset(**REPORT_KW)
+def ablation_report(context: dg.AssetExecutionContext, config: ReportConfig, profile: ProfileResource,
+                    store: StoreResource, trained_gf_mh: Artifact, wkv6_kernel: Artifact) -> dg.Output[Artifact]:
+    """Validation loss with each branch zeroed (overall and per layer) and each fusion path forced;
+    contribution shares; activation variance ratio, state norm ratio and gate value per layer."""
+    prof, st, dev = profile.get(), store.get(), _device(config.device)
+    ckpt = trained_gf_mh
+
+    def build(d: Path) -> dict[str, Any]:
+        model, _ = load_trained(ckpt, str(dev))
+        val = data.TokenShards(_shards_of(st, ckpt).path).split("validation")
+        x, y = evaluate.windows(val, prof.reports.eval_seqs, prof.reports.eval_len)
+        res = evaluate.ablation_study(model, x.to(dev), y.to(dev))
+        runs = [{"ablation": r.label, "layers": r.layers, "val_loss": r.loss, "delta_loss": r.delta} for r in res["runs"]]
+        _write_rows(d, "ablation", runs)
+        _write_rows(d, "balance", res["balance"])
+        (d / "ablation.png").write_bytes(_bar_png(runs, res["baseline_loss"]))
+        summary = {"baseline_loss": res["baseline_loss"], "rwkv_share": res.get("rwkv_share", math.nan),
+                   "mamba_share": res.get("mamba_share", math.nan)}
+        write_json_atomic(d / "report.json", {"provenance": provenance(ckpt, wkv6_kernel), "summary": summary,
+                                              "runs": runs, "balance": res["balance"]})
+        md = (f"Baseline val loss **{res['baseline_loss']:.4f}**; contribution shares (loss increase when zeroed): "
+              f"RWKV {summary['rwkv_share']:.1%}, Mamba {summary['mamba_share']:.1%}\n\n"
+              + _png_md((d / "ablation.png").read_bytes(), "ablation") + "\n\n" + md_table(runs)
+              + "\n\n**Balance per layer**\n\n" + md_table(res["balance"]))
+        (d / "report.md").write_text(md)
+        return summary
+
+    result = st.build("ablation_report", _fp("ablation_report", config, prof, ckpt, wkv6_kernel), build,
+                      inputs={SUBJECT: ckpt.fingerprint}, force=config.force, on_event=context.log.warning)
+    m = result.artifact.metadata
+    return artifact_output(context, result, headline={k: float(v) for k, v in m.items()},
+                           preview_md=result.artifact.file("report.md").read_text())
+
+
+@dg.asset(**REPORT_KW)
+def long_context_report(context: dg.AssetExecutionContext, config: ReportConfig, profile: ProfileResource,
+                        store: StoreResource, trained_gf_mh: Artifact, bpe_tokenizer: Artifact,
+                        wkv6_kernel: Artifact) -> dg.Output[Artifact]:
+    """Loss vs context length (stateful, flat memory) and per position bucket, the seeds' degradation
+    ratio, a needle-in-a-haystack grid scored by answer rank, and a ranking of every materialized
+    trained_* variant."""
+    prof, st, dev = profile.get(), store.get(), _device(config.device)
+    ckpt, rp = trained_gf_mh, prof.reports
+
+    def build(d: Path) -> dict[str, Any]:
+        model, _ = load_trained(ckpt, str(dev))
+        val = data.TokenShards(_shards_of(st, ckpt).path).split("validation")
+        fits = [n for n in rp.lc_lengths if rp.lc_seqs * (n + 1) <= len(val)]
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        t0 = time.perf_counter()
+        curve = evaluate.long_context_curve(model, val, fits, rp.lc_seqs, device=dev)
+        peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else math.nan
+        context.log.info(f"long-context curve up to {fits[-1]} tokens in {time.perf_counter() - t0:.1f}s")
+        tok = data.load_tokenizer(bpe_tokenizer.file("tokenizer.json"))
+        eot = tok.token_to_id(data.EOT_TOKEN)
+        niah = evaluate.niah_grid(model, tok, val, data.demo.facts(), [n for n in rp.niah_lengths if n < len(val)],
+                                  list(rp.niah_depths), rp.niah_trials, dev, eot)
+        ranking = variant_ranking(st)
+        _write_rows(d, "by_length", curve["by_length"])
+        _write_rows(d, "buckets", curve["buckets"])
+        _write_rows(d, "niah", niah)
+        if ranking:
+            _write_rows(d, "ranking", ranking)
+        (d / "niah.png").write_bytes(_heatmap_png(niah))
+        summary = {"max_context": fits[-1], "degradation_ppl_512_over_64": curve["degradation_ppl_512_over_64"],
+                   "niah_accuracy": float(sum(r["accuracy"] for r in niah) / max(len(niah), 1)),
+                   "peak_memory_mb": peak}
+        write_json_atomic(d / "report.json", {"provenance": provenance(ckpt, wkv6_kernel), "summary": summary,
+                                              "curve": curve, "niah": niah, "ranking": ranking})
+        md = (f"Loss vs context (stateful, {rp.lc_seqs} windows), degradation ppl(512)/ppl(64) = "
+              f"**{curve['degradation_ppl_512_over_64']:.3f}**\n\n" + md_table(curve["by_length"])
+              + "\n\n**Loss per position bucket**\n\n" + md_table(curve["buckets"])
+              + "\n\n**Needle in a haystack** (counterfactual needles; accuracy = answer ranked first)\n\n"
+              + _png_md((d / "niah.png").read_bytes(), "niah") + "\n\n" + md_table(niah)
+              + ("\n\n**Variant ranking**\n\n" + md_table(ranking) if ranking else ""))
+        (d / "report.md").write_text(md)
+        return summary
+
+    result = st.build("long_context_report", _fp("long_context_report", config, prof, ckpt, wkv6_kernel), build,
+                      inputs={SUBJECT: ckpt.fingerprint}, force=config.force, on_event=context.log.warning)
+    m = result.artifact.metadata
+    return artifact_output(context, result, headline={k: float(v) for k, v in m.items()},
+                           preview_md=result.artifact.file("report.md").read_text())
+
+
+def variant_ranking(store: ArtifactStore) -> list[dict[str, Any]]:
+    """Every trained_* variant with a published checkpoint, by final validation loss."""
+    rows = []
+    for variant in VARIANTS:
+        try:
+            m = store.latest(f"trained_{variant}").metadata
+        except FileNotFoundError:
+            continue
+        rows.append({"variant": m["model"], "size": m["size"], "steps": m["steps"], "val_loss": m["final_val_loss"],
+                     "tokens_per_s": m["tokens_per_s"], "grad_ratio_rwkv_mamba": m.get("grad_ratio_median_last_10pct")})
+    return sorted(rows, key=lambda r: r["val_loss"] if math.isfinite(r["val_loss"]) else math.inf)
+
+
+def _bar_png(runs: list[dict[str, Any]], base: float) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in runs if r["layers"] == "all"] + [r for r in runs if r["layers"] != "all"]
+    fig, ax = plt.subplots(figsize=(6, 0.3 * len(rows) + 1), dpi=80)
+    ax.barh([f"{r['ablation']} [{r['layers']}]" for r in rows], [r["delta_loss"] for r in rows])
+    ax.invert_yaxis()
+    ax.set_xlabel(f"val loss increase over baseline {base:.3f}")
+    fig.tight_layout()
+    return _savefig(fig)
+
+
+def _heatmap_png(niah: list[dict[str, Any]]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    lengths = sorted({r["haystack_tokens"] for r in niah})
+    depths = sorted({r["depth"] for r in niah})
+    grid = np.full((len(depths), len(lengths)), np.nan)
+    for r in niah:
+        grid[depths.index(r["depth"]), lengths.index(r["haystack_tokens"])] = r["accuracy"]
+    fig, ax = plt.subplots(figsize=(5, 3), dpi=80)
+    im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
+    ax.set_yticks(range(len(depths)), [f"{x:.0%}" for x in depths])
+    ax.set_xlabel("haystack tokens")
+    ax.set_ylabel("needle depth")
+    fig.colorbar(im, label="accuracy")
+    fig.tight_layout()
+    return _savefig(fig)
+
+
+def _savefig(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()

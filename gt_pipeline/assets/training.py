@@ -1,0 +1,221 @@
+"""Training assets: one `trained_<variant>` per registered model, all from one factory.
+
+Each asset trains on `token_shards` with the `wkv6_kernel` built for this machine, publishes
+`model.safetensors`, `config.json`, `train_log.csv` and `train_metrics.json` through the store, and
+resumes from its work directory's last checkpoint when a run with the same fingerprint was
+interrupted. The gate checks live in `gt_pipeline.checks`.
+"""
+
+import base64
+import csv
+import dataclasses
+import io
+import json
+import math
+import platform
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import torch
+from pydantic import Field
+
+import data
+from gt_pipeline.assets.common import OWNER, artifact_output, md_table
+from gt_pipeline.engine import metrics
+from gt_pipeline.engine.checkpoint import save_model
+from gt_pipeline.engine.train import TrainConfig, eval_windows, train
+from gt_pipeline.resources import ProfileResource, StoreResource
+from gt_pipeline.store import Artifact, fingerprint, write_json_atomic
+
+GROUP = "training"
+TRAIN_VERSION = "train-v1"
+
+# asset suffix -> registry name. Hybrids first; the last three are single-mixer baselines.
+VARIANTS: dict[str, str] = {
+    "gf_mh": "GF-MH", "gf": "GF", "gf_rh": "GF-RH", "hy": "HY", "ws": "WS", "rf": "RF", "cp": "CP",
+    "gpt": "GPT", "rwkv6": "RWKV6", "mamba2": "MAMBA2",
+}
+HYBRIDS = frozenset(["gf_mh", "gf", "gf_rh", "hy", "ws", "rf", "cp"])
+
+
+class TrainingConfig(dg.Config):
+    """Fields left unset take the profile's value (GT_PROFILE); see gt_pipeline/profiles.py."""
+
+    size: str | None = Field(default=None, description="Model size preset (profile: 5m full, demo demo); see models.list_sizes()")
+    steps: int | None = Field(default=None, description="Optimizer steps")
+    batch_size: int | None = Field(default=None, description="Sequences per micro-batch")
+    seq_len: int | None = Field(default=None, description="Tokens per sequence (must fit the shards)")
+    grad_accum: int = Field(default=1, description="Micro-batches per optimizer step")
+    lr: float | None = Field(default=None, description="Peak learning rate (AdamW)")
+    min_lr: float | None = Field(default=None, description="Learning rate at the end of the cosine decay")
+    warmup_frac: float | None = Field(default=None, description="Fraction of steps of linear warmup")
+    weight_decay: float = Field(default=0.1, description="AdamW weight decay on >=2-D weights")
+    grad_clip: float = Field(default=1.0, description="Clip the global grad norm to this")
+    mamba_lr_mult: float = Field(default=0.5, description="LR multiplier of the Mamba-2 branch (seeds: 0.5)")
+    eval_every: int | None = Field(default=None, description="Validate every N steps")
+    eval_batches: int | None = Field(default=None, description="Validation batches per evaluation (fixed windows)")
+    checkpoint_every: int | None = Field(default=None, description="Checkpoint every N steps (resume point)")
+    seed: int = Field(default=0, description="Seed of init and data order")
+    device: str = Field(default="auto", description="auto (CUDA if present), cuda or cpu")
+    compile: bool = Field(default=False, description="torch.compile the model")
+    force: bool = Field(default=False, description="Retrain even when a verified cached checkpoint exists")
+
+    def resolve(self, variant: str, profile_train, vocab_size: int) -> TrainConfig:
+        pick = lambda v, d: d if v is None else v  # noqa: E731
+        return TrainConfig(
+            model=VARIANTS[variant], size=pick(self.size, profile_train.size), vocab_size=vocab_size,
+            steps=pick(self.steps, profile_train.steps), batch_size=pick(self.batch_size, profile_train.batch_size),
+            seq_len=pick(self.seq_len, profile_train.seq_len), grad_accum=self.grad_accum,
+            lr=pick(self.lr, profile_train.lr), min_lr=pick(self.min_lr, profile_train.min_lr),
+            warmup_frac=pick(self.warmup_frac, profile_train.warmup_frac), weight_decay=self.weight_decay,
+            grad_clip=self.grad_clip, lr_mult={"mamba": self.mamba_lr_mult},
+            eval_every=pick(self.eval_every, profile_train.eval_every),
+            eval_batches=pick(self.eval_batches, profile_train.eval_batches),
+            checkpoint_every=pick(self.checkpoint_every, profile_train.checkpoint_every),
+            seed=self.seed, device=self.device, compile=self.compile,
+        )
+
+
+def train_env(cfg: TrainConfig) -> dict[str, Any]:
+    """What else changes a trained model's bits: the torch build and the device kind."""
+    dev = cfg.resolved_device()
+    return {"torch": torch.__version__, "device": dev.type,
+            "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.machine()}
+
+
+def build_trained_asset(variant: str) -> dg.AssetsDefinition:
+    name = f"trained_{variant}"
+    model_name = VARIANTS[variant]
+
+    @dg.asset(
+        name=name,
+        group_name=GROUP,
+        kinds={"pytorch"},
+        owners=[OWNER],
+        tags={"stage": "training", "family": "hybrid" if variant in HYBRIDS else "baseline"},
+        code_version=TRAIN_VERSION,
+        pool="gpu",
+        description=f"{model_name} trained on token_shards: model.safetensors, config.json, train_log.csv.",
+    )
+    def _asset(
+        context: dg.AssetExecutionContext,
+        config: TrainingConfig,
+        profile: ProfileResource,
+        store: StoreResource,
+        token_shards: Artifact,
+        wkv6_kernel: Artifact,
+    ) -> dg.Output[Artifact]:
+        vocab = int(token_shards.metadata["shards"]["vocab_size"])
+        cfg = config.resolve(variant, profile.get().train, vocab)  # validates every field before compute
+        resolved = dataclasses.asdict(cfg)
+        upstream = {"token_shards": token_shards.fingerprint, "wkv6_kernel": wkv6_kernel.fingerprint}
+        fp = fingerprint(name, TRAIN_VERSION, resolved, upstream, env=train_env(cfg))
+        st = store.get()
+
+        def on_log(row: dict[str, Any]) -> None:
+            val = "" if math.isnan(row["val_loss"]) else f" val {row['val_loss']:.4f}"
+            context.log.info(
+                f"step {row['step']}/{cfg.steps} loss {row['train_loss']:.4f}{val} lr {row['lr']:.2e} "
+                f"|g| {row['grad_norm']:.3f} {row['tokens_per_s']:,.0f} tok/s"
+            )
+
+        def build(d: Path) -> dict[str, Any]:
+            work = st.work_dir(name, fp)
+            context.log.info(f"training {model_name} ({cfg.size}) for {cfg.steps} steps; checkpoints in {work}")
+            res = train(cfg, token_shards.path, work, on_log=on_log, progress=True)
+            if res.resumed_from_step:
+                context.log.info(f"resumed from the checkpoint at step {res.resumed_from_step}")
+            return write_training_artifact(d, cfg, res, token_shards.path)
+
+        result = st.build(name, fp, build, inputs={"config": resolved, **upstream}, force=config.force,
+                          on_event=context.log.warning)
+        m = result.artifact.metadata
+        return artifact_output(
+            context, result,
+            headline={
+                "final_train_loss": m["final_train_loss"], "final_val_loss": m["final_val_loss"],
+                "val_perplexity": m["val_perplexity"], "tokens_per_s": m["tokens_per_s"],
+                "peak_memory_mb": m["peak_memory_mb"], "n_params": m["n_params"], "device": m["device"],
+                "steps": m["steps"], "resumed_from_step": m["resumed_from_step"] if not result.cache_hit else 0,
+            },
+            preview_md=training_markdown(result.artifact.path, m),
+        )
+
+    return _asset
+
+
+def write_training_artifact(d: Path, cfg: TrainConfig, res, shards_dir: Path) -> dict[str, Any]:
+    """Everything a trained_* directory holds; returns the metadata the store keeps in the manifest."""
+    save_model(res.model, d / "model.safetensors")
+    model_cfg = getattr(res.model, "config", None)
+    write_json_atomic(d / "config.json", {
+        "train": dataclasses.asdict(cfg),
+        "model": dataclasses.asdict(model_cfg) if dataclasses.is_dataclass(model_cfg) else {},
+    })
+    cols = list(res.log[0].keys())
+    with open(d / "train_log.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(res.log)
+    (d / "loss_curve.png").write_bytes(loss_curve_png(res.log))
+    vals = [r["val_loss"] for r in res.log if not math.isnan(r["val_loss"])]
+    final_val = vals[-1] if vals else math.nan
+    health = metrics.training_health(res.log)
+    out = {
+        "model": cfg.model, "size": cfg.size, "vocab_size": cfg.vocab_size, "steps": len(res.log),
+        "final_train_loss": res.log[-1]["train_loss"], "final_val_loss": final_val,
+        "val_perplexity": math.exp(final_val) if math.isfinite(final_val) else math.nan,
+        "tokens_per_s": round(res.tokens_per_s, 1), "peak_memory_mb": round(res.peak_memory_mb, 1),
+        "n_params": res.n_params, "device": res.device, "resumed_from_step": res.resumed_from_step,
+        "train_seconds": round(res.seconds, 2), "init_entropy_ratio": res.init_entropy_ratio,
+        **health,
+    }
+    write_json_atomic(d / "train_metrics.json", out)
+    return out
+
+
+def loss_curve_png(log: list[dict[str, Any]]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3), dpi=80)
+    ax.plot([r["step"] for r in log], [r["train_loss"] for r in log], lw=1, label="train")
+    val = [(r["step"], r["val_loss"]) for r in log if not math.isnan(r["val_loss"])]
+    if val:
+        ax.plot(*zip(*val), "o-", ms=3, label="val")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats)")
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def training_markdown(path: Path, m: dict[str, Any]) -> str:
+    png = base64.b64encode((path / "loss_curve.png").read_bytes()).decode()
+    rows = [{"metric": k, "value": m[k]} for k in ("final_train_loss", "final_val_loss", "val_perplexity",
+                                                     "tokens_per_s", "n_params", "device", "steps")]
+    return f"![loss curve](data:image/png;base64,{png})\n\n" + md_table(rows)
+
+
+def load_trained(art: Artifact, device: str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild a trained model from its artifact (safetensors + config.json)."""
+    import models
+    from gt_pipeline.engine.checkpoint import load_model_weights
+
+    cfg = json.loads(art.file("config.json").read_text())["train"]
+    model = models.get_model(cfg["model"], cfg["vocab_size"], size=cfg["size"], **cfg["model_overrides"])
+    load_model_weights(model, art.file("model.safetensors"))
+    return model.to(device).eval(), cfg
+
+
+def validation_batch(shards: Artifact, batch: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return eval_windows(data.TokenShards(shards.path).split("validation"), batch, seq_len)
+
+
+trained_assets = [build_trained_asset(v) for v in VARIANTS]

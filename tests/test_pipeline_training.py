@@ -1,0 +1,217 @@
+"""trained_* assets, gate checks, reports and the re-validation schedule on the demo profile."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gt_pipeline import checks, gates
+from gt_pipeline.assets import data as data_assets
+from gt_pipeline.assets import kernels as kernel_assets
+from gt_pipeline.assets import reports as report_assets
+from gt_pipeline.assets.training import trained_assets
+from gt_pipeline.gates import GateResult, Verdict
+from gt_pipeline.resources import DemoWikiTextSource, resources_from_env
+from gt_pipeline.schedules import make_revalidation_schedule
+
+REPO = Path(__file__).resolve().parents[1]
+ALL = [data_assets.wikitext103_raw, data_assets.bpe_tokenizer, data_assets.token_shards, kernel_assets.wkv6_kernel,
+       *trained_assets, report_assets.gate_report, report_assets.ablation_report, report_assets.long_context_report,
+       *checks.gate_checks]
+TRAIN = {"steps": 24, "eval_every": 8, "checkpoint_every": 8, "batch_size": 4}
+TRAIN_CONFIG = {"ops": {"bpe_tokenizer": {"config": {"vocab_size": 1024}}, "trained_gf_mh": {"config": TRAIN}}}
+RUN_CONFIG = {"ops": {**TRAIN_CONFIG["ops"], "gate_report": {"config": {"overfit_steps": 40}}}}
+
+
+def resources(home: Path):
+    return {**resources_from_env({"GT_PROFILE": "demo", "GT_HOME": str(home)}), "source": DemoWikiTextSource(size_mb=0.4)}
+
+
+def materialize(home: Path, targets: list[str], run_config=RUN_CONFIG, **kw):
+    sel = dg.AssetSelection.assets(*targets).upstream()
+    return dg.materialize(ALL, selection=sel, resources=resources(home), run_config=run_config,
+                          instance=dg.DagsterInstance.ephemeral(), raise_on_error=False, **kw)
+
+
+def meta(res, asset):
+    (mat,) = res.asset_materializations_for_node(asset)
+    return {k: v.value for k, v in mat.metadata.items()}
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    home = tmp_path_factory.mktemp("gt_home")
+    res = materialize(home, ["gate_report", "ablation_report", "long_context_report"])
+    assert res.success, [e.event_specific_data.error.message for e in res.get_step_failure_events()]
+    return home, res
+
+
+def test_main_chain_trains_checks_and_reports(chain):
+    home, res = chain
+    m = meta(res, "trained_gf_mh")
+    assert m["cache_hit"] is False and m["steps"] == 24
+    assert m["final_val_loss"] < 6.9  # below ln(1024): it learned something
+    assert m["n_params"] > 0 and m["tokens_per_s"] > 0 and "loss curve" in m["preview"]
+    art = Path(m["path"])
+    assert {"model.safetensors", "config.json", "train_log.csv", "manifest.json"} <= {p.name for p in art.iterdir()}
+    evals = {e.check_name: e for e in res.get_asset_check_evaluations() if e.asset_key.to_user_string() == "trained_gf_mh"}
+    assert set(evals) == {"g1_forward", "g2_init_entropy", "g3_training_health", "g3_5_state_health", "g4_component_balance"}
+    assert evals["g1_forward"].passed and evals["g2_init_entropy"].passed
+    for e in evals.values():
+        md = {k: v.value for k, v in e.metadata.items()}
+        assert "verdict" in md and "value" in md
+    gate = json.loads((home / "gate_report" / meta(res, "gate_report")["fingerprint"] / "report.json").read_text())
+    names = {r["check"] for r in gate["rows"]}
+    assert {"g1_forward", "S0", "S4", "grad_overfit_10", "grad_beats_uniform", "grad_checkpoint_roundtrip"} <= names
+    assert gate["provenance"]["checkpoint_fingerprint"] == m["fingerprint"]
+    abl = meta(res, "ablation_report")
+    assert abs(abl["rwkv_share"] + abl["mamba_share"] - 1) < 1e-9 and abl["baseline_loss"] < 6.9
+    lc = meta(res, "long_context_report")
+    assert lc["max_context"] >= 512 and lc["degradation_ppl_512_over_64"] > 0
+
+
+def test_cached_rematerialization_does_not_train_again(chain):
+    home, first = chain
+    t0 = time.perf_counter()
+    res = materialize(home, ["trained_gf_mh"], run_config=TRAIN_CONFIG)
+    assert res.success
+    m = meta(res, "trained_gf_mh")
+    assert m["cache_hit"] is True and m["fingerprint"] == meta(first, "trained_gf_mh")["fingerprint"]
+    assert not list((home / "trained_gf_mh").glob("*.work"))
+    assert time.perf_counter() - t0 < 60
+
+
+def test_blocking_g3_failure_stops_the_reports(chain, monkeypatch):
+    home, _ = chain
+    monkeypatch.setattr(checks.gates, "g3_verdict", lambda *a: (Verdict.FAIL, {"loss_down": False}))
+    res = materialize(home, ["gate_report"], run_config={"ops": {**TRAIN_CONFIG["ops"],
+                                                                 "gate_report": {"config": {"force": True}}}})
+    assert not res.success
+    (g3,) = [e for e in res.get_asset_check_evaluations()
+             if e.check_name == "g3_training_health" and e.asset_key.to_user_string() == "trained_gf_mh"]
+    assert not g3.passed and g3.severity == dg.AssetCheckSeverity.ERROR
+    assert not res.asset_materializations_for_node("gate_report")
+
+
+@pytest.mark.parametrize("verdict, passed, severity", [
+    (Verdict.PASS, True, None), (Verdict.WARN, False, dg.AssetCheckSeverity.WARN),
+    (Verdict.FAIL, False, dg.AssetCheckSeverity.ERROR)])
+def test_verdicts_map_to_check_results(verdict, passed, severity):
+    r = checks.to_check_result(dg.AssetKey("trained_gf_mh"), GateResult("g4_component_balance", verdict, 0.2, {"x": 1}))
+    assert r.passed is passed
+    if severity is not None:
+        assert r.severity == severity
+    assert r.metadata["verdict"].value == verdict.value and r.metadata["value"].value == 0.2
+
+
+def test_g4_is_not_applicable_for_single_mixer_baselines():
+    spec_names = lambda v: {s.name for s in checks.build_gate_checks(v).check_specs}  # noqa: E731
+    assert "g4_component_balance" in spec_names("gf_mh")
+    assert "g4_component_balance" not in spec_names("gpt")
+    assert "g1_forward" in spec_names("gpt")
+
+
+def test_unknown_and_impossible_training_config_fail_before_compute(chain):
+    home, _ = chain
+    bad = {"ops": {**TRAIN_CONFIG["ops"], "trained_gf_mh": {"config": {**TRAIN, "batch_size": 0}}}}
+    res = materialize(home, ["trained_gf_mh"], run_config=bad)
+    assert not res.success
+    err = res.get_step_failure_events()[0].event_specific_data.error
+    text = "".join(e.message for e in (err, err.cause) if e is not None)
+    assert "batch_size" in text
+    huge = {"ops": {**TRAIN_CONFIG["ops"], "trained_gf_mh": {"config": {**TRAIN, "seq_len": 10**7}}}}
+    res = materialize(home, ["trained_gf_mh"], run_config=huge)
+    err = res.get_step_failure_events()[0].event_specific_data.error
+    assert "seq_len" in "".join(e.message for e in (err, err.cause) if e is not None)
+    with pytest.raises(dg.DagsterInvalidConfigError, match="stepz"):
+        materialize(home, ["trained_gf_mh"], run_config={"ops": {"trained_gf_mh": {"config": {"stepz": 3}}}})
+
+
+def test_revalidation_schedule_requests_checks_and_forced_reports(chain):
+    home, _ = chain
+    sched = make_revalidation_schedule("0 4 * * *")
+    assert sched.cron_schedule == "0 4 * * *"
+    ctx = dg.build_schedule_context(resources={"store": resources(home)["store"]})
+    (req,) = sched.evaluate_tick(ctx).run_requests
+    assert {k.to_user_string() for k in req.asset_selection} == {"gate_report", "ablation_report", "long_context_report"}
+    assert {(k.asset_key.to_user_string(), k.name) for k in req.asset_check_keys} >= {("trained_gf_mh", "g1_forward"),
+                                                                                      ("trained_gf_mh", "g4_component_balance")}
+    assert all(req.run_config["ops"][r]["config"]["force"] is True for r in ("gate_report", "ablation_report"))
+
+
+def test_revalidation_schedule_skips_without_a_checkpoint(tmp_path):
+    sched = make_revalidation_schedule()
+    ctx = dg.build_schedule_context(resources={"store": resources(tmp_path)["store"]})
+    result = sched.evaluate_tick(ctx)
+    assert not result.run_requests and "trained_gf_mh" in result.skip_message
+
+
+def test_revalidation_rerun_recomputes_reports_without_training(chain):
+    home, first = chain
+    from gt_pipeline.schedules import REPORTS, revalidation_run_config
+
+    rc = revalidation_run_config().to_config_dict()
+    rc["ops"]["gate_report"]["config"]["overfit_steps"] = 40
+    sel = dg.AssetSelection.assets(*REPORTS) | dg.AssetSelection.checks_for_assets("trained_gf_mh")
+    res = dg.materialize(ALL, selection=sel, resources=resources(home), run_config=rc,
+                         instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
+    assert res.success
+    assert not res.asset_materializations_for_node("trained_gf_mh")
+    assert {e.check_name for e in res.get_asset_check_evaluations()} >= {"g1_forward", "g3_training_health"}
+    for report in REPORTS:
+        assert meta(res, report)["cache_hit"] is False
+    assert meta(res, "gate_report")["checkpoint_fingerprint"] == meta(first, "trained_gf_mh")["fingerprint"]
+
+
+@pytest.mark.slow
+def test_cli_interrupted_training_resumes_and_equals_an_uninterrupted_run(tmp_path):
+    """Kill `dagster asset materialize` after the first checkpoint, run it again: it resumes, and the
+    weights equal those of an uninterrupted run bit for bit (CPU)."""
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("ops:\n  bpe_tokenizer: {config: {vocab_size: 1024}}\n"
+                   "  trained_gf_mh: {config: {steps: 24, eval_every: 8, checkpoint_every: 6, batch_size: 4}}\n")
+    dagster = str(Path(sys.executable).with_name("dagster"))
+
+    def cli(home, select):
+        env = {**os.environ, "GT_PROFILE": "demo", "GT_HOME": str(home), "PYTHONPATH": str(REPO),
+               "DAGSTER_MODULE_NAME": "gt_pipeline.definitions"}
+        env.pop("DAGSTER_HOME", None)
+        return subprocess.Popen([dagster, "asset", "materialize", "--select", select, "-c", str(cfg)], cwd=REPO, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    for home in (whole, broken):  # the data chain once per store
+        p = cli(home, "+token_shards,wkv6_kernel")
+        assert p.wait(timeout=600) == 0, p.stdout.read()[-3000:]
+    p = cli(broken, "trained_gf_mh")
+    deadline = time.time() + 600
+    while not list(broken.glob("trained_gf_mh/*.work/checkpoints/step_*/state.json")):
+        assert p.poll() is None and time.time() < deadline, "training ended before its first checkpoint"
+        time.sleep(0.2)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    assert not list(broken.glob("trained_gf_mh/*/manifest.json"))  # nothing published by the killed run
+    resumed = cli(broken, "trained_gf_mh")
+    out = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, out[-3000:]
+    assert "resumed from the checkpoint at step" in out
+    uninterrupted = cli(whole, "trained_gf_mh")
+    out2 = uninterrupted.communicate(timeout=600)[0]
+    assert uninterrupted.returncode == 0, out2[-3000:]
+    (a,) = whole.glob("trained_gf_mh/*/model.safetensors")
+    (b,) = broken.glob("trained_gf_mh/*/model.safetensors")
+    assert a.parent.name == b.parent.name  # same fingerprint
+    wa, wb = load_file(str(a)), load_file(str(b))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), f"{k} differs after resume"
+    losses = lambda p: [row.split(",")[1] for row in (p.parent / "train_log.csv").read_text().splitlines()[1:]]  # noqa: E731
+    assert losses(a) == losses(b) and len(losses(a)) == 24
