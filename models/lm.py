@@ -60,8 +60,8 @@ class ModelState:
                              f"got {tuple(mask.shape)} {mask.dtype}")
         for d in self.layers:
             for k, v in d.items():
-                keep = (~mask).to(v.device).view(-1, *([1] * (v.dim() - 1)))
-                d[k] = v * keep.to(v.dtype)
+                reset = mask.to(v.device).view(-1, *([1] * (v.dim() - 1)))
+                d[k] = torch.where(reset, torch.zeros((), dtype=v.dtype, device=v.device), v)
         return self
 
     def to(self, *args, **kwargs) -> "ModelState":

@@ -160,18 +160,29 @@ class Mamba2(nn.Module):
     def _conv(self, xBC, conv_state):
         """Depthwise causal conv + SiLU over (B, T, conv_dim), continuing from conv_state (B, conv_dim, d_conv)."""
         _, causal_conv1d_fn = _mamba_ssm_ops()
-        xBC_t = xBC.transpose(1, 2)                                                       # (B, conv_dim, T)
+        W = self.d_conv
         if conv_state is None:
-            prev = xBC_t.new_zeros(xBC_t.shape[0], self.conv_dim, self.d_conv - 1)
+            prev = xBC.new_zeros(xBC.shape[0], W - 1, self.conv_dim)
         else:
-            prev = conv_state[..., 1:].to(xBC_t.dtype)          # the last d_conv-1 inputs before this chunk
-        full = torch.cat([prev, xBC_t], dim=-1)                                           # (B, conv_dim, d_conv-1+T)
-        new_conv_state = full[..., -self.d_conv:]                                         # (B, conv_dim, d_conv)
+            prev = conv_state[..., 1:].transpose(1, 2).to(xBC.dtype)   # the last W-1 inputs before this chunk
+        full = torch.cat([prev, xBC], dim=1)                                              # (B, W-1+T, conv_dim)
+        new_conv_state = full[:, -W:].transpose(1, 2)                                     # (B, conv_dim, W)
         if conv_state is None and xBC.is_cuda and causal_conv1d_fn is not None and self.backend != "torch":
-            out = causal_conv1d_fn(xBC_t, self.conv1d.weight.squeeze(1), bias=self.conv1d.bias, activation="silu")
+            out = causal_conv1d_fn(xBC.transpose(1, 2), self.conv1d.weight.squeeze(1), bias=self.conv1d.bias,
+                                   activation="silu").transpose(1, 2)
         else:
-            out = F.silu(F.conv1d(full, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim))
-        return out.transpose(1, 2), new_conv_state
+            # nn.Conv1d is a cross-correlation: out[t] = b + sum_j w[:, j] * x[t + j - (W-1)]. W shifted
+            # multiply-adds in (B, T, C) layout are much faster on CPU than a depthwise conv (no transposes).
+            # Accumulate in fp32 under AMP, as causal_conv1d does.
+            T, cd = xBC.shape[1], (torch.float64 if xBC.dtype == torch.float64 else torch.float32)
+            full_c, w = full.to(cd), self.conv1d.weight[:, 0, :].to(cd)                   # w: (conv_dim, W)
+            out = full_c[:, 0:T] * w[:, 0]
+            for j in range(1, W):
+                out = out + full_c[:, j:j + T] * w[:, j]
+            if self.conv1d.bias is not None:
+                out = out + self.conv1d.bias.to(cd)
+            out = F.silu(out).to(xBC.dtype)
+        return out, new_conv_state
 
     def forward(self, u, state: dict | None = None, return_state: bool = False):
         """u: (B, T, d_model) -> (B, T, d_model); with return_state also the new state dict (see module doc)."""
