@@ -189,3 +189,17 @@ def test_state_health_on_a_real_model_is_in_range(shards):
     gpt = models.get_model("GPT", 512, size="demo")
     g = metrics.state_health(gpt, data.TokenShards(shards).split("validation"), batch=2, chunks=4)
     assert math.isnan(g["state_cosine"]) and math.isnan(g["effective_rank_ratio"]) and g["layers_measured"] == 0
+
+
+@pytest.mark.parametrize("name", ["GF-MH", "GPT"])
+def test_continuation_logprobs_from_carried_state_equal_full_sequences(name):
+    torch.manual_seed(0)
+    model = models.get_model(name, 512, size="demo").double().eval()
+    prefix = torch.randint(0, 512, (40,)).tolist()
+    conts = [[5], [7, 9, 11], [300, 2]]
+    got = evaluate.continuation_logprobs(model, prefix, conts, "cpu", chunk=16)
+    for cont, g in zip(conts, got):
+        ids = torch.tensor([prefix + cont])
+        logp = torch.log_softmax(model(ids).logits, -1)[0, len(prefix) - 1 : -1]
+        want = float(logp.gather(-1, torch.tensor(cont)[:, None]).sum())
+        assert abs(g - want) < 1e-9, f"{name} {cont}: {g} vs {want}"

@@ -18,19 +18,24 @@ import torch.nn.functional as F
 import models
 
 
+def _at_least_f32(t: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 logits up to fp32 for the softmax; fp64 stays fp64 (exactness tests)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 @torch.no_grad()
 def stateful_token_losses(model, x: torch.Tensor, y: torch.Tensor, chunk: int = 512) -> torch.Tensor:
     """Per-token cross-entropy (B, T) of `model` on x -> y, fed `chunk` tokens at a time with the state
     carried between chunks. Non-recurrent models (GPT) get the whole sequence in one call."""
     model.eval()
     if not model.is_recurrent:
-        logits = model(x).logits.float()
+        logits = _at_least_f32(model(x).logits)
         return F.cross_entropy(logits.transpose(1, 2), y, reduction="none")
     out, state = [], None
     for s in range(0, x.shape[1], chunk):
         o = model(x[:, s : s + chunk], state=state)
         state = o.state
-        out.append(F.cross_entropy(o.logits.float().transpose(1, 2), y[:, s : s + chunk], reduction="none"))
+        out.append(F.cross_entropy(_at_least_f32(o.logits).transpose(1, 2), y[:, s : s + chunk], reduction="none"))
     return torch.cat(out, dim=1)
 
 
@@ -128,11 +133,29 @@ def long_context_curve(model, tokens: np.ndarray, lengths: Iterable[int], n_seq:
 
 # ---------------------------------------------------------------------------------------------- NIAH
 @torch.no_grad()
-def continuation_logprob(model, prefix_ids: list[int], cont_ids: list[int], device, chunk: int = 512) -> float:
-    """Sum of log p(cont | prefix) under the model (stateful over the prefix)."""
-    ids = torch.tensor([prefix_ids + cont_ids], dtype=torch.int64, device=device)
-    losses = stateful_token_losses(model, ids[:, :-1], ids[:, 1:], chunk)
-    return -float(losses[0, len(prefix_ids) - 1 :].sum())
+def continuation_logprobs(model, prefix_ids: list[int], conts: list[list[int]], device, chunk: int = 512) -> list[float]:
+    """log p(cont | prefix) for each continuation. Recurrent models read the prefix once and continue
+    every choice from the carried state; GPT scores each full sequence."""
+    model.eval()
+    if not model.is_recurrent:
+        out = []
+        for cont in conts:
+            ids = torch.tensor([prefix_ids + cont], dtype=torch.int64, device=device)
+            losses = stateful_token_losses(model, ids[:, :-1], ids[:, 1:], chunk)
+            out.append(-float(losses[0, len(prefix_ids) - 1 :].sum()))
+        return out
+    ids = torch.tensor([prefix_ids], dtype=torch.int64, device=device)
+    state, last = None, None
+    for s in range(0, ids.shape[1], chunk):
+        o = model(ids[:, s : s + chunk], state=state)
+        state, last = o.state, o.logits[:, -1]
+    out = []
+    for cont in conts:
+        c = torch.tensor([cont], dtype=torch.int64, device=device)
+        logits = torch.cat([last[:, None], model(c[:, :-1], state=state).logits], 1) if len(cont) > 1 else last[:, None]
+        logp = torch.log_softmax(_at_least_f32(logits), -1).gather(-1, c[..., None])
+        out.append(float(logp.sum()))
+    return out
 
 
 def niah_trial(model, tok, haystack_ids: list[int], needle: str, prompt: str, answer: str,
@@ -142,7 +165,9 @@ def niah_trial(model, tok, haystack_ids: list[int], needle: str, prompt: str, an
     needle_ids = tok.encode(" " + needle + " ").ids
     cut = int(round(depth * len(haystack_ids)))
     prefix = [eot_id] + haystack_ids[:cut] + needle_ids + haystack_ids[cut:] + tok.encode(" " + prompt).ids
-    scores = {c: continuation_logprob(model, prefix, tok.encode(" " + c).ids, device) for c in [answer, *distractors]}
+    choices = [answer, *distractors]
+    logps = continuation_logprobs(model, prefix, [tok.encode(" " + c).ids for c in choices], device)
+    scores = dict(zip(choices, logps))
     rank = 1 + sum(s > scores[answer] for c, s in scores.items() if c != answer)
     return {"rank": rank, "correct": rank == 1, "n_choices": len(scores), "scores": scores}
 
