@@ -250,6 +250,14 @@ def test_force_gate_equals_a_saturated_gate():
         states = m(idx, return_states=True).layer_states
     assert (states[0]["gate"] == 0).all() and states[1]["gate"].std() > 0      # layer 1 untouched
     assert m(idx, return_states=True).layer_states[0]["gate"].std() > 0        # restored on exit
+    # g weighs the RWKV branch: at g = 1 the Mamba output cannot matter, at g = 0 the RWKV output cannot
+    for g, branch, proj in ((1.0, "mamba", "out_proj"), (0.0, "rwkv", "output")):
+        with models.force_gate(m, g):
+            before = m(idx).logits
+            with torch.no_grad():
+                for blk in m.blocks:
+                    getattr(getattr(blk, branch), proj).weight.mul_(3.0)
+            assert_close(f"g = {g}: {branch} output has no effect", m(idx).logits, before, 1e-12)
 
 
 def test_ablate_and_force_gate_errors():
