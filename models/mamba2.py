@@ -37,7 +37,7 @@ __all__ = ["Mamba2", "RMSNormGated"]
 
 # The pure-PyTorch SSD materialises (B, H, T, chunk) decay matrices: a 64-long chunk keeps that small on CPU.
 # The result does not depend on the chunk length (up to rounding), so this is a memory choice only.
-TORCH_SSD_CHUNK = 64
+TORCH_SSD_CHUNK = 64   # (short calls, e.g. one-token decoding, use chunk = T: no padding)
 
 
 @lru_cache(maxsize=None)
@@ -214,7 +214,7 @@ class Mamba2(nn.Module):
                 dtc = dtc.clamp(self.dt_limit[0], self.dt_limit[1])
             with torch.autocast(device_type=u.device.type, enabled=False):   # keep the scan in fp32 under AMP
                 y, new_ssm_state = ssd_chunked(x, dtc, A, Bm, Cm, D=self.D, initial_state=ssm_state,
-                                               chunk_size=min(self.chunk_size, TORCH_SSD_CHUNK))
+                                               chunk_size=min(self.chunk_size, TORCH_SSD_CHUNK, T))
         y = self.norm(y.flatten(-2), z)                                                   # (B, T, d_inner)
         out = self.out_proj(y)
         if not return_state:
