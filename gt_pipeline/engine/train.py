@@ -135,14 +135,40 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, fused: bool = Fals
 
 
 def component_grad_norms(model: torch.nn.Module) -> dict[str, float]:
-    """Pre-clip L2 norm of all gradients of each component (G4 uses rwkv / mamba), plus the total."""
-    sq = {c: 0.0 for c in COMPONENTS}
+    """Pre-clip L2 norm of all gradients of each component (G4 uses rwkv / mamba), plus the total.
+    One device sync for the whole model (foreach norms), not one per parameter."""
+    grads: dict[str, list[torch.Tensor]] = {c: [] for c in COMPONENTS}
     for name, p in model.named_parameters():
         if p.grad is not None:
-            sq[models.component_of(name)] += float(p.grad.detach().float().pow(2).sum())
-    out = {f"grad_norm_{c}": math.sqrt(v) for c, v in sq.items()}
-    out["grad_norm"] = math.sqrt(sum(sq.values()))
+            grads[models.component_of(name)].append(p.grad.detach())
+    zero = torch.zeros((), device=next(model.parameters()).device)
+    sq = torch.stack([torch.stack(torch._foreach_norm(g)).float().pow(2).sum() if g else zero
+                      for g in grads.values()])
+    vals = sq.tolist()
+    out = {f"grad_norm_{c}": math.sqrt(v) for c, v in zip(COMPONENTS, vals)}
+    out["grad_norm"] = math.sqrt(sum(vals))
     return out
+
+
+def train_step(model, fwd, optimizer, batches, grad_clip: float, autocast) -> tuple[float, dict[str, float] | None]:
+    """Forward/backward over the micro-batches, then clip and step. Returns (loss, grad norms); if the
+    loss is not finite it returns (loss, None) WITHOUT stepping, so the weights stay the last good ones."""
+    loss_sum = None
+    for x, y in batches:
+        with autocast():
+            logits = fwd(x).logits
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1)) / len(batches)
+        loss.backward()
+        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+    loss_v = float(loss_sum)  # the step's one sync for the loss
+    if not math.isfinite(loss_v):
+        optimizer.zero_grad(set_to_none=True)
+        return loss_v, None
+    norms = component_grad_norms(model)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip, foreach=True)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_v, norms
 
 
 def eval_windows(tokens: np.ndarray, n_windows: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,25 +253,17 @@ def train(
         lr = lr_at(cfg, step)
         for g in optimizer.param_groups:
             g["lr"] = lr * g["lr_mult"]
-        loss_sum = 0.0
+        batches = []
         for _ in range(cfg.grad_accum):
             x, y = data.random_windows(train_tokens, cfg.batch_size, cfg.seq_len, gen)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast():
-                logits = fwd(x).logits
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1)) / cfg.grad_accum
-            loss.backward()
-            loss_sum += float(loss.detach())
-        if not math.isfinite(loss_sum):
+            batches.append((x.to(device, non_blocking=True), y.to(device, non_blocking=True)))
+        loss_sum, norms = train_step(model, fwd, optimizer, batches, cfg.grad_clip, autocast)
+        if norms is None:
             last = list_checkpoints(ckpt_root)
             raise TrainingDiverged(
                 f"loss is {loss_sum} at step {step + 1} (lr {lr:.3g}); training stopped. "
                 f"Last good checkpoint: {last[-1] if last else 'none (diverged before the first checkpoint)'}"
             )
-        norms = component_grad_norms(model)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         dt = time.perf_counter() - t0
