@@ -15,7 +15,7 @@ export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 # -m or this variable (a .env file is read too late for it).
 export DAGSTER_MODULE_NAME := gt_pipeline.definitions
 
-DEMO_SELECT ?= +token_shards
+DEMO_SELECT ?= *gate_report,*ablation_report,*long_context_report
 
 .PHONY: demo test dev clean-artifacts
 
@@ -48,3 +48,14 @@ dev: $(VENV)/.installed $(DAGSTER_HOME)/dagster.yaml
 
 clean-artifacts:
 	rm -rf $(GT_HOME)
+
+# On a CUDA machine: the GPU-marked tests and the three benchmarks, logs and JSON into $(GPU_OUT).
+# GPU_PY defaults to the venv's python; on a machine set up by hand pass GPU_PY=python3.
+GPU_OUT ?= bench_out
+GPU_PY ?= $(PY)
+.PHONY: gpu-bench
+gpu-bench:
+	mkdir -p $(GPU_OUT)
+	set -o pipefail; $(GPU_PY) -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tee $(GPU_OUT)/gpu_tests.log
+	$(GPU_PY) -m kernels.bench > $(GPU_OUT)/kernels_bench.json
+	$(GPU_PY) -m gt_pipeline.engine.bench --models GF-MH,GPT --size 5m --vocab 16000 --batch 64 --seq 512 > $(GPU_OUT)/train_bench.json

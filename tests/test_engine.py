@@ -200,6 +200,7 @@ def test_continuation_logprobs_from_carried_state_equal_full_sequences(name):
     got = evaluate.continuation_logprobs(model, prefix, conts, "cpu", chunk=16)
     for cont, g in zip(conts, got):
         ids = torch.tensor([prefix + cont])
-        logp = torch.log_softmax(model(ids).logits, -1)[0, len(prefix) - 1 : -1]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits, -1)[0, len(prefix) - 1 : -1]
         want = float(logp.gather(-1, torch.tensor(cont)[:, None]).sum())
         assert abs(g - want) < 1e-9, f"{name} {cont}: {g} vs {want}"
