@@ -5,7 +5,10 @@ Why chunked: the seeds read all 540 MB of WikiText-103 into one string and token
 `chunk_bytes`; the Rust trainer only keeps word counts (distinct pre-tokens x frequency), so memory
 grows with the corpus's vocabulary, not its size. `train_from_iterator` buffers up to 256 items of
 the iterator, so the default chunk_bytes=64 KiB bounds the text in flight to ~16 MiB (measured on
-40 MB of demo text: peak RSS 352 MB with 1 MiB chunks, 180 MB with 64 KiB, same speed).
+40 MB of demo text: peak RSS 352 MB with 1 MiB chunks, 180 MB with 64 KiB, same speed). The merge
+phase still keeps every distinct word: ~1.7 GB for a 540 MB corpus with ~1.6M of them, so large
+corpora train on an evenly spread sample (`max_train_bytes`, e.g. 200 MB: 0.7 GB); see
+BENCHMARKS_data.md.
 
 Design: GPT-2-style byte-level pre-tokenizer (no prefix space, so `decode(encode(t)) == t` for any
 UTF-8 text) and decoder, no normalizer, all 256 byte symbols in the initial alphabet (no unknown
@@ -42,26 +45,36 @@ def check_vocab_size(vocab_size: int) -> None:
 
 
 def iter_text_chunks(text_files: list[Path], chunk_bytes: int, max_bytes: int | None = None) -> Iterator[str]:
-    """Whole-line chunks of about chunk_bytes (UTF-8 bytes) over the files, stopping after max_bytes.
+    """Whole-line chunks of about chunk_bytes (UTF-8 bytes) over the files, in order.
 
-    The line that crosses max_bytes is the last one (a sample never cuts a line in half)."""
-    total = 0
+    With max_bytes below the files' total size, a deterministic sample spread evenly over all the
+    files (not just their beginning): a chunk is kept while the kept bytes lag max_bytes/total of the
+    bytes read so far, and never beyond max_bytes. Chunks are then at most max_bytes / 64 so that the
+    sample is fine-grained."""
+    total = sum(Path(p).stat().st_size for p in text_files)
+    sampled = max_bytes is not None and max_bytes < total
+    if sampled:
+        chunk_bytes = max(1, min(chunk_bytes, max_bytes // 64))
+    ratio = max_bytes / total if sampled else 1.0
+    kept = read = 0
     for path in text_files:
         buf: list[str] = []
         size = 0
         with open(path, encoding="utf-8", newline="") as f:
             for line in f:
-                n = len(line.encode("utf-8"))
                 buf.append(line)
-                size += n
-                total += n
-                if size >= chunk_bytes or (max_bytes is not None and total >= max_bytes):
-                    yield "".join(buf)
+                size += len(line.encode("utf-8"))
+                if size >= chunk_bytes:
+                    read += size
+                    if not sampled or (kept + size <= max_bytes and kept < ratio * read):
+                        kept += size
+                        yield "".join(buf)
                     buf, size = [], 0
-                if max_bytes is not None and total >= max_bytes:
-                    return
         if buf:
-            yield "".join(buf)
+            read += size
+            if not sampled or (kept + size <= max_bytes and kept < ratio * read):
+                kept += size
+                yield "".join(buf)
 
 
 def new_tokenizer():
@@ -93,8 +106,9 @@ def train_bpe(text_files: list[Path], out_path: Path, *, vocab_size: int = 16000
         vocab_size: final vocabulary including the 256 byte symbols and EOT; 257..65535.
         min_frequency: a pair must occur this often to be merged.
         chunk_bytes: size of the text pieces handed to the trainer (x 256 = text in flight).
-        max_train_bytes: train on the first max_train_bytes of text only (None: everything).
-    Returns {"vocab_size", "train_bytes", "seconds", "eot_id"}.
+        max_train_bytes: train on a sample of at most this many bytes, spread evenly over the text
+            (None: everything). Bounds the trainer's memory, which grows with the distinct words seen.
+    Returns {"vocab_size", "train_bytes", "seconds", "eot_id", "corpus_bytes"}.
     """
     check_vocab_size(vocab_size)
     if chunk_bytes < 1:
@@ -128,7 +142,7 @@ def train_bpe(text_files: list[Path], out_path: Path, *, vocab_size: int = 16000
     tok.save(str(tmp))
     os.replace(tmp, out_path)
     return {"vocab_size": tok.get_vocab_size(), "train_bytes": seen, "seconds": round(time.perf_counter() - t0, 3),
-            "eot_id": eot_id}
+            "eot_id": eot_id, "corpus_bytes": sum(p.stat().st_size for p in files)}
 
 
 def load_tokenizer(path: Path):

@@ -42,9 +42,16 @@ def test_tokenizer_round_trip_and_eot(built):
 def test_tokenizer_is_atomic_and_sampled(tmp_path, built):
     out = tmp_path / "t" / "tokenizer.json"
     s = data.train_bpe([built["raw"] / "train.txt"], out, vocab_size=300, max_train_bytes=20_000)
-    assert 20_000 <= s["train_bytes"] < 21_000  # the line crossing the limit is the last one
+    assert 19_000 <= s["train_bytes"] <= 20_000 and s["corpus_bytes"] > 300_000
     assert out.is_file() and not list(out.parent.glob("*.tmp*"))
     json.loads(out.read_text())
+    # the sample is spread over the whole text, in whole lines
+    from data.bpe import iter_text_chunks
+    path = built["raw"] / "train.txt"
+    chunks = list(iter_text_chunks([path], 1 << 16, 20_000))
+    text = path.read_text(encoding="utf-8")
+    assert all(c.endswith("\n") and c in text for c in chunks)
+    assert text.index(chunks[-1]) > len(text) * 0.9 and len(chunks) > 30
 
 
 def test_vocab_bounds_are_refused_up_front(tmp_path, built):
