@@ -58,7 +58,7 @@ PROFILES: dict[str, Profile] = {
         data_source="hf",
         demo_size_mb=8.0,
         vocab_size=16000,
-        bpe_max_train_bytes=None,
+        bpe_max_train_bytes=200_000_000,  # the merge phase keeps every distinct word: bound its memory (BENCHMARKS.md)
         train=TrainDefaults(
             size="5m", steps=5000, batch_size=64, seq_len=512, lr=3e-4, min_lr=3e-5, warmup_frac=0.1,
             eval_every=100, eval_batches=20, checkpoint_every=500,

@@ -205,9 +205,10 @@ def train(
     on_step_end: Callable[[int, torch.nn.Module], None] | None = None,
     log_every_s: float = 5.0,
     progress: bool = False,
+    verify_shards: bool = True,
 ) -> TrainResult:
     """Train `cfg.model` on `shards_dir`; checkpoints go to `work_dir/checkpoints`, resumed if present."""
-    shards = data.TokenShards(shards_dir)
+    shards = data.TokenShards(shards_dir, verify=verify_shards)
     if shards.manifest["vocab_size"] > cfg.vocab_size:
         raise ValueError(f"TrainConfig.vocab_size={cfg.vocab_size} is smaller than the tokenizer's {shards.manifest['vocab_size']}")
     train_tokens, val_tokens = shards.split("train"), shards.split("validation")
