@@ -215,3 +215,17 @@ def test_cli_interrupted_training_resumes_and_equals_an_uninterrupted_run(tmp_pa
         assert torch.equal(wa[k], wb[k]), f"{k} differs after resume"
     losses = lambda p: [row.split(",")[1] for row in (p.parent / "train_log.csv").read_text().splitlines()[1:]]  # noqa: E731
     assert losses(a) == losses(b) and len(losses(a)) == 24
+
+
+def test_verdict_changes_name_each_changed_check(tmp_path):
+    from gt_pipeline.assets.reports import previous_verdicts, verdict_changes
+    from gt_pipeline.store import ArtifactStore, write_json_atomic
+
+    store = ArtifactStore(tmp_path)
+    assert previous_verdicts(store, "gate_report") == {}
+    rows = [{"check": "g1_forward", "verdict": "pass"}, {"check": "g4_component_balance", "verdict": "warn"}]
+    store.build("gate_report", "fp1", lambda d: write_json_atomic(d / "report.json", {"rows": rows}) or {})
+    before = previous_verdicts(store, "gate_report")
+    now = [{"check": "g1_forward", "verdict": "pass"}, {"check": "g4_component_balance", "verdict": "fail"},
+           {"check": "S4", "verdict": "fail"}]
+    assert verdict_changes(before, now) == ["g4_component_balance: warn -> fail"]
