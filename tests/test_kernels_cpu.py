@@ -12,48 +12,9 @@ import torch
 
 import kernels
 from kernels import wkv6, wkv6_chunked_ref, wkv6_ref
-
-GRAD_NAMES = ("r", "k", "v", "w", "u", "h0")
-
-
-def make_inputs(B, T, H, K, V, dtype=torch.float64, seed=0, w_range=(-3.0, 1.0)):
-    """Random inputs; w ~ U(w_range) (default: decays from exp(-e^1)=0.07 to exp(-e^-3)=0.95)."""
-    g = torch.Generator().manual_seed(seed)
-    opt = dict(dtype=torch.float64, generator=g)
-    lo, hi = w_range
-    x = {
-        "r": torch.randn(B, T, H, K, **opt),
-        "k": torch.randn(B, T, H, K, **opt),
-        "v": torch.randn(B, T, H, V, **opt),
-        "w": torch.rand(B, T, H, K, **opt) * (hi - lo) + lo,
-        "u": torch.randn(H, K, **opt),
-        "h0": torch.randn(B, H, K, V, **opt),
-    }
-    cot = {"gy": torch.randn(B, T, H, V, **opt), "gs": torch.randn(B, H, K, V, **opt)}
-    return {n: t.to(dtype) for n, t in x.items()}, cot
+from wkv6_cases import GRAD_NAMES, assert_close, make_inputs, run_with_grads
 
 
-def run_with_grads(fn, x, cot, use_h0=True):
-    """y, final state and gradients of <y, gy> + <state, gs> w.r.t. every input, as float64."""
-    leaves = {n: t.detach().clone().requires_grad_(True) for n, t in x.items()}
-    h0 = leaves["h0"] if use_h0 else None
-    y, s = fn(leaves["r"], leaves["k"], leaves["v"], leaves["w"], leaves["u"], h0, True)
-    inputs = [leaves[n] for n in GRAD_NAMES if n != "h0" or use_h0]
-    grads = torch.autograd.grad((y, s), inputs, (cot["gy"].to(y.dtype), cot["gs"].to(s.dtype)))
-    out = {"y": y, "state": s}
-    out.update({n: g for n, g in zip([n for n in GRAD_NAMES if n != "h0" or use_h0], grads)})
-    return {n: t.detach().double() for n, t in out.items()}
-
-
-def assert_close(name, actual, expected, tol):
-    """max|actual - expected| <= tol * max(max|expected|, 1): relative to the tensor's scale, absolute
-    for tensors whose values are all below 1 (e.g. gw at T = 1 without a state, exactly 0)."""
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
-    max_abs = (actual - expected).abs().max().item()
-    scale = expected.abs().max().item()
-    rel = max_abs / max(scale, 1.0)
-    assert rel <= tol, f"{name}: max abs err {max_abs:.3e}, rel to max|ref| {scale:.3e}: {rel:.3e} > tol {tol:.1e}"
 
 
 def brute_force(r, k, v, w, u, h0):

@@ -3,11 +3,15 @@ fp32 and bf16 inputs, outputs, final state and every gradient; long sequences; e
 CPU/CUDA parity; determinism. Marked `gpu`: tests/conftest.py skips them without CUDA."""
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 import kernels
+import wkv6_cases
 from kernels import wkv6, wkv6_ref
+from wkv6_cases import assert_close, run_with_grads
 
 pytestmark = pytest.mark.gpu
 
@@ -26,20 +30,7 @@ TOL = {
 }
 
 
-def make_inputs(B, T, H, N, seed=0, w_range=(-3.0, 1.0), device="cuda"):
-    g = torch.Generator().manual_seed(seed)
-    opt = dict(dtype=torch.float64, generator=g)
-    lo, hi = w_range
-    x = {
-        "r": torch.randn(B, T, H, N, **opt),
-        "k": torch.randn(B, T, H, N, **opt),
-        "v": torch.randn(B, T, H, N, **opt),
-        "w": torch.rand(B, T, H, N, **opt) * (hi - lo) + lo,
-        "u": torch.randn(H, N, **opt),
-        "h0": torch.randn(B, H, N, N, **opt),
-    }
-    cot = {"gy": torch.randn(B, T, H, N, **opt), "gs": torch.randn(B, H, N, N, **opt)}
-    return {n: t.to(device) for n, t in x.items()}, {n: t.to(device) for n, t in cot.items()}
+make_inputs = functools.partial(wkv6_cases.make_inputs, device="cuda")
 
 
 def cast(x, io_dtype, w_dtype=None):
@@ -48,25 +39,6 @@ def cast(x, io_dtype, w_dtype=None):
     out["w"] = x["w"].to(w_dtype or io_dtype)
     out["u"], out["h0"] = x["u"].float(), x["h0"].float()
     return out
-
-
-def run_with_grads(fn, x, cot, use_h0=True):
-    leaves = {n: t.detach().clone().requires_grad_(True) for n, t in x.items()}
-    h0 = leaves["h0"] if use_h0 else None
-    y, s = fn(leaves["r"], leaves["k"], leaves["v"], leaves["w"], leaves["u"], h0, True)
-    names = [n for n in ("r", "k", "v", "w", "u", "h0") if n != "h0" or use_h0]
-    grads = torch.autograd.grad((y, s), [leaves[n] for n in names], (cot["gy"].to(y.dtype), cot["gs"].to(s.dtype)))
-    out = {"y": y, "state": s, **dict(zip(names, grads))}
-    return {n: t.detach().double() for n, t in out.items()}
-
-
-def assert_close(name, actual, expected, tol):
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
-    max_abs = (actual - expected).abs().max().item()
-    scale = expected.abs().max().item()
-    rel = max_abs / max(scale, 1.0)
-    assert rel <= tol, f"{name}: max abs err {max_abs:.3e}, max|ref| {scale:.3e}, rel {rel:.3e} > tol {tol:.1e}"
 
 
 def check_against_reference(x_kernel, cot, tol, use_h0=True):

@@ -13,29 +13,11 @@ import torch.nn.functional as F
 
 import models
 from models.ssd import ssd_chunked, ssd_ref
+from numerics import assert_close
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 F64_TOL = 1e-10   # fp64 end to end: the chunked/kernel forms differ from the loops only by summation order
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tests run many tiny ops: with OpenMP threads on a shared 2-core machine each op spin-waits
-    (a 2x160 tanh measured at 14 ms); one thread is ~100x faster here. Restored after each test."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def assert_close(name, got, want, atol, rtol=0.0):
-    got, want = got.detach().double(), want.detach().double()
-    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    assert torch.isfinite(got).all(), f"{name}: non-finite values"
-    err = (got - want).abs()
-    max_abs = err.max().item() if err.numel() else 0.0
-    max_rel = (err / want.abs().clamp_min(1e-12)).max().item() if err.numel() else 0.0
-    ok = bool((err <= atol + rtol * want.abs()).all())
-    assert ok, f"{name}: max abs err {max_abs:.3e}, max rel err {max_rel:.3e} (atol {atol:g}, rtol {rtol:g})"
 
 
 def randomize_(module, seed):

@@ -9,32 +9,15 @@ import pytest
 import torch
 
 import models
+from numerics import assert_close
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ALL = models.list_models()
 HYBRIDS = ["GF-MH", "GF-RH", "GF", "HY", "WS", "RF", "CP"]
 RECURRENT = [n for n in ALL if n != "GPT"]
 V = 97                                             # small vocab keeps the tests fast
 TINY = dict(size="demo", n_layer=2)                # hidden 64, RWKV heads of 32, Mamba d_state 32 / headdim 32
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tests run many tiny ops: with OpenMP threads on a shared 2-core machine each op spin-waits
-    (a 2x160 tanh measured at 14 ms); one thread is ~100x faster here. Restored after each test."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def assert_close(name, got, want, atol, rtol=0.0):
-    got, want = got.detach().double(), want.detach().double()
-    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    assert torch.isfinite(got).all(), f"{name}: non-finite values"
-    err = (got - want).abs()
-    max_abs, max_rel = err.max().item(), (err / want.abs().clamp_min(1e-12)).max().item()
-    assert bool((err <= atol + rtol * want.abs()).all()), \
-        f"{name}: max abs err {max_abs:.3e}, max rel err {max_rel:.3e} (atol {atol:g}, rtol {rtol:g})"
 
 
 def perturbed(name, dtype=torch.float64, seed=0, **kw):
