@@ -37,15 +37,11 @@ FORMAT = "groundthink-token-shards"
 FORMAT_VERSION = 1
 DTYPE = "uint16"
 MANIFEST = "shards.json"
-HASH_BLOCK = 1 << 22
 
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(HASH_BLOCK):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 # ------------------------------------------------------------------------------------ encoding

@@ -77,8 +77,8 @@ PROFILES: dict[str, Profile] = {
         vocab_size=4096,
         bpe_max_train_bytes=None,
         train=TrainDefaults(
-            size="demo", steps=150, batch_size=8, seq_len=64, lr=2e-3, min_lr=2e-4, warmup_frac=0.1,
-            eval_every=50, eval_batches=4, checkpoint_every=50,
+            size="demo", steps=300, batch_size=8, seq_len=64, lr=2e-3, min_lr=2e-4, warmup_frac=0.1,
+            eval_every=50, eval_batches=4, checkpoint_every=100,
         ),
         reports=ReportDefaults(
             eval_seqs=8, eval_len=128, lc_lengths=(64, 128, 256, 512, 1024), lc_seqs=2,

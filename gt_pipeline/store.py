@@ -32,15 +32,11 @@ from filelock import FileLock
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
-_HASH_CHUNK = 1 << 22
 
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def fingerprint(
