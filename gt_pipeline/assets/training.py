@@ -7,9 +7,7 @@ interrupted. The gate checks live in `gt_pipeline.checks`.
 """
 
 import base64
-import csv
 import dataclasses
-import io
 import json
 import math
 import platform
@@ -22,11 +20,10 @@ from pydantic import Field
 
 import data
 from gt_pipeline.assets.common import OWNER, artifact_output, md_table
-from gt_pipeline.engine import metrics
-from gt_pipeline.engine.checkpoint import save_model
+from gt_pipeline.engine.artifact import write_training_artifact
 from gt_pipeline.engine.train import TrainConfig, eval_windows, train
 from gt_pipeline.resources import ProfileResource, StoreResource
-from gt_pipeline.store import Artifact, fingerprint, write_json_atomic
+from gt_pipeline.store import Artifact, fingerprint
 
 GROUP = "training"
 TRAIN_VERSION = "train-v1"
@@ -144,57 +141,6 @@ def build_trained_asset(variant: str) -> dg.AssetsDefinition:
         )
 
     return _asset
-
-
-def write_training_artifact(d: Path, cfg: TrainConfig, res, shards_dir: Path) -> dict[str, Any]:
-    """Everything a trained_* directory holds; returns the metadata the store keeps in the manifest."""
-    save_model(res.model, d / "model.safetensors")
-    model_cfg = getattr(res.model, "config", None)
-    write_json_atomic(d / "config.json", {
-        "train": dataclasses.asdict(cfg),
-        "model": dataclasses.asdict(model_cfg) if dataclasses.is_dataclass(model_cfg) else {},
-    })
-    cols = list(res.log[0].keys())
-    with open(d / "train_log.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        w.writerows(res.log)
-    (d / "loss_curve.png").write_bytes(loss_curve_png(res.log))
-    vals = [r["val_loss"] for r in res.log if not math.isnan(r["val_loss"])]
-    final_val = vals[-1] if vals else math.nan
-    health = metrics.training_health(res.log)
-    out = {
-        "model": cfg.model, "size": cfg.size, "vocab_size": cfg.vocab_size, "steps": len(res.log),
-        "final_train_loss": res.log[-1]["train_loss"], "final_val_loss": final_val,
-        "val_perplexity": math.exp(final_val) if math.isfinite(final_val) else math.nan,
-        "tokens_per_s": round(res.tokens_per_s, 1), "peak_memory_mb": round(res.peak_memory_mb, 1),
-        "n_params": res.n_params, "device": res.device, "resumed_from_step": res.resumed_from_step,
-        "train_seconds": round(res.seconds, 2), "init_entropy_ratio": res.init_entropy_ratio,
-        **health,
-    }
-    write_json_atomic(d / "train_metrics.json", out)
-    return out
-
-
-def loss_curve_png(log: list[dict[str, Any]]) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3), dpi=80)
-    ax.plot([r["step"] for r in log], [r["train_loss"] for r in log], lw=1, label="train")
-    val = [(r["step"], r["val_loss"]) for r in log if not math.isnan(r["val_loss"])]
-    if val:
-        ax.plot(*zip(*val), "o-", ms=3, label="val")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats)")
-    ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
 
 
 def training_markdown(path: Path, m: dict[str, Any]) -> str:
