@@ -30,9 +30,11 @@ SOURCES = {
     "cpu": ["wkv6_cpu.cpp"],
     "cuda": ["wkv6_cuda_bind.cpp", "wkv6_cuda.cu"],
 }
-CPU_CFLAGS = ["-O3", "-march=native", "-fopenmp"]
-CPU_LDFLAGS = ["-fopenmp"]  # resolves to libgomp.so.1, the soname torch's own OpenMP runtime has
-CUDA_CFLAGS = ["-O3", "-Xptxas=-O3", "--extra-device-vectorization", "-lineinfo"]
+CPU_CFLAGS = ("-O3", "-march=native", "-fopenmp")
+CPU_LDFLAGS = ("-fopenmp",)  # resolves to libgomp.so.1, the soname torch's own OpenMP runtime has
+CUDA_CFLAGS = ("-O3", "-Xptxas=-O3", "--extra-device-vectorization", "-lineinfo")
+# Tuples on purpose: cpp_extension.load appends to the flag lists it is given, which would change
+# source_hash() (and every cache key downstream) after the first build in a process. It gets copies.
 HEAD_SIZES_CUDA = (32, 64, 128)  # K = V; instantiated in wkv6_cuda.cu
 
 _LOADED: dict[str, Any] = {}  # backend -> loaded module (one per process)
@@ -81,7 +83,7 @@ def source_hash(backend: str) -> str:
         h.update(name.encode())
         h.update((CSRC / name).read_bytes())
     flags = CPU_CFLAGS + CPU_LDFLAGS if backend == "cpu" else CUDA_CFLAGS
-    h.update(json.dumps(flags).encode())
+    h.update(json.dumps(list(flags)).encode())
     return h.hexdigest()
 
 
@@ -171,12 +173,12 @@ def _load(backend: str, name: str, build_dir: Path):
     sources = [str(CSRC / s) for s in SOURCES[backend]]
     if backend == "cpu":
         return load(name=name, sources=sources, build_directory=str(build_dir),
-                    extra_cflags=CPU_CFLAGS, extra_ldflags=CPU_LDFLAGS, verbose=False)
+                    extra_cflags=list(CPU_CFLAGS), extra_ldflags=list(CPU_LDFLAGS), verbose=False)
     major, minor = torch.cuda.get_device_capability()
     # Compile for this GPU only (cpp_extension otherwise derives the list itself).
     with _env(TORCH_CUDA_ARCH_LIST=f"{major}.{minor}"):
         return load(name=name, sources=sources, build_directory=str(build_dir),
-                    extra_cflags=["-O3"], extra_cuda_cflags=CUDA_CFLAGS, verbose=False)
+                    extra_cflags=["-O3"], extra_cuda_cflags=list(CUDA_CFLAGS), verbose=False)
 
 
 def build_extension(device: str = "auto") -> dict:

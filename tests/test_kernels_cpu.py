@@ -255,3 +255,11 @@ def test_import_is_cheap_and_dagster_free():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+def test_toolchain_fingerprint_is_unchanged_by_building():
+    """cpp_extension.load appends to the flag lists it is handed; a mutated module constant changed the
+    source hash (and so every downstream cache key) after the first build in a process."""
+    before = kernels.toolchain_fingerprint("cpu")
+    kernels.build_extension("cpu")
+    assert kernels.toolchain_fingerprint("cpu") == before
