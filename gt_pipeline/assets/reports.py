@@ -27,7 +27,7 @@ from gt_pipeline.assets.training import VARIANTS, load_trained
 from gt_pipeline.checks import evaluate_gates
 from gt_pipeline.engine import evaluate
 from gt_pipeline.resources import ProfileResource, StoreResource
-from gt_pipeline.store import Artifact, ArtifactStore, fingerprint, write_json_atomic
+from gt_pipeline.store import Artifact, ArtifactStore, BuildResult, fingerprint, write_json_atomic
 
 GROUP = "reports"
 REPORT_VERSION = "reports-v1"
@@ -87,6 +87,17 @@ def _fp(asset: str, cfg: ReportConfig, prof, ckpt: Artifact, kernel: Artifact) -
     return fingerprint(asset, REPORT_VERSION, {"device": cfg.device, "overfit_steps": cfg.overfit_steps,
                                                "defaults": prof.reports.__dict__},
                        {SUBJECT: ckpt.fingerprint, "wkv6_kernel": kernel.fingerprint}, {"torch": torch.__version__})
+
+
+def _build_report(context, name: str, cfg: ReportConfig, prof, st: ArtifactStore, ckpt: Artifact, kernel: Artifact,
+                  build) -> BuildResult:
+    """Every report: keyed by checkpoint, kernel build, torch and its settings; `force` recomputes."""
+    return st.build(name, _fp(name, cfg, prof, ckpt, kernel), build, inputs={SUBJECT: ckpt.fingerprint},
+                    force=cfg.force, on_event=context.log.warning)
+
+
+def _report_output(context, result: BuildResult, headline: dict[str, Any]) -> dg.Output[Artifact]:
+    return artifact_output(context, result, headline=headline, preview_md=result.artifact.file("report.md").read_text())
 
 
 def _shards_of(store: ArtifactStore, ckpt: Artifact) -> Artifact:
@@ -151,13 +162,12 @@ def gate_report(context: dg.AssetExecutionContext, config: ReportConfig, profile
         counts = {v: sum(r["verdict"] == v for r in rows) for v in ("pass", "warn", "fail", "n/a")}
         return {"counts": counts, "verdict_changes": changes, "provenance": report["provenance"]}
 
-    result = st.build("gate_report", _fp("gate_report", config, prof, ckpt, wkv6_kernel), build,
-                      inputs={SUBJECT: ckpt.fingerprint}, force=config.force, on_event=context.log.warning)
+    result = _build_report(context, "gate_report", config, prof, st, ckpt, wkv6_kernel, build)
     m = result.artifact.metadata
-    return artifact_output(context, result, headline={
+    return _report_output(context, result, {
         "checks_pass": m["counts"]["pass"], "checks_warn": m["counts"]["warn"], "checks_fail": m["counts"]["fail"],
         "verdict_changed": bool(m["verdict_changes"]), "checkpoint_fingerprint": ckpt.fingerprint,
-    }, preview_md=result.artifact.file("report.md").read_text())
+    })
 
 
 @dg.asset(**REPORT_KW)
@@ -188,11 +198,8 @@ def ablation_report(context: dg.AssetExecutionContext, config: ReportConfig, pro
         (d / "report.md").write_text(md)
         return summary
 
-    result = st.build("ablation_report", _fp("ablation_report", config, prof, ckpt, wkv6_kernel), build,
-                      inputs={SUBJECT: ckpt.fingerprint}, force=config.force, on_event=context.log.warning)
-    m = result.artifact.metadata
-    return artifact_output(context, result, headline={k: float(v) for k, v in m.items()},
-                           preview_md=result.artifact.file("report.md").read_text())
+    result = _build_report(context, "ablation_report", config, prof, st, ckpt, wkv6_kernel, build)
+    return _report_output(context, result, {k: float(v) for k, v in result.artifact.metadata.items()})
 
 
 @dg.asset(**REPORT_KW)
@@ -240,11 +247,8 @@ def long_context_report(context: dg.AssetExecutionContext, config: ReportConfig,
         (d / "report.md").write_text(md)
         return summary
 
-    result = st.build("long_context_report", _fp("long_context_report", config, prof, ckpt, wkv6_kernel), build,
-                      inputs={SUBJECT: ckpt.fingerprint}, force=config.force, on_event=context.log.warning)
-    m = result.artifact.metadata
-    return artifact_output(context, result, headline={k: float(v) for k, v in m.items()},
-                           preview_md=result.artifact.file("report.md").read_text())
+    result = _build_report(context, "long_context_report", config, prof, st, ckpt, wkv6_kernel, build)
+    return _report_output(context, result, {k: float(v) for k, v in result.artifact.metadata.items()})
 
 
 def variant_ranking(store: ArtifactStore) -> list[dict[str, Any]]:
