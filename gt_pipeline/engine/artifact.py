@@ -22,11 +22,13 @@ from gt_pipeline.store import write_json_atomic
 
 def write_training_artifact(d: Path, cfg: TrainConfig, res, shards_dir: Path) -> dict[str, Any]:
     """Everything a trained_* directory holds; returns the metadata the store keeps in the manifest."""
+    global_batch = cfg.batch_size * cfg.grad_accum * res.world_size  # sequences per optimizer step
     save_model(res.model, d / "model.safetensors")
     model_cfg = getattr(res.model, "config", None)
     write_json_atomic(d / "config.json", {
         "train": dataclasses.asdict(cfg),
         "model": dataclasses.asdict(model_cfg) if dataclasses.is_dataclass(model_cfg) else {},
+        "distributed": {"world_size": res.world_size, "global_batch_size": global_batch},
     })
     cols = list(res.log[0].keys())
     with open(d / "train_log.csv", "w", newline="") as f:
@@ -44,6 +46,7 @@ def write_training_artifact(d: Path, cfg: TrainConfig, res, shards_dir: Path) ->
         "tokens_per_s": round(res.tokens_per_s, 1), "peak_memory_mb": round(res.peak_memory_mb, 1),
         "n_params": res.n_params, "device": res.device, "resumed_from_step": res.resumed_from_step,
         "train_seconds": round(res.seconds, 2), "init_entropy_ratio": res.init_entropy_ratio,
+        "world_size": res.world_size, "global_batch_size": global_batch,
         **health,
     }
     write_json_atomic(d / "train_metrics.json", out)

@@ -6,12 +6,22 @@ accumulation, bf16 autocast on CUDA (fp32 on CPU), optional torch.compile, perio
 fixed windows, atomic checkpoints every `checkpoint_every` steps and exact resume: on CPU a resumed
 run ends bit for bit where an uninterrupted one does.
 
+Data parallel (DDP) under torchrun: `batch_size` is the PER-RANK micro-batch, so one optimizer step sees
+batch_size x grad_accum x world_size sequences; the learning rate is NOT rescaled with the world size
+(the config is the user's). Every step draws the GLOBAL micro-batch of world_size x batch_size windows
+from the one seeded generator, identical on every rank, and rank r keeps rows [r*B, (r+1)*B): the ranks
+read disjoint windows, a W-rank run sees exactly the windows of a 1-rank run with batch W*B (equal up to
+all-reduce rounding), and the generator state, hence resume, is the same on every rank. Rank 0 alone
+writes checkpoints and calls `on_log`; every rank loads the latest checkpoint on resume.
+
 Run standalone:  python -m gt_pipeline.engine.train --shards .gt/token_shards/<fp> --model GF-MH --size demo --steps 50
+On N devices:    torchrun --standalone --nproc-per-node N -m gt_pipeline.engine.train --shards ... (same flags)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import time
@@ -25,7 +35,7 @@ import torch.nn.functional as F
 
 import data
 import models
-from gt_pipeline.engine import metrics
+from gt_pipeline.engine import distributed, metrics
 from gt_pipeline.engine.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 
 COMPONENTS = ("rwkv", "mamba", "fusion", "other")
@@ -103,6 +113,8 @@ class TrainResult:
     device: str
     n_params: int
     init_entropy_ratio: float
+    world_size: int = 1  # data-parallel ranks; tokens_per_s counts all of them
+    rank: int = 0
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -150,16 +162,26 @@ def component_grad_norms(model: torch.nn.Module) -> dict[str, float]:
     return out
 
 
-def train_step(model, fwd, optimizer, batches, grad_clip: float, autocast) -> tuple[float, dict[str, float] | None]:
+def train_step(model, fwd, optimizer, batches, grad_clip: float, autocast, *, no_sync=None,
+               dist_ctx: distributed.DistContext | None = None) -> tuple[float, dict[str, float] | None]:
     """Forward/backward over the micro-batches, then clip and step. Returns (loss, grad norms); if the
-    loss is not finite it returns (loss, None) WITHOUT stepping, so the weights stay the last good ones."""
+    loss is not finite it returns (loss, None) WITHOUT stepping, so the weights stay the last good ones.
+
+    Under DDP `fwd` is the DDP wrapper, `no_sync` its `no_sync` (gradients are all-reduced on the last
+    micro-batch only) and `model` the unwrapped module, so the component norms read real parameter names
+    and, taken after backward, the all-reduced gradients. The returned loss is the mean over all ranks:
+    every rank sees the same value, so a NaN stops every rank at the same step."""
     loss_sum = None
-    for x, y in batches:
-        with autocast():
-            logits = fwd(x).logits
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1)) / len(batches)
-        loss.backward()
+    for i, (x, y) in enumerate(batches):
+        sync = no_sync is None or i == len(batches) - 1
+        with contextlib.nullcontext() if sync else no_sync():
+            with autocast():
+                logits = fwd(x).logits
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1)) / len(batches)
+            loss.backward()
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+    if dist_ctx is not None and dist_ctx.enabled:
+        loss_sum = distributed.all_reduce_sum(loss_sum.clone(), dist_ctx) / dist_ctx.world_size
     loss_v = float(loss_sum)  # the step's one sync for the loss
     if not math.isfinite(loss_v):
         optimizer.zero_grad(set_to_none=True)
@@ -183,17 +205,26 @@ def eval_windows(tokens: np.ndarray, n_windows: int, seq_len: int) -> tuple[torc
 
 
 @torch.no_grad()
-def evaluate(model, x_all, y_all, batch_size, device, autocast) -> float:
+def evaluate(model, x_all, y_all, batch_size, device, autocast, dist_ctx: distributed.DistContext | None = None) -> float:
+    """Mean token loss over the fixed windows. Under DDP rank r evaluates batches r, r+W, ...; the
+    per-batch sums are gathered and added in batch order, as one process would add them."""
+    ctx = dist_ctx or distributed.DistContext()
     model.eval()
-    total, n = 0.0, 0
-    for i in range(0, len(x_all), batch_size):
+    starts = list(range(0, len(x_all), batch_size))
+    sums = torch.zeros(len(starts), dtype=torch.float64)
+    for j in range(ctx.rank, len(starts), ctx.world_size):
+        i = starts[j]
         x, y = x_all[i : i + batch_size].to(device), y_all[i : i + batch_size].to(device)
         with autocast():
             logits = model(x).logits
-        total += float(F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum"))
-        n += y.numel()
+        sums[j] = float(F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum"))
+    if ctx.enabled:  # every entry is filled by exactly one rank, so the sum over ranks is exact
+        sums = distributed.all_reduce_sum(sums.to(device), ctx).cpu()
     model.train()
-    return total / n
+    total = 0.0
+    for v in sums.tolist():
+        total += v
+    return total / y_all.numel()
 
 
 def train(
@@ -207,7 +238,22 @@ def train(
     progress: bool = False,
     verify_shards: bool = True,
 ) -> TrainResult:
-    """Train `cfg.model` on `shards_dir`; checkpoints go to `work_dir/checkpoints`, resumed if present."""
+    """Train `cfg.model` on `shards_dir`; checkpoints go to `work_dir/checkpoints`, resumed if present.
+
+    Under torchrun (WORLD_SIZE > 1) this is one rank of a data-parallel run (module docstring); every rank
+    returns the same trained weights, and only rank 0 calls `on_log`, shows progress and writes checkpoints.
+    `on_step_end` runs on every rank."""
+    dist_ctx, device = distributed.setup(cfg.resolved_device())
+    try:
+        return _train(cfg, shards_dir, work_dir, device, dist_ctx, on_log=on_log, on_step_end=on_step_end,
+                      log_every_s=log_every_s, progress=progress, verify_shards=verify_shards)
+    finally:
+        distributed.teardown(dist_ctx)
+
+
+def _train(cfg, shards_dir, work_dir, device, dist_ctx, *, on_log, on_step_end, log_every_s, progress,
+           verify_shards) -> TrainResult:
+    W, rank, main = dist_ctx.world_size, dist_ctx.rank, dist_ctx.is_main
     shards = data.TokenShards(shards_dir, verify=verify_shards)
     if shards.manifest["vocab_size"] > cfg.vocab_size:
         raise ValueError(f"TrainConfig.vocab_size={cfg.vocab_size} is smaller than the tokenizer's {shards.manifest['vocab_size']}")
@@ -216,7 +262,6 @@ def train(
         if len(toks) < cfg.seq_len + 2:
             raise ValueError(f"TrainConfig.seq_len={cfg.seq_len} is beyond the {split} shard ({len(toks)} tokens)")
 
-    device = cfg.resolved_device()
     torch.manual_seed(cfg.seed)
     model = models.get_model(cfg.model, cfg.vocab_size, size=cfg.size, **cfg.model_overrides).to(device)
     n_params = sum(p.numel() for p in model.parameters())
@@ -236,17 +281,28 @@ def train(
     log: list[dict[str, Any]] = []
     start = 0
     existing = list_checkpoints(ckpt_root)
-    if existing:
+    distributed.check_same(dist_ctx, int(existing[-1].name.split("_")[1]) if existing else 0, device,
+                           f"the latest checkpoint in {ckpt_root}",
+                           "Every node must see the same work directory: put it on a shared filesystem.")
+    if existing:  # every rank loads it: weights, optimizer moments and the data generator stay identical
         state, rng = load_checkpoint(existing[-1], model, optimizer)
         if state["config"] != _jsonable(cfg):
             raise ValueError(f"checkpoint {existing[-1]} was written with another config; remove {ckpt_root} to start over")
+        if state.get("world_size", 1) != W:
+            raise ValueError(f"checkpoint {existing[-1]} was written by a {state.get('world_size', 1)}-rank run, this one "
+                             f"has {W} ranks (another effective batch): run with that many ranks or remove {ckpt_root}")
         start, log = state["step"], state["log"]
         gen.set_state(rng["data_generator"])
         torch.set_rng_state(rng["torch_cpu"])
+    ddp = None
+    if dist_ctx.enabled:
+        # After the resume load: DDP broadcasts rank 0's weights at wrap time (all ranks hold the same anyway).
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        fwd = torch.compile(ddp) if cfg.compile else ddp
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    bar = _progress_bar(cfg.steps, start) if progress else None
+    bar = _progress_bar(cfg.steps, start) if progress and main else None
     t_start, t_last_log, tokens_done = time.perf_counter(), 0.0, 0
     model.train()
     for step in range(start, cfg.steps):
@@ -255,10 +311,14 @@ def train(
         for g in optimizer.param_groups:
             g["lr"] = lr * g["lr_mult"]
         batches = []
+        B = cfg.batch_size
         for _ in range(cfg.grad_accum):
-            x, y = data.random_windows(train_tokens, cfg.batch_size, cfg.seq_len, gen)
+            # The global micro-batch (W*B windows, same on every rank); this rank keeps its own B rows.
+            x, y = data.random_windows(train_tokens, W * B, cfg.seq_len, gen)  # (W*B, T)
+            x, y = x[rank * B : (rank + 1) * B], y[rank * B : (rank + 1) * B]  # (B, T)
             batches.append((x.to(device, non_blocking=True), y.to(device, non_blocking=True)))
-        loss_sum, norms = train_step(model, fwd, optimizer, batches, cfg.grad_clip, autocast)
+        loss_sum, norms = train_step(model, fwd, optimizer, batches, cfg.grad_clip, autocast,
+                                     no_sync=ddp.no_sync if ddp is not None else None, dist_ctx=dist_ctx)
         if norms is None:
             last = list_checkpoints(ckpt_root)
             raise TrainingDiverged(
@@ -268,12 +328,12 @@ def train(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         dt = time.perf_counter() - t0
-        n_tok = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+        n_tok = cfg.batch_size * cfg.seq_len * cfg.grad_accum * W  # all ranks
         tokens_done += n_tok
         row = {"step": step + 1, "train_loss": loss_sum, "val_loss": math.nan, "lr": lr, **norms,
                "tokens_per_s": n_tok / dt}
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            row["val_loss"] = evaluate(model, x_val, y_val, cfg.batch_size, device, autocast)
+            row["val_loss"] = evaluate(model, x_val, y_val, cfg.batch_size, device, autocast, dist_ctx)
         log.append(row)
         if on_step_end is not None:
             on_step_end(step + 1, model)
@@ -281,12 +341,15 @@ def train(
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
         now = time.perf_counter()
-        if on_log is not None and (now - t_last_log >= log_every_s or step + 1 == cfg.steps or not math.isnan(row["val_loss"])):
+        if main and on_log is not None and (now - t_last_log >= log_every_s or step + 1 == cfg.steps or not math.isnan(row["val_loss"])):
             on_log(row)
             t_last_log = now
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-            rng = {"data_generator": gen.get_state(), "torch_cpu": torch.get_rng_state()}
-            save_checkpoint(ckpt_root, step + 1, model, optimizer, rng, {"config": _jsonable(cfg), "log": log})
+            if main:  # the state is identical on every rank; one writer
+                rng = {"data_generator": gen.get_state(), "torch_cpu": torch.get_rng_state()}
+                save_checkpoint(ckpt_root, step + 1, model, optimizer, rng,
+                                {"config": _jsonable(cfg), "log": log, "world_size": W})
+            distributed.barrier(dist_ctx, device)  # no rank runs past a checkpoint that is not on disk yet
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - t_start
@@ -295,8 +358,15 @@ def train(
         model=model, log=log, resumed_from_step=start, seconds=seconds,
         tokens_per_s=tokens_done / seconds if seconds > 0 else 0.0, peak_memory_mb=peak,
         device=str(device) if device.type == "cpu" else torch.cuda.get_device_name(device), n_params=n_params,
-        init_entropy_ratio=init_entropy_ratio,
+        init_entropy_ratio=init_entropy_ratio, world_size=W, rank=rank,
     )
+
+
+def format_log_row(row: dict[str, Any], steps: int) -> str:
+    """The progress line of one log row (the asset's run log, in-process or from the torchrun worker)."""
+    val = "" if math.isnan(row["val_loss"]) else f" val {row['val_loss']:.4f}"
+    return (f"step {row['step']}/{steps} loss {row['train_loss']:.4f}{val} lr {row['lr']:.2e} "
+            f"|g| {row['grad_norm']:.3f} {row['tokens_per_s']:,.0f} tok/s")
 
 
 def _jsonable(cfg: TrainConfig) -> dict[str, Any]:
@@ -332,7 +402,9 @@ def main() -> None:
     cfg = TrainConfig(**overrides)
     res = train(cfg, args.shards, args.work_dir, progress=True)
     last = res.log[-1]
-    print({"train_loss": last["train_loss"], "val_loss": last["val_loss"], "tokens_per_s": res.tokens_per_s})
+    if res.rank == 0:
+        print({"train_loss": last["train_loss"], "val_loss": last["val_loss"], "tokens_per_s": res.tokens_per_s,
+               "world_size": res.world_size})
 
 
 if __name__ == "__main__":
