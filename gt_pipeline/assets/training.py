@@ -4,13 +4,19 @@ Each asset trains on `token_shards` with the `wkv6_kernel` built for this machin
 `model.safetensors`, `config.json`, `train_log.csv` and `train_metrics.json` through the store, and
 resumes from its work directory's last checkpoint when a run with the same fingerprint was
 interrupted. The gate checks live in `gt_pipeline.checks`.
+
+With `nproc_per_node` x `nnodes` > 1 the asset trains data-parallel: it launches torchrun through
+dagster-pipes (`PipesSubprocessClient`), rank 0 streams the progress lines and the final metadata back
+into the run and writes the same files into the store's build directory (`gt_pipeline.engine.worker`).
 """
 
 import base64
 import dataclasses
 import json
-import math
+import os
 import platform
+import shlex
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +27,8 @@ from pydantic import Field
 import data
 from gt_pipeline.assets.common import OWNER, artifact_output, md_table
 from gt_pipeline.engine.artifact import write_training_artifact
-from gt_pipeline.engine.train import TrainConfig, eval_windows, train
+from gt_pipeline.engine.train import TrainConfig, eval_windows, format_log_row, train
+from gt_pipeline.engine.worker import read_errors, torchrun_command
 from gt_pipeline.resources import ProfileResource, StoreResource
 from gt_pipeline.store import Artifact, fingerprint
 
@@ -41,7 +48,8 @@ class TrainingConfig(dg.Config):
 
     size: str | None = Field(default=None, description="Model size preset (profile: 5m full, demo demo); see models.list_sizes()")
     steps: int | None = Field(default=None, description="Optimizer steps")
-    batch_size: int | None = Field(default=None, description="Sequences per micro-batch")
+    batch_size: int | None = Field(default=None, description="Sequences per micro-batch PER RANK (global batch = "
+                                   "batch_size x grad_accum x nproc_per_node x nnodes; lr is not rescaled)")
     seq_len: int | None = Field(default=None, description="Tokens per sequence (must fit the shards)")
     grad_accum: int = Field(default=1, description="Micro-batches per optimizer step")
     lr: float | None = Field(default=None, description="Peak learning rate (AdamW)")
@@ -57,6 +65,28 @@ class TrainingConfig(dg.Config):
     device: str = Field(default="auto", description="auto (CUDA if present), cuda or cpu")
     compile: bool = Field(default=False, description="torch.compile the model")
     force: bool = Field(default=False, description="Retrain even when a verified cached checkpoint exists")
+    nproc_per_node: int = Field(default=1, description="Data-parallel ranks on this machine (one GPU each; gloo "
+                                "processes on CPU); above 1 the asset launches torchrun")
+    nnodes: int = Field(default=1, description="Machines in the torchrun job; this one is node 0 (holds rank 0)")
+    rdzv_endpoint: str | None = Field(default=None, description="host:port of this node that the other nodes join "
+                                      "(nnodes > 1); not part of the fingerprint")
+
+    def world_size(self, cfg: TrainConfig) -> int:
+        """Validate the launch fields (before any compute) and return the data-parallel world size."""
+        for name in ("nproc_per_node", "nnodes"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"TrainingConfig.{name} must be a positive integer, got {v!r}")
+        if self.nnodes > 1:
+            host, _, port = (self.rdzv_endpoint or "").rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"TrainingConfig.rdzv_endpoint must be 'host:port' of this node (node 0, reachable "
+                                 f"from the others) when nnodes={self.nnodes}, got {self.rdzv_endpoint!r}")
+        dev = cfg.resolved_device()
+        if dev.type == "cuda" and self.nproc_per_node > torch.cuda.device_count():
+            raise ValueError(f"TrainingConfig.nproc_per_node={self.nproc_per_node} but this machine has "
+                             f"{torch.cuda.device_count()} GPU(s): ask for at most that many (or device=cpu for gloo)")
+        return self.nproc_per_node * self.nnodes
 
     def resolve(self, variant: str, profile_train, vocab_size: int) -> TrainConfig:
         pick = lambda v, d: d if v is None else v  # noqa: E731
@@ -79,6 +109,45 @@ def train_env(cfg: TrainConfig) -> dict[str, Any]:
     dev = cfg.resolved_device()
     return {"torch": torch.__version__, "device": dev.type,
             "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.machine()}
+
+
+def training_fingerprint(name: str, resolved: dict[str, Any], upstream: dict[str, str], env: dict[str, Any],
+                         world_size: int) -> str:
+    """The world size changes the global batch, hence the bits: it enters the key (only when > 1, so
+    one-process artifacts keep their fingerprints). How the ranks meet (rdzv_endpoint) does not."""
+    config = resolved if world_size == 1 else {**resolved, "world_size": world_size}
+    return fingerprint(name, TRAIN_VERSION, config, upstream, env=env)
+
+
+def train_with_torchrun(context: dg.AssetExecutionContext, config: TrainingConfig, cfg: TrainConfig, shards: Path,
+                        work: Path, out: Path, world: int) -> dict[str, Any]:
+    """Run the engine on `world` ranks via torchrun + dagster-pipes; rank 0 writes the artifact into `out`
+    and sends its metadata back. A failing rank fails the materialization with its own message."""
+    resolved = dataclasses.asdict(cfg)
+    launch = dict(nproc_per_node=config.nproc_per_node, nnodes=config.nnodes, rdzv_endpoint=config.rdzv_endpoint)
+    for k in range(1, config.nnodes):
+        other = torchrun_command(resolved, shards, work, node_rank=k, **launch)
+        context.log.info(f"node {k} of {config.nnodes} must join with (same paths on a shared filesystem):\n"
+                         f"{shlex.join(other)}")
+    repo_root = str(Path(__file__).resolve().parents[2])  # so `-m gt_pipeline.engine.worker` imports in every rank
+    env = {"NCCL_NVLS_ENABLE": "0",  # these GPU hosts require NVLink multicast off
+           "PYTHONPATH": os.pathsep.join(p for p in (repo_root, os.environ.get("PYTHONPATH")) if p)}
+    with tempfile.TemporaryDirectory(prefix="gt_torchrun_errors_") as err_dir:
+        cmd = torchrun_command(resolved, shards, work, out=out, error_dir=Path(err_dir), node_rank=0, **launch)
+        context.log.info(f"launching {world} data-parallel ranks: {shlex.join(cmd[:cmd.index('--config')])} ...")
+        try:
+            inv = dg.PipesSubprocessClient(env=env).run(command=cmd, context=context)
+        except Exception as exc:  # Pipes only says "failed with code 1": name the worker's own error
+            errors = read_errors(Path(err_dir))
+            if not errors:
+                raise
+            raise RuntimeError(f"data-parallel training on {world} ranks failed:\n{errors}\n"
+                               "(torchrun's full report is in the run's stderr)") from exc
+    sent = [m["metadata"] for m in inv.get_custom_messages() if isinstance(m, dict) and "metadata" in m]
+    if not sent:
+        raise RuntimeError("torchrun exited cleanly but rank 0 sent no metadata over dagster-pipes; "
+                           "check that the worker ran as `-m gt_pipeline.engine.worker`")
+    return sent[-1]
 
 
 def build_trained_asset(variant: str) -> dg.AssetsDefinition:
@@ -105,20 +174,19 @@ def build_trained_asset(variant: str) -> dg.AssetsDefinition:
     ) -> dg.Output[Artifact]:
         vocab = int(token_shards.metadata["shards"]["vocab_size"])
         cfg = config.resolve(variant, profile.get().train, vocab)  # validates every field before compute
+        world = config.world_size(cfg)
         resolved = dataclasses.asdict(cfg)
         upstream = {"token_shards": token_shards.fingerprint, "wkv6_kernel": wkv6_kernel.fingerprint}
-        fp = fingerprint(name, TRAIN_VERSION, resolved, upstream, env=train_env(cfg))
+        fp = training_fingerprint(name, resolved, upstream, train_env(cfg), world)
         st = store.get()
 
         def on_log(row: dict[str, Any]) -> None:
-            val = "" if math.isnan(row["val_loss"]) else f" val {row['val_loss']:.4f}"
-            context.log.info(
-                f"step {row['step']}/{cfg.steps} loss {row['train_loss']:.4f}{val} lr {row['lr']:.2e} "
-                f"|g| {row['grad_norm']:.3f} {row['tokens_per_s']:,.0f} tok/s"
-            )
+            context.log.info(format_log_row(row, cfg.steps))
 
         def build(d: Path) -> dict[str, Any]:
             work = st.work_dir(name, fp)
+            if world > 1:
+                return train_with_torchrun(context, config, cfg, token_shards.path, work, d, world)
             context.log.info(f"training {model_name} ({cfg.size}) for {cfg.steps} steps; checkpoints in {work}")
             # The store verified token_shards' sha256 manifest when it handed us the Artifact.
             res = train(cfg, token_shards.path, work, on_log=on_log, progress=True, verify_shards=False)
@@ -126,7 +194,7 @@ def build_trained_asset(variant: str) -> dg.AssetsDefinition:
                 context.log.info(f"resumed from the checkpoint at step {res.resumed_from_step}")
             return write_training_artifact(d, cfg, res, token_shards.path)
 
-        result = st.build(name, fp, build, inputs={"config": resolved, **upstream}, force=config.force,
+        result = st.build(name, fp, build, inputs={"config": resolved, "world_size": world, **upstream}, force=config.force,
                           on_event=context.log.warning)
         m = result.artifact.metadata
         return artifact_output(
@@ -136,6 +204,7 @@ def build_trained_asset(variant: str) -> dg.AssetsDefinition:
                 "val_perplexity": m["val_perplexity"], "tokens_per_s": m["tokens_per_s"],
                 "peak_memory_mb": m["peak_memory_mb"], "n_params": m["n_params"], "device": m["device"],
                 "steps": m["steps"], "resumed_from_step": m["resumed_from_step"] if not result.cache_hit else 0,
+                "world_size": m.get("world_size", 1), "global_batch_size": m.get("global_batch_size", cfg.batch_size * cfg.grad_accum),
             },
             preview_md=training_markdown(result.artifact.path, m),
         )
