@@ -24,11 +24,15 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e '.[dev]'
-	@# The project's environment: activating the venv exports what the dagster CLI needs.
-	@grep -q DAGSTER_MODULE_NAME $(VENV)/bin/activate || printf '%s\n' \
-	  '# groundthink: dagster CLI settings' \
+	@# The project's environment: activating the venv exports what the dagster CLI needs. dagster 1.13's
+	@# `dagster dev` breaks when DAGSTER_MODULE_NAME is set (its webserver gets the variable and a
+	@# --workspace and refuses both), so `dagster dev` runs without it.
+	@grep -q 'groundthink-env-v2' $(VENV)/bin/activate || printf '%s\n' \
+	  '# groundthink-env-v2: dagster CLI settings' \
 	  'export DAGSTER_MODULE_NAME=gt_pipeline.definitions' \
-	  'export DAGSTER_HOME="$(CURDIR)/.dagster_home"' >> $(VENV)/bin/activate
+	  'export DAGSTER_HOME="$(CURDIR)/.dagster_home"' \
+	  'dagster() { if [ "$${1:-}" = dev ]; then env -u DAGSTER_MODULE_NAME dagster "$$@"; else command dagster "$$@"; fi; }' \
+	  >> $(VENV)/bin/activate
 	touch $@
 
 $(DAGSTER_HOME)/dagster.yaml:
@@ -44,7 +48,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
 dev: $(VENV)/.installed $(DAGSTER_HOME)/dagster.yaml
-	$(VENV)/bin/dagster dev -h 127.0.0.1
+	env -u DAGSTER_MODULE_NAME $(VENV)/bin/dagster dev -h 127.0.0.1
 
 clean-artifacts:
 	rm -rf $(GT_HOME)
