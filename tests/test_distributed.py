@@ -54,6 +54,8 @@ def _driver() -> None:
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--crash-rank", type=int, default=-1)
     ap.add_argument("--crash-at-step", type=int, default=-1)
+    ap.add_argument("--poison-rank", type=int, default=-1)
+    ap.add_argument("--poison-at-step", type=int, default=-1)
     a = ap.parse_args()
     rank = int(os.environ["RANK"])
     real_save = engine.save_checkpoint
@@ -66,9 +68,16 @@ def _driver() -> None:
     def crash(step, model):
         if rank == a.crash_rank and step == a.crash_at_step:
             raise Stop(f"rank {rank} stops after step {step}")
+        if rank == a.poison_rank and step == a.poison_at_step:  # NaN weights on this rank only
+            with torch.no_grad():
+                next(model.parameters()).fill_(float("nan"))
 
     engine.save_checkpoint = recording_save
-    res = engine.train(engine.TrainConfig(**json.loads(a.config)), a.shards, a.work, on_step_end=crash)
+    try:
+        res = engine.train(engine.TrainConfig(**json.loads(a.config)), a.shards, a.work, on_step_end=crash)
+    except engine.TrainingDiverged as exc:  # record how each rank stopped, then exit cleanly
+        (a.work / f"diverged_rank{rank}.txt").write_text(str(exc))
+        return
     torch.save({"log": res.log, "state": res.model.state_dict(), "resumed_from_step": res.resumed_from_step,
                 "world_size": res.world_size}, a.work / f"rank{rank}.pt")
 
@@ -169,6 +178,16 @@ def test_resumed_two_rank_run_equals_the_uninterrupted_one(shards, two_ranks, tm
     for k in a["state"]:
         assert torch.equal(a["state"][k], b["state"][k]), f"{k} differs after resume"
     assert [r["train_loss"] for r in a["log"]] == [r["train_loss"] for r in b["log"]]
+
+
+def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step(shards, tmp_path):
+    work = tmp_path / "nan"
+    p = torchrun_driver(shards, work, BASE, "--poison-rank", "1", "--poison-at-step", "5")
+    assert p.returncode == 0, p.stderr[-4000:]
+    msgs = [(work / f"diverged_rank{r}.txt").read_text() for r in (0, 1)]
+    for m in msgs:  # rank 0's weights are finite: it stops because the all-reduced loss is NaN
+        assert m.startswith("loss is nan at step 6") and "step_0000004" in m, m
+    assert not (work / "rank0.pt").exists() and not (work / "rank1.pt").exists()
 
 
 def test_resume_refuses_a_checkpoint_of_another_world_size(shards, two_ranks, tmp_path):
@@ -351,6 +370,13 @@ def test_world_size_enters_the_fingerprint_and_one_rank_keeps_the_old_key():
         "trained_gf_mh", TRAIN_VERSION, resolved, up, env=env)
     assert training_fingerprint("trained_gf_mh", resolved, up, env, 2) != training_fingerprint(
         "trained_gf_mh", resolved, up, env, 1)
+
+
+def test_the_worker_and_the_engine_do_not_import_dagster():
+    code = ("import sys, gt_pipeline.engine.worker, gt_pipeline.engine.train, gt_pipeline.engine.artifact; "
+            "print(sorted(m for m in sys.modules if m == 'dagster' or m.startswith('dagster.')))")
+    out = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
 if __name__ == "__main__":

@@ -63,9 +63,15 @@ def torchrun_command(
 
 
 def read_errors(error_dir: Path) -> str:
-    """The failed ranks' messages, first failure first ('' if none wrote one)."""
+    """The failed ranks' messages, first failure first, each distinct error once with its traceback
+    ('' if no rank wrote one)."""
     files = sorted(error_dir.glob("rank*.txt"), key=lambda p: p.stat().st_mtime) if error_dir.is_dir() else []
-    return "\n".join(p.read_text().strip() for p in files)
+    by_error: dict[str, tuple[list[str], str]] = {}
+    for f in files:
+        head, _, tb = f.read_text().strip().partition("\n")
+        rank, _, error = head.partition(": ")
+        by_error.setdefault(error, ([], tb))[0].append(rank.removeprefix("rank "))
+    return "\n".join(f"rank{'s' if len(r) > 1 else ''} {', '.join(r)}: {e}\n{tb}" for e, (r, tb) in by_error.items())
 
 
 def run(args: argparse.Namespace, pipes=None) -> dict[str, Any] | None:
