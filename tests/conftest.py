@@ -20,3 +20,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def demo_shards(tmp_path_factory):
+    """Token shards of a small demo corpus (vocab 512), built once per session: engine-level tests."""
+    import data
+
+    root = tmp_path_factory.mktemp("demo_shards")
+    data.write_raw_corpus("demo", root / "raw", demo_size_mb=0.3)
+    data.train_bpe([root / "raw" / "train.txt"], root / "tok.json", vocab_size=512)
+    data.write_token_shards(root / "tok.json", root / "raw", root / "shards")
+    return root / "shards"

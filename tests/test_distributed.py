@@ -93,14 +93,8 @@ def torchrun_driver(shards: Path, work: Path, cfg: dict, *extra: str) -> subproc
 # engine level
 # ---------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    import data
-
-    root = tmp_path_factory.mktemp("dist")
-    data.write_raw_corpus("demo", root / "raw", demo_size_mb=0.3)
-    data.train_bpe([root / "raw" / "train.txt"], root / "tok.json", vocab_size=512)
-    data.write_token_shards(root / "tok.json", root / "raw", root / "shards")
-    return root / "shards"
+def shards(demo_shards) -> Path:
+    return demo_shards
 
 
 @pytest.fixture(scope="module")

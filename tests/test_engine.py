@@ -16,12 +16,8 @@ from gt_pipeline.engine.train import TrainConfig, TrainingDiverged, build_optimi
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("engine")
-    data.write_raw_corpus("demo", root / "raw", demo_size_mb=0.3)
-    data.train_bpe([root / "raw" / "train.txt"], root / "tok.json", vocab_size=512)
-    data.write_token_shards(root / "tok.json", root / "raw", root / "shards")
-    return root / "shards"
+def shards(demo_shards) -> Path:
+    return demo_shards
 
 
 def small(**kw) -> TrainConfig:

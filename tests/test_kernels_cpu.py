@@ -12,7 +12,7 @@ import torch
 
 import kernels
 from kernels import wkv6, wkv6_chunked_ref, wkv6_ref
-from wkv6_cases import GRAD_NAMES, assert_close, make_inputs, run_with_grads
+from wkv6_cases import GRAD_NAMES, assert_close, assert_matches_reference, make_inputs, run_with_grads
 
 
 
@@ -85,15 +85,7 @@ def test_cpu_matches_reference(case, use_h0):
     got = run_with_grads(wkv6, x, cot, use_h0)
     tol = TOL[dtype]
     assert got["y"].shape == (B, T, H, V)
-    assert_close("y", got["y"], ref["y"], tol["y"])
-    assert_close("state", got["state"], ref["state"], tol["state"])
-    assert_close("r", got["r"], ref["r"], tol["r"])
-    assert_close("k", got["k"], ref["k"], tol["k"])
-    assert_close("v", got["v"], ref["v"], tol["v"])
-    assert_close("w", got["w"], ref["w"], tol["w"])
-    assert_close("u", got["u"], ref["u"], tol["u"])
-    if use_h0:
-        assert_close("h0", got["h0"], ref["h0"], tol["h0"])
+    assert_matches_reference(got, ref, tol, use_h0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])

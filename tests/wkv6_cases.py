@@ -47,3 +47,16 @@ def assert_close(name, actual, expected, tol):
     scale = expected.abs().max().item()
     rel = max_abs / max(scale, 1.0)
     assert rel <= tol, f"{name}: max abs err {max_abs:.3e}, rel to max|ref| {scale:.3e}: {rel:.3e} > tol {tol:.1e}"
+
+
+def assert_matches_reference(got, ref, tol, use_h0=True):
+    """One named assertion per tensor: output, final state and the gradient of every input."""
+    assert_close("y", got["y"], ref["y"], tol["y"])
+    assert_close("state", got["state"], ref["state"], tol["state"])
+    assert_close("r", got["r"], ref["r"], tol["r"])
+    assert_close("k", got["k"], ref["k"], tol["k"])
+    assert_close("v", got["v"], ref["v"], tol["v"])
+    assert_close("w", got["w"], ref["w"], tol["w"])
+    assert_close("u", got["u"], ref["u"], tol["u"])
+    if use_h0:
+        assert_close("h0", got["h0"], ref["h0"], tol["h0"])
