@@ -21,7 +21,7 @@ EOT_TOKEN = "<|endoftext|>"
 
 _EXPORTS = {
     "SOURCES": "data.sources", "write_raw_corpus": "data.sources", "iter_documents": "data.sources",
-    "MAX_VOCAB": "data.bpe", "train_bpe": "data.bpe", "load_tokenizer": "data.bpe",
+    "MAX_VOCAB": "data.bpe", "check_vocab_size": "data.bpe", "train_bpe": "data.bpe", "load_tokenizer": "data.bpe",
     "write_token_shards": "data.shards", "TokenShards": "data.shards",
     "random_windows": "data.batching", "StatefulTracks": "data.batching",
     "Fact": "data.demo",

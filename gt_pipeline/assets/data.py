@@ -95,7 +95,7 @@ def bpe_tokenizer(
         "min_frequency": config.min_frequency,
         "max_train_bytes": config.max_train_bytes if config.max_train_bytes is not None else prof.bpe_max_train_bytes,
     }
-    _check_vocab(resolved["vocab_size"])
+    data.check_vocab_size(resolved["vocab_size"])  # fail before any compute: shards hold uint16 ids
     fp = fingerprint("bpe_tokenizer", BPE_VERSION, resolved, {"wikitext103_raw": wikitext103_raw.fingerprint})
 
     def build(d: Path) -> dict:
@@ -167,15 +167,6 @@ def token_shards(
         },
         preview_md=md_table(rows),
     )
-
-
-def _check_vocab(vocab_size: int) -> None:
-    # Fail before any compute: shards store token ids as uint16.
-    if not 256 < vocab_size <= 65535:
-        raise ValueError(
-            f"bpe_tokenizer.vocab_size={vocab_size} is out of range: byte-level BPE needs > 256 and the uint16 "
-            "token shards hold at most 65535 ids"
-        )
 
 
 def _first_lines(path: Path, n: int) -> str:

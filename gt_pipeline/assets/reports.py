@@ -26,6 +26,7 @@ from gt_pipeline.assets.common import OWNER, artifact_output, md_table
 from gt_pipeline.assets.training import VARIANTS, load_trained
 from gt_pipeline.checks import evaluate_gates
 from gt_pipeline.engine import evaluate
+from gt_pipeline.engine.train import resolve_device
 from gt_pipeline.resources import ProfileResource, StoreResource
 from gt_pipeline.store import Artifact, ArtifactStore, BuildResult, fingerprint, write_json_atomic
 
@@ -38,16 +39,6 @@ class ReportConfig(dg.Config):
     device: str = Field(default="auto", description="auto (CUDA if present), cuda or cpu")
     overfit_steps: int | None = Field(default=None, description="gate_report graduation: overfit step budget (profile default)")
     force: bool = Field(default=False, description="Recompute even when a report for this checkpoint exists (re-validation)")
-
-
-def _device(name: str) -> torch.device:
-    if name not in ("auto", "cuda", "cpu"):
-        raise ValueError(f"report device must be auto, cuda or cpu, got {name!r}")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("report device='cuda' but no CUDA device is available")
-    return torch.device(name)
 
 
 def provenance(ckpt: Artifact, kernel: Artifact) -> dict[str, Any]:
@@ -117,16 +108,15 @@ def gate_report(context: dg.AssetExecutionContext, config: ReportConfig, profile
                 store: StoreResource, trained_gf_mh: Artifact, wkv6_kernel: Artifact) -> dg.Output[Artifact]:
     """G1-G4 and G3.5, the state tests S0-S4 and the graduation tests (overfit a few samples, beat the
     uniform baseline ln(V), checkpoint round-trip) for trained_gf_mh: value / band / verdict."""
-    prof, st, dev = profile.get(), store.get(), _device(config.device)
+    prof, st, dev = profile.get(), store.get(), resolve_device(config.device, "report device")
     ckpt = trained_gf_mh
     before = previous_verdicts(st, "gate_report")
 
     def build(d: Path) -> dict[str, Any]:
         rows = []
         for r in evaluate_gates(st, ckpt, "gf_mh", device=str(dev)):
-            band = gates.BANDS.get({"g2_init_entropy": "g2_entropy_ratio", "g4_component_balance": "g4_grad_ratio",
-                                    "g3_training_health": "g3_grad_norm"}.get(r.gate, ""), None)
-            rows.append({"check": r.gate, "value": r.value, "band": json.dumps(band.describe()) if band else "",
+            band = {k.removeprefix("band_"): v for k, v in r.detail.items() if k.startswith("band_")}
+            rows.append({"check": r.gate, "value": r.value, "band": json.dumps(band) if band else "",
                          "verdict": r.verdict.value})
         model, cfg = load_trained(ckpt, str(dev))
         shards = _shards_of(st, ckpt)
@@ -175,7 +165,7 @@ def ablation_report(context: dg.AssetExecutionContext, config: ReportConfig, pro
                     store: StoreResource, trained_gf_mh: Artifact, wkv6_kernel: Artifact) -> dg.Output[Artifact]:
     """Validation loss with each branch zeroed (overall and per layer) and each fusion path forced;
     contribution shares; activation variance ratio, state norm ratio and gate value per layer."""
-    prof, st, dev = profile.get(), store.get(), _device(config.device)
+    prof, st, dev = profile.get(), store.get(), resolve_device(config.device, "report device")
     ckpt = trained_gf_mh
 
     def build(d: Path) -> dict[str, Any]:
@@ -209,7 +199,7 @@ def long_context_report(context: dg.AssetExecutionContext, config: ReportConfig,
     """Loss vs context length (stateful, flat memory) and per position bucket, the seeds' degradation
     ratio, a needle-in-a-haystack grid scored by answer rank, and a ranking of every materialized
     trained_* variant."""
-    prof, st, dev = profile.get(), store.get(), _device(config.device)
+    prof, st, dev = profile.get(), store.get(), resolve_device(config.device, "report device")
     ckpt, rp = trained_gf_mh, prof.reports
 
     def build(d: Path) -> dict[str, Any]:

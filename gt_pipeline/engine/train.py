@@ -95,11 +95,18 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.model={self.model!r} is not a registered model; choose one of {models.list_models()}")
 
     def resolved_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("TrainConfig.device='cuda' but torch.cuda.is_available() is False")
-        return torch.device(self.device)
+        return resolve_device(self.device, "TrainConfig.device")
+
+
+def resolve_device(name: str, field: str) -> torch.device:
+    """`auto` -> CUDA if available else CPU; `cuda` without a GPU is an error naming `field`."""
+    if name not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"{field} must be auto, cpu or cuda, got {name!r}")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{field}='cuda' but torch.cuda.is_available() is False")
+    return torch.device(name)
 
 
 @dataclass
