@@ -14,11 +14,16 @@ mamba_ssm 2.x so a state_dict loads either way:
     out_proj.weight (d_model, d_inner)
 Only mamba_ssm's defaults are supported (d_ssm = d_inner, rmsnorm, norm_before_gate False, D per head).
 
-Two forward paths with the same maths (tested against each other and, on a GPU, against mamba_ssm.Mamba2);
-`backend` = "auto" (default) picks the first that applies, "torch" / "triton" force one:
-  * CUDA with mamba_ssm importable: mamba_ssm's Triton `mamba_chunk_scan_combined` (and `causal_conv1d_fn`
-    for the convolution when that package is importable and no conv state is carried in);
-  * otherwise `models.ssd.ssd_chunked`, a chunked pure-PyTorch SSD.
+Three SSD paths with the same maths (tested against each other and, on a GPU, against mamba_ssm.Mamba2).
+`backend` "triton" / "torch" / "wkv6" forces one; "auto" (default) takes "triton" where it applies, else "torch":
+  * "triton": CUDA with mamba_ssm importable: mamba_ssm's Triton `mamba_chunk_scan_combined` (and
+    `causal_conv1d_fn` for the convolution when that package is importable and no conv state is carried in);
+  * "torch": `models.ssd.ssd_chunked`, a chunked pure-PyTorch SSD;
+  * "wkv6" (never picked by "auto" until it is measured on GPU): the scan through our RWKV-6 kernel
+    `kernels.wkv6` on CPU or CUDA (mapping in `ssd_wkv6`); the convolution is chosen as for "triton".
+    Needs d_state == headdim (the kernel's K = V; checked at construction), on CUDA also d_state in
+    kernels.build.HEAD_SIZES_CUDA (32, 64, 128) and fp32 or bf16. Under CUDA autocast the kernel gets bf16
+    r/k/v with fp32 decays; on CPU everything is fp32 (fp64 for fp64 modules).
 State: conv state = the last d_conv *pre-conv* xBC columns (B, conv_dim, d_conv), as mamba_ssm's inference
 cache; SSM state (B, H, P, N) fp32.
 """
@@ -31,9 +36,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import kernels
+from kernels.build import HEAD_SIZES_CUDA
+
 from .ssd import ssd_chunked
 
-__all__ = ["Mamba2", "RMSNormGated"]
+__all__ = ["Mamba2", "RMSNormGated", "ssd_wkv6", "BACKENDS"]
+
+BACKENDS = ("auto", "torch", "triton", "wkv6")   # "auto" never picks "wkv6" (module docstring)
 
 # The pure-PyTorch SSD materialises (B, H, T, chunk) decay matrices: a 64-long chunk keeps that small on CPU.
 # The result does not depend on the chunk length (up to rounding), so this is a memory choice only.
@@ -52,6 +62,71 @@ def _mamba_ssm_ops():
     except ImportError:
         causal_conv1d_fn = None
     return mamba_chunk_scan_combined, causal_conv1d_fn
+
+
+def ssd_wkv6(x, dt, A_log, B, C, D=None, initial_state=None):
+    """The SSD scan of `models.ssd.ssd_chunked` computed by the RWKV-6 kernel `kernels.wkv6`.
+
+    x:  (B, T, H, P)     inputs per head
+    dt: (B, T, H)        step sizes, already softplus'ed (and clamped), fp32 (fp64 for fp64 tests), >= 0
+    A_log: (H,)          A = -exp(A_log) < 0
+    B, C: (B, T, G, N)   head h uses group h // (H // G); N must equal P (the kernel's K = V)
+    D:  (H,) or None     skip connection
+    initial_state: (B, H, P, N) or None (zeros)
+    Returns y (B, T, H, P) in x.dtype and final_state (B, H, P, N) in fp32 (fp64 for fp64 inputs).
+
+    Mapping (state S = h^T, key index n = the SSD state index, value index p = the head channel):
+        h_t = a_t h_{t-1} + (dt_t x_t) B_t^T,  a_t = exp(dt_t A)    y_t = h_t C_t + D x_t
+        k_t = B_t,  v_t = dt_t x_t,  w_t = log(dt_t) + A_log  (so exp(-exp(w_t)) = exp(dt_t A) = a_t)
+        r_t = a_t C_t,  u = 0:  wkv6 gives r_t S_{t-1} = C_t^T (a_t h_{t-1}); the current token's term
+        C_t^T B_t dt_t x_t is added here, since wkv6 reads S_{t-1} (not S_t) and u is constant over t.
+    Dtypes: on CPU r, k, v, w are all fp32 (fp64 for fp64 x); on CUDA r, k, v are bf16 when x is bf16
+    (autocast) and fp32 otherwise, w and the carried state always fp32.
+    """
+    Bsz, T, H, P = x.shape
+    G, N = B.shape[-2], B.shape[-1]
+    cd = torch.float64 if x.dtype == torch.float64 else torch.float32                 # compute dtype
+    kd = torch.bfloat16 if (x.is_cuda and x.dtype == torch.bfloat16) else cd         # kernel r/k/v dtype
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        xc, dt, A_log = x.to(cd), dt.to(cd), A_log.to(cd)
+        Bh = B.to(cd).repeat_interleave(H // G, dim=2)                                 # (B, T, H, N)
+        Ch = C.to(cd).repeat_interleave(H // G, dim=2)                                 # (B, T, H, N)
+        a = torch.exp(dt * -torch.exp(A_log))                                          # (B, T, H) in (0, 1]
+        r = Ch * a[..., None]                                                          # (B, T, H, N)
+        v = xc * dt[..., None]                                                         # (B, T, H, P)
+        # log(dt): dt = 0 (softplus underflow, a zero dt_limit) would give w = -inf and NaN gradients, so dt
+        # is floored at f = sqrt(tiny) (1e-154 fp64, 1e-19 fp32). Below f the decay exp(-dt |A|) is 1 to the
+        # dtype's rounding either way, so the forward is unchanged. The floor passes the gradient straight
+        # through: d decay/d dt = (d decay/d w) / f = -|A| decay, the exact derivative even at dt = 0 (a plain
+        # clamp would drop it), and f keeps exp(w) = f |A| far from underflow, so d decay/d w keeps its digits.
+        floor = torch.finfo(cd).tiny ** 0.5
+        dt_f = dt + (dt.clamp_min(floor) - dt).detach()                                # value max(dt, f), grad 1
+        w = torch.log(dt_f) + A_log                                                    # (B, T, H)
+        w = w[..., None].expand(Bsz, T, H, N)                                          # same decay for every n
+        u = torch.zeros(H, N, dtype=cd, device=x.device)                               # no current-token bonus
+        h0 = None if initial_state is None else initial_state.transpose(-1, -2)         # (B, H, N, P)
+        y, S = kernels.wkv6(r.to(kd), Bh.to(kd), v.to(kd), w, u, initial_state=h0,
+                            output_final_state=True)                                   # (B,T,H,P), (B,H,N,P)
+        y = y.to(cd) + ((Ch * Bh).sum(-1) * dt)[..., None] * xc                        # current token
+        if D is not None:
+            y = y + D.to(cd)[:, None] * xc
+    return y.to(x.dtype), S.transpose(-1, -2).contiguous()                            # (B,T,H,P), (B,H,P,N)
+
+
+def wkv6_backend_problem(d_state: int, headdim: int, device_type: str | None = None,
+                         dtype: torch.dtype | None = None) -> str | None:
+    """Why backend "wkv6" cannot run these sizes (device_type/dtype: also that device's limits), or None."""
+    if d_state != headdim:
+        return (f"backend 'wkv6' runs the SSD through kernels.wkv6, whose state is [K, V] = [d_state, headdim] "
+                f"with K == V; got d_state {d_state} != headdim {headdim}. Set d_state == headdim "
+                f"(ModelConfig: d_state == mamba_headdim) or use backend 'auto' / 'torch' / 'triton'")
+    if device_type == "cuda":
+        if d_state not in HEAD_SIZES_CUDA:
+            return (f"backend 'wkv6' on CUDA needs d_state == headdim in {HEAD_SIZES_CUDA} (the CUDA kernel's "
+                    f"head sizes), got {d_state}; use one of those sizes or backend 'auto' / 'torch' / 'triton'")
+        if dtype == torch.float64:
+            return "backend 'wkv6' on CUDA runs fp32 or bf16 (autocast), not float64; use the CPU for fp64"
+    return None
 
 
 class RMSNormGated(nn.Module):
@@ -111,8 +186,10 @@ class Mamba2(nn.Module):
             raise ValueError(f"Mamba2: ngroups ({ngroups}) must divide the number of heads ({nheads})")
         if not (0 < A_init_range[0] <= A_init_range[1]):
             raise ValueError(f"Mamba2: A_init_range must satisfy 0 < lo <= hi, got {A_init_range}")
-        if backend not in ("auto", "torch", "triton"):
-            raise ValueError(f"Mamba2: backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"Mamba2: backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+        if backend == "wkv6" and (problem := wkv6_backend_problem(d_state, headdim)):
+            raise ValueError(f"Mamba2: {problem}")
         self.backend = backend   # "auto": Triton SSD on CUDA when mamba_ssm imports, else the PyTorch SSD
         self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
         self.headdim, self.ngroups, self.chunk_size = headdim, ngroups, chunk_size
@@ -149,12 +226,21 @@ class Mamba2(nn.Module):
                                            dtype=torch.float32),
         }
 
-    def use_triton(self, u: torch.Tensor) -> bool:
+    def ssd_path(self, u: torch.Tensor) -> str:
+        """The SSD path this call takes: "triton", "torch" or "wkv6" (`backend` may be reassigned, so checked here)."""
+        if self.backend not in BACKENDS:
+            raise ValueError(f"Mamba2: backend must be one of {', '.join(map(repr, BACKENDS))}, "
+                             f"got {self.backend!r}")
+        if self.backend == "wkv6":
+            problem = wkv6_backend_problem(self.d_state, self.headdim, u.device.type, u.dtype)
+            if problem:
+                raise ValueError(f"Mamba2: {problem}")
+            return "wkv6"
         available = u.is_cuda and _mamba_ssm_ops()[0] is not None
         if self.backend == "triton" and not available:
             raise RuntimeError("Mamba2(backend='triton') needs CUDA inputs and an importable mamba_ssm "
                                "(pip install -e '.[cuda]'); use backend='auto' or 'torch' otherwise")
-        return available and self.backend != "torch"
+        return "triton" if available and self.backend != "torch" else "torch"
 
     # ---------------------------------------------------------------------------------------------- forward
     def _conv(self, xBC, conv_state):
@@ -199,7 +285,8 @@ class Mamba2(nn.Module):
         # fp32 as mamba_ssm ("if the model is loaded in fp16, without .float() A might be -inf"); fp64 stays fp64
         A = -torch.exp(self.A_log if self.A_log.dtype == torch.float64 else self.A_log.float())   # (H,)
 
-        if self.use_triton(u):
+        path = self.ssd_path(u)
+        if path == "triton":
             mamba_chunk_scan_combined, _ = _mamba_ssm_ops()
             kw = {} if self.dt_limit == (0.0, float("inf")) else {"dt_limit": self.dt_limit}
             y, new_ssm_state = mamba_chunk_scan_combined(
@@ -209,12 +296,15 @@ class Mamba2(nn.Module):
         else:
             # dt in fp32 (fp64 for fp64 tests) as the Triton kernel does: softplus (identity above 20), clamp.
             cd = torch.float64 if dt.dtype == torch.float64 else torch.float32
-            dtc = F.softplus(dt.to(cd) + self.dt_bias.to(cd), threshold=20.0)
+            dtc = F.softplus(dt.to(cd) + self.dt_bias.to(cd), threshold=20.0)              # (B, T, H)
             if self.dt_limit != (0.0, float("inf")):
                 dtc = dtc.clamp(self.dt_limit[0], self.dt_limit[1])
-            with torch.autocast(device_type=u.device.type, enabled=False):   # keep the scan in fp32 under AMP
-                y, new_ssm_state = ssd_chunked(x, dtc, A, Bm, Cm, D=self.D, initial_state=ssm_state,
-                                               chunk_size=min(self.chunk_size, TORCH_SSD_CHUNK, T))
+            if path == "wkv6":
+                y, new_ssm_state = ssd_wkv6(x, dtc, self.A_log, Bm, Cm, D=self.D, initial_state=ssm_state)
+            else:
+                with torch.autocast(device_type=u.device.type, enabled=False):   # keep the scan in fp32 under AMP
+                    y, new_ssm_state = ssd_chunked(x, dtc, A, Bm, Cm, D=self.D, initial_state=ssm_state,
+                                                   chunk_size=min(self.chunk_size, TORCH_SSD_CHUNK, T))
         y = self.norm(y.flatten(-2), z)                                                   # (B, T, d_inner)
         out = self.out_proj(y)
         if not return_state:
