@@ -7,11 +7,17 @@ Sizes (shared by every variant; baselines then pick their depth, see `models.reg
     8m    hidden 192 x 12 layers (the seeds' 8M preset as SEEDS.md states it) (~12.9M at vocab 16000)
 Defaults follow the seeds: RWKV-6 head size 64, Mamba-2 d_state 64 / d_conv 4 / expand 2 / headdim 64,
 FFN 4x GELU, RMSNorm eps 1e-6, tied embeddings. `models/PARAMS.md` lists every count.
+`mamba_backend` picks the Mamba-2 SSD path (models/mamba2.py): "auto" (default), "torch", "triton", or "wkv6"
+(the scan through the RWKV-6 kernel; needs d_state == mamba_headdim). It changes numerics, not parameters,
+so a checkpoint loads under any backend; configs saved before the field existed rebuild as "auto".
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+
+from .mamba2 import BACKENDS as MAMBA2_BACKENDS
+from .mamba2 import wkv6_backend_problem
 
 __all__ = ["ModelConfig", "SIZE_PRESETS", "HYBRID_NAMES", "BASELINE_NAMES", "MODEL_NAMES"]
 
@@ -41,6 +47,7 @@ class ModelConfig:
     mamba_headdim: int = 64         # Mamba-2 head dim P
     ngroups: int = 1
     mamba_chunk_size: int = 256     # Triton SSD chunk (the CPU path picks its own, result is the same)
+    mamba_backend: str = "auto"     # Mamba-2 SSD path, one of models.mamba2.BACKENDS (module doc above)
     ffn_mult: int = 4               # block FFN width = ffn_mult * hidden (GELU, no bias)
     gate_init: float | None = None  # GF family start gate; None = the variant's own (GF-MH 0.3, GF-RH 0.7)
     norm_eps: float = 1e-6
@@ -67,6 +74,11 @@ class ModelConfig:
             if (d_inner // self.mamba_headdim) % self.ngroups != 0:
                 raise ValueError(f"ModelConfig.ngroups: {self.ngroups} does not divide the Mamba-2 head count "
                                  f"{d_inner // self.mamba_headdim}")
+        if self.mamba_backend not in MAMBA2_BACKENDS:
+            raise ValueError(f"ModelConfig.mamba_backend: must be one of {', '.join(map(repr, MAMBA2_BACKENDS))}, "
+                             f"got {self.mamba_backend!r}")
+        if self.mamba_backend == "wkv6" and (problem := wkv6_backend_problem(self.d_state, self.mamba_headdim)):
+            raise ValueError(f"ModelConfig.mamba_backend: {problem}")
         if self.gate_init is not None:
             if self.name not in ("GF", "GF-MH", "GF-RH"):
                 raise ValueError(f"ModelConfig.gate_init: only the GF family has a gate init, not {self.name}")

@@ -94,7 +94,7 @@ class FFN(nn.Module):
 def _mamba(cfg: ModelConfig, layer_id: int) -> Mamba2:
     return Mamba2(cfg.hidden_size, d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand,
                   headdim=cfg.mamba_headdim, ngroups=cfg.ngroups, chunk_size=cfg.mamba_chunk_size,
-                  layer_idx=layer_id)
+                  layer_idx=layer_id, backend=cfg.mamba_backend)
 
 
 class HybridBlock(nn.Module):
