@@ -297,8 +297,11 @@ def _available_backends():
 # cancellation, e.g. dt_bias, A_log). Against "triton" (TF32 inside tl.dot, see tests/test_models_gpu.py):
 # 5e-3 forward, 1e-2 gradients, as that file allows between "triton" and "torch".
 # bf16 autocast: in_proj/out_proj and x, B, C are bf16 on every path; "wkv6" also rounds r = aC and v = dt x to
-# bf16, "torch" keeps the scan in fp32. Each path is compared with the fp32 "torch" run; "wkv6" may be at
-# most 2x the error of the "torch" path under the same autocast (plus 1e-3), and below 5e-2 (LM bf16 bound).
+# bf16 once more, "torch" keeps the scan in fp32. Each path is compared with the fp32 "torch" run; "wkv6" may
+# have at most twice the peer's error under the same autocast plus one bf16 epsilon (2^-7, for that extra
+# rounding), and never above 5e-2 (the LM bf16 bound of tests/test_models_gpu.py). Seen on an H100 (T = 150,
+# TF32 off): fp32 wkv6 vs torch <= 1e-5 everywhere; bf16 errors 2e-3 .. 9e-3 on both paths, the largest
+# excess grad A_log (wkv6 6.8e-3 vs torch 3.0e-3, 1 group).
 @pytest.mark.gpu
 @pytest.mark.parametrize("ngroups", [1, 2], ids=["1group", "2groups"])
 def test_gpu_wkv6_backend_matches_torch_and_triton_fp32(no_tf32, ngroups):
@@ -326,10 +329,10 @@ def test_gpu_wkv6_backend_bf16_autocast(no_tf32, ngroups):
         e_wkv6 = _err_ratio(runs["wkv6"][name], want)
         for peer in [b for b in runs if b != "wkv6"]:
             e_peer = _err_ratio(runs[peer][name], want)
-            bound = min(2 * e_peer + 1e-3, 5e-2)
+            bound = min(2 * e_peer + 2 ** -7, 5e-2)
             assert torch.isfinite(runs["wkv6"][name]).all(), f"bf16 {name}: non-finite values"
             assert e_wkv6 <= bound, (f"bf16 autocast {name}: wkv6 err_ratio vs fp32 torch {e_wkv6:.3e} > "
-                                     f"{bound:.3e} (2x {peer}'s {e_peer:.3e} + 1e-3, capped at 5e-2)")
+                                     f"{bound:.3e} (2x {peer}'s {e_peer:.3e} + 2^-7, capped at 5e-2)")
 
 
 @pytest.mark.gpu
