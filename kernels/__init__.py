@@ -12,13 +12,14 @@ nothing is compiled until the first call. This package never imports dagster.
 from .build import build_extension, toolchain_fingerprint
 from .reference import wkv6_chunked_ref, wkv6_ref
 from .smoke import smoke_test
-from .wkv6 import WKV6Function, wkv6
+from .wkv6 import WKV6Function, set_auto_impl, wkv6
 
 __all__ = [
     "wkv6",
     "wkv6_ref",
     "wkv6_chunked_ref",
     "WKV6Function",
+    "set_auto_impl",
     "build_extension",
     "smoke_test",
     "toolchain_fingerprint",

@@ -28,7 +28,7 @@ import torch
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = {
     "cpu": ["wkv6_cpu.cpp"],
-    "cuda": ["wkv6_cuda_bind.cpp", "wkv6_cuda.cu"],
+    "cuda": ["wkv6_cuda_bind.cpp", "wkv6_cuda.cu", "wkv6_chunk.cu"],
 }
 CPU_CFLAGS = ("-O3", "-march=native", "-fopenmp")
 CPU_LDFLAGS = ("-fopenmp",)  # resolves to libgomp.so.1, the soname torch's own OpenMP runtime has

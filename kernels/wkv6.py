@@ -2,7 +2,10 @@
 
 The backend follows the inputs' device: CPU tensors (float32, float64) run the C++ extension,
 CUDA tensors (float32, bfloat16; float32 state and accumulation) the CUDA one. Both are JIT-built on
-first use (kernels/build.py). If a build fails the call raises; it never falls back to the (much
+first use (kernels/build.py). On CUDA two implementations share the extension: the chunked
+tensor-core kernels (csrc/wkv6_chunk.cu: bf16 r, k, v, head size 64) and the sequential ones
+(csrc/wkv6_cuda.cu: every supported dtype and head size, the reference backend). `impl="auto"`
+takes the sequential one unless `set_auto_impl("chunked")` was called (see BENCHMARKS.md for why). If a build fails the call raises; it never falls back to the (much
 slower) references, which stay available as `wkv6_ref` / `wkv6_chunked_ref`.
 """
 from __future__ import annotations
@@ -15,6 +18,40 @@ __all__ = ["wkv6", "WKV6Function"]
 
 _CPU_DTYPES = (torch.float32, torch.float64)
 _CUDA_DTYPES = (torch.float32, torch.bfloat16)
+
+
+IMPLS = ("auto", "chunked", "sequential")
+CHUNKED_HEAD_SIZE = 64
+# What impl="auto" resolves to. Sequential by default: on the H100 the chunked kernels are not yet faster
+# (BENCHMARKS.md) and their decay gradient is noisier at extreme decays. set_auto_impl changes it.
+_AUTO = {"prefer": "sequential"}
+
+
+def set_auto_impl(prefer: str) -> None:
+    """Make impl="auto" resolve to `prefer` ("chunked": where it applies, or "sequential": always).
+    For A/B comparisons of whole models, whose layers call wkv6 with the default impl."""
+    if prefer not in ("chunked", "sequential"):
+        raise ValueError(f"wkv6: set_auto_impl takes 'chunked' or 'sequential', got {prefer!r}")
+    _AUTO["prefer"] = prefer
+
+
+def chunked_applies(r: torch.Tensor) -> bool:
+    """Whether the chunked CUDA kernels handle these (already validated) inputs."""
+    return r.is_cuda and r.dtype == torch.bfloat16 and r.shape[-1] == CHUNKED_HEAD_SIZE
+
+
+def resolve_impl(impl: str, r: torch.Tensor) -> str:
+    """'chunked' or 'sequential' for validated inputs; ValueError naming the problem otherwise."""
+    if impl not in IMPLS:
+        raise ValueError(f"wkv6: impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "chunked" if _AUTO["prefer"] == "chunked" and chunked_applies(r) else "sequential"
+    if impl == "chunked" and not chunked_applies(r):
+        raise ValueError(
+            "wkv6: impl='chunked' needs CUDA bfloat16 r, k, v with head size K = V = "
+            f"{CHUNKED_HEAD_SIZE}; got {r.device.type} {r.dtype}, K={r.shape[-1]} (use impl='auto')"
+        )
+    return impl
 
 
 def _validate(r, k, v, w, u, initial_state) -> None:
@@ -88,43 +125,69 @@ def _prep(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+# The extension calls are registered as torch.library custom ops, so torch.compile traces a model
+# through wkv6 (WKV6Function's forward and backward call them) instead of breaking its graph here.
+@torch.library.custom_op("groundthink::wkv6_fwd", mutates_args=())
+def _wkv6_fwd(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor,
+              h0: torch.Tensor | None, chunked: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    r, k, v, w, u = (_prep(x) for x in (r, k, v, w, u))
+    h0 = None if h0 is None else _prep(h0)
+    if r.is_cuda:
+        y, state = get_extension("cuda").forward(r, k, v, w, u, h0, chunked)
+    else:
+        y, state = get_extension("cpu").forward(r, k, v, w, u, h0)
+    return y, state
+
+
+@_wkv6_fwd.register_fake
+def _(r, k, v, w, u, h0, chunked):
+    B, _, H, K = r.shape
+    return torch.empty_like(v), r.new_empty((B, H, K, v.shape[-1]), dtype=_state_dtype(r))
+
+
+@torch.library.custom_op("groundthink::wkv6_bwd", mutates_args=())
+def _wkv6_bwd(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor,
+              h0: torch.Tensor | None, gy: torch.Tensor, gs: torch.Tensor, chunked: bool) -> list[torch.Tensor]:
+    r, k, v, w, u, gy, gs = (_prep(x) for x in (r, k, v, w, u, gy, gs))
+    h0 = None if h0 is None else _prep(h0)
+    if r.is_cuda:
+        out = get_extension("cuda").backward(r, k, v, w, u, h0, gy, gs, chunked)
+    else:
+        out = get_extension("cpu").backward(r, k, v, w, u, h0, gy, gs)
+    return list(out)
+
+
+@_wkv6_bwd.register_fake
+def _(r, k, v, w, u, h0, gy, gs, chunked):
+    gh0 = torch.empty_like(h0) if h0 is not None else u.new_empty((0,), dtype=_state_dtype(r))
+    return [torch.empty_like(r), torch.empty_like(k), torch.empty_like(v), torch.empty_like(w),
+            torch.empty_like(u), gh0]
+
+
+def _state_dtype(r: torch.Tensor) -> torch.dtype:
+    """The state (and u, h0 as the kernels take them): float32, float64 on the float64 CPU path."""
+    return torch.float64 if r.dtype == torch.float64 else torch.float32
+
+
 class WKV6Function(torch.autograd.Function):
-    """forward(r, k, v, w, u, initial_state) -> (y, final_state); inputs already validated by `wkv6`.
+    """forward(r, k, v, w, u, initial_state, chunked) -> (y, final_state); inputs validated by `wkv6`,
+    u and initial_state already in the state dtype (`wkv6` casts them; autograd casts their gradients back).
 
     Saves only the inputs; the backward recomputes the states (no [T, K, V] history is kept).
     """
 
     @staticmethod
-    def forward(ctx, r, k, v, w, u, initial_state):
-        backend = "cuda" if r.is_cuda else "cpu"
-        ext = get_extension(backend)
-        if backend == "cpu":
-            r, k, v, w = (_prep(x) for x in (r, k, v, w))
-            u_c = _prep(u.to(r.dtype))
-            h0 = None if initial_state is None else _prep(initial_state.to(r.dtype))
-        else:
-            r, k, v, w = (_prep(x) for x in (r, k, v, w))
-            u_c = _prep(u.float())
-            h0 = None if initial_state is None else _prep(initial_state.float())
-        y, state = ext.forward(r, k, v, w, u_c, h0)
-        ctx.save_for_backward(r, k, v, w, u_c, h0)
-        ctx.u_dtype = u.dtype
-        ctx.h0_dtype = None if initial_state is None else initial_state.dtype
-        ctx.set_materialize_grads(False)
+    def forward(ctx, r, k, v, w, u, initial_state, chunked=False):
+        y, state = _wkv6_fwd(r, k, v, w, u, initial_state, chunked)
+        ctx.chunked = chunked
+        ctx.save_for_backward(r, k, v, w, u, initial_state)
         return y, state
 
     @staticmethod
     def backward(ctx, gy, gstate):
-        r, k, v, w, u_c, h0 = ctx.saved_tensors
-        if gy is None and gstate is None:
-            return (None,) * 6
-        ext = get_extension("cuda" if r.is_cuda else "cpu")
-        gy = torch.zeros_like(v) if gy is None else _prep(gy.to(v.dtype))
-        gs = None if gstate is None else _prep(gstate.to(u_c.dtype if r.is_cuda else r.dtype))
-        gr, gk, gv, gw, gu, gh0 = ext.backward(r, k, v, w, u_c, h0, gy, gs)
-        gu = gu.to(ctx.u_dtype)
-        gh0 = None if h0 is None else gh0.to(ctx.h0_dtype)
-        return gr, gk, gv, gw, gu, gh0
+        r, k, v, w, u, h0 = ctx.saved_tensors
+        gr, gk, gv, gw, gu, gh0 = _wkv6_bwd(r, k, v, w, u, h0, gy.to(v.dtype), gstate.to(u.dtype), ctx.chunked)
+        return gr, gk, gv, gw, gu, (gh0 if h0 is not None else None), None
 
 
 def wkv6(
@@ -135,6 +198,7 @@ def wkv6(
     u: torch.Tensor,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
+    impl: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """RWKV-6 wkv: y_t = r_t (diag(u) k_t^T v_t + S_{t-1}),  S_t = diag(exp(-exp(w_t))) S_{t-1} + k_t^T v_t.
 
@@ -146,6 +210,9 @@ def wkv6(
         u: `[H, K]` bonus for the current token (any float dtype).
         initial_state: optional `[B, H, K, V]` state S_{-1}; differentiable.
         output_final_state: also return S_{T-1}.
+        impl: CUDA implementation, "auto" (sequential, or chunked where it applies after
+            `set_auto_impl("chunked")`), "chunked"
+            (CUDA bf16 r, k, v, K = V = 64; ValueError otherwise) or "sequential" (the only one on CPU).
     dtypes: CPU float32/float64 (all of r, k, v, w alike); CUDA float32 or bfloat16 for r, k, v, and
         w in r's dtype or float32; CUDA needs K = V in (32, 64, 128). Accumulation is float32 (float64
         on the float64 CPU path).
@@ -154,5 +221,8 @@ def wkv6(
         float64 CPU path) or None. Differentiable in r, k, v, w, u and initial_state.
     """
     _validate(r, k, v, w, u, initial_state)
-    y, state = WKV6Function.apply(r, k, v, w, u, initial_state)
+    chunked = resolve_impl(impl, r) == "chunked"
+    sd = _state_dtype(r)
+    h0 = None if initial_state is None else initial_state.to(sd)
+    y, state = WKV6Function.apply(r, k, v, w, u.to(sd), h0, chunked)
     return y, (state if output_final_state else None)

@@ -255,3 +255,31 @@ def test_toolchain_fingerprint_is_unchanged_by_building():
     before = kernels.toolchain_fingerprint("cpu")
     kernels.build_extension("cpu")
     assert kernels.toolchain_fingerprint("cpu") == before
+
+
+def test_impl_choice_errors_name_the_problem():
+    x, _ = make_inputs(1, 4, 1, 8, dtype=torch.float32)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        wkv6(x["r"], x["k"], x["v"], x["w"], x["u"], impl="fast")
+    with pytest.raises(ValueError, match="impl='chunked' needs CUDA bfloat16"):
+        wkv6(x["r"], x["k"], x["v"], x["w"], x["u"], impl="chunked")
+    with pytest.raises(ValueError, match="set_auto_impl takes 'chunked' or 'sequential'"):
+        kernels.set_auto_impl("auto")
+
+
+def test_torch_compile_traces_wkv6_without_graph_breaks():
+    """wkv6 goes through registered custom ops, so a compiled caller is one graph (fullgraph=True
+    raises on any break) and gives the eager results and gradients."""
+    x, cot = make_inputs(2, 9, 2, 8, dtype=torch.float32, seed=5)
+
+    def f(r, k, v, w, u, h0):
+        y, s = wkv6(r, k, v, w, u, h0, True)
+        return (y * cot["gy"].float()).sum() + (s * cot["gs"].float()).sum()
+
+    eager_in = [x[n].clone().requires_grad_(True) for n in ("r", "k", "v", "w", "u", "h0")]
+    comp_in = [x[n].clone().requires_grad_(True) for n in ("r", "k", "v", "w", "u", "h0")]
+    want = torch.autograd.grad(f(*eager_in), eager_in)
+    got = torch.autograd.grad(torch.compile(f, fullgraph=True, backend="aot_eager")(*comp_in), comp_in)
+    for name, g, w in zip("rkvwu", got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"grad {name}: {m}")
+    torch.testing.assert_close(got[5], want[5], rtol=1e-5, atol=1e-5)

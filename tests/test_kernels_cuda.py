@@ -41,11 +41,15 @@ def cast(x, io_dtype, w_dtype=None):
     return out
 
 
-def check_against_reference(x_kernel, cot, tol, use_h0=True):
+def with_impl(impl):
+    return functools.partial(wkv6, impl=impl)
+
+
+def check_against_reference(x_kernel, cot, tol, use_h0=True, impl="auto"):
     # the cotangents too are rounded as the kernel will see them (gy in the I/O dtype, gs fp32)
     cot = {"gy": cot["gy"].to(x_kernel["v"].dtype).double(), "gs": cot["gs"].float().double()}
     ref = run_with_grads(wkv6_ref, {n: t.double() for n, t in x_kernel.items()}, cot, use_h0)
-    got = run_with_grads(wkv6, x_kernel, cot, use_h0)
+    got = run_with_grads(with_impl(impl), x_kernel, cot, use_h0)
     assert_matches_reference(got, ref, tol, use_h0)
 
 
@@ -64,7 +68,82 @@ def test_cuda_matches_reference(shape, io, use_h0):
         xk, tol = cast(x, BF16), TOL["bf16"]
     else:  # bf16 r, k, v with fp32 w (the precise-decay mode)
         xk, tol = cast(x, BF16, F32), {**TOL["bf16"], "w": 3e-4}
-    check_against_reference(xk, cot, tol, use_h0)
+    check_against_reference(xk, cot, tol, use_h0, impl="sequential")
+
+
+# ---- the chunked tensor-core kernels (bf16 r, k, v, K = V = 64): same reference, same tolerances.
+# T around the chunk length 16 (1, 15, 16, 17), several chunks with a ragged tail, and long runs.
+CHUNK_SHAPES = [(1, 1, 1, 64), (2, 15, 2, 64), (2, 16, 1, 64), (3, 17, 2, 64), (2, 67, 3, 64), (1, 200, 2, 64)]
+
+
+@pytest.mark.parametrize("shape", CHUNK_SHAPES, ids=lambda s: "B{}-T{}-H{}-N{}".format(*s))
+@pytest.mark.parametrize("io", ["bf16", "bf16_w32"])
+@pytest.mark.parametrize("use_h0", [True, False], ids=["h0", "no_h0"])
+def test_chunked_matches_reference(shape, io, use_h0):
+    x, cot = make_inputs(*shape, seed=sum(shape) + 1)
+    xk, tol = (cast(x, BF16), TOL["bf16"]) if io == "bf16" else (cast(x, BF16, F32), {**TOL["bf16"], "w": 3e-4})
+    check_against_reference(xk, cot, tol, use_h0, impl="chunked")
+
+
+# Known defect, measured on an H100 (2026-11-23): at extreme decays the chunked kernel's gw carries
+# ~1e-5 absolute noise in dL/dlw (pairs of equal terms that cancel in its running sum are rounded
+# apart), times |lw| up to 148 (strong) or 1.6e5 (vanishing): gw err 1.4e-3 abs (strong),
+# 1.0e-3 of max|gw| (mixed), 1.5 abs (vanishing). y, the state and every other gradient pass.
+# strict: the day the kernel meets the bound these xfails turn into failures and must be removed.
+_GW_NOISE = pytest.mark.xfail(strict=True, reason="chunked gw rounding noise at extreme decays (see comment)")
+
+
+@pytest.mark.parametrize("w_range", [pytest.param((3.0, 5.0), marks=_GW_NOISE), (-12.0, -8.0),
+                                     pytest.param((-8.0, 5.0), marks=_GW_NOISE),
+                                     pytest.param((8.0, 12.0), marks=_GW_NOISE)],
+                         ids=["strong", "weak", "mixed", "vanishing"])
+def test_chunked_extreme_decays(w_range):
+    """Log-decays from -6e-6 to -1.6e5 (decay 0 in fp32): every exponent stays <= 0, nothing overflows."""
+    x, cot = make_inputs(2, 150, 2, 64, seed=7, w_range=w_range)
+    xk = cast(x, BF16, F32)
+    check_against_reference(xk, cot, {**TOL["bf16"], "w": 3e-4}, impl="chunked")
+
+
+def test_chunked_long_sequence():
+    """T = 16384, slow and fast decays, bf16 r, k, v with fp32 w, against the float64 reference."""
+    x, cot = make_inputs(1, 16384, 2, 64, seed=11, w_range=(-9.0, 1.0))
+    check_against_reference(cast(x, BF16, F32), cot, {**TOL["bf16"], "w": 1e-3}, impl="chunked")
+
+
+def test_chunked_matches_sequential_kernel():
+    """The two CUDA implementations on identical bf16 inputs (the sequential one is the reference backend)."""
+    x, cot = make_inputs(4, 300, 4, 64, seed=13, w_range=(-6.0, 1.0))
+    xk = cast(x, BF16)
+    a = run_with_grads(with_impl("chunked"), xk, cot)
+    b = run_with_grads(with_impl("sequential"), xk, cot)
+    for name in NAMES:
+        assert_close(name, a[name], b[name], TOL["bf16"][name])
+
+
+def test_chunked_state_chaining_equals_one_pass():
+    x, cot = make_inputs(1, 90, 2, 64, seed=6)
+    xk = cast(x, BF16, F32)
+    one = run_with_grads(with_impl("chunked"), xk, cot)
+
+    def chained(r, k, v, w, u, h0, _out):
+        y1, s1 = wkv6(r[:, :37], k[:, :37], v[:, :37], w[:, :37], u, h0, True, impl="chunked")
+        y2, s2 = wkv6(r[:, 37:], k[:, 37:], v[:, 37:], w[:, 37:], u, s1, True, impl="chunked")
+        return torch.cat([y1, y2], dim=1), s2
+
+    two = run_with_grads(chained, xk, cot)
+    for name in NAMES:
+        assert_close(name, two[name], one[name], {**TOL["bf16"], "w": 3e-4}[name])
+
+
+def test_chunked_rejects_what_it_cannot_run():
+    x, _ = make_inputs(1, 5, 2, 32)
+    xk = cast(x, BF16)
+    with pytest.raises(ValueError, match="impl='chunked' needs CUDA bfloat16"):
+        wkv6(xk["r"], xk["k"], xk["v"], xk["w"], xk["u"], impl="chunked")
+    x, _ = make_inputs(1, 5, 2, 64)
+    xk = cast(x, F32)
+    with pytest.raises(ValueError, match="impl='chunked' needs CUDA bfloat16"):
+        wkv6(xk["r"], xk["k"], xk["v"], xk["w"], xk["u"], impl="chunked")
 
 
 @pytest.mark.parametrize("w_range", [(3.0, 5.0), (-12.0, -8.0), (-8.0, 5.0)], ids=["strong", "weak", "mixed"])

@@ -13,6 +13,13 @@ cudaError_t wkv6_cuda_backward(int tin, int tw, int N, int B, int T, int H, cons
                                const void* v, const void* w, const float* u, const float* h0, const void* gy,
                                const float* ghT, void* gr, void* gk, void* gv, void* gw, float* gu_part,
                                float* gh0, float* bscr, float* P, cudaStream_t stream);
+cudaError_t wkv6_chunk_forward(int tw, int B, int T, int H, const void* r, const void* k, const void* v,
+                               const void* w, const float* u, const float* h0, void* y, float* hT,
+                               cudaStream_t stream);
+cudaError_t wkv6_chunk_backward(int tw, int B, int T, int H, const void* r, const void* k, const void* v,
+                                const void* w, const float* u, const float* h0, const void* gy, const float* ghT,
+                                void* gr, void* gk, void* gv, void* gw, float* gu_part, float* gh0, float* bscr,
+                                float* P, cudaStream_t stream);
 
 namespace {
 
@@ -48,19 +55,29 @@ const float* opt_ptr(const c10::optional<at::Tensor>& t, const at::Tensor& like,
   return t->data_ptr<float>();
 }
 
+// The chunked tensor-core kernels (wkv6_chunk.cu) take bf16 r, k, v and head size 64 only.
+void check_chunked(const at::Tensor& r) {
+  TORCH_CHECK(r.scalar_type() == at::kBFloat16 && r.size(3) == 64,
+              "wkv6_cuda: the chunked kernel needs bf16 r, k, v and head size 64");
+}
+
 std::vector<at::Tensor> wkv6_forward(const at::Tensor& r, const at::Tensor& k, const at::Tensor& v,
                                      const at::Tensor& w, const at::Tensor& u,
-                                     const c10::optional<at::Tensor>& h0) {
+                                     const c10::optional<at::Tensor>& h0, bool chunked) {
   check_inputs(r, k, v, w, u);
+  if (chunked) check_chunked(r);
   const c10::cuda::CUDAGuard guard(r.device());
   const int64_t B = r.size(0), T = r.size(1), H = r.size(2), N = r.size(3);
   const float* h0p = opt_ptr(h0, r, "initial_state");
   auto y = at::empty_like(v);
   auto hT = at::empty({B, H, N, N}, r.options().dtype(at::kFloat));
-  const cudaError_t err = wkv6_cuda_forward(dtype_code(r), dtype_code(w), (int)N, (int)B, (int)T, (int)H,
-                                            r.data_ptr(), k.data_ptr(), v.data_ptr(), w.data_ptr(),
-                                            u.data_ptr<float>(), h0p, y.data_ptr(), hT.data_ptr<float>(),
-                                            at::cuda::getCurrentCUDAStream());
+  const cudaError_t err =
+      chunked ? wkv6_chunk_forward(dtype_code(w), (int)B, (int)T, (int)H, r.data_ptr(), k.data_ptr(), v.data_ptr(),
+                                   w.data_ptr(), u.data_ptr<float>(), h0p, y.data_ptr(), hT.data_ptr<float>(),
+                                   at::cuda::getCurrentCUDAStream())
+              : wkv6_cuda_forward(dtype_code(r), dtype_code(w), (int)N, (int)B, (int)T, (int)H, r.data_ptr(),
+                                  k.data_ptr(), v.data_ptr(), w.data_ptr(), u.data_ptr<float>(), h0p, y.data_ptr(),
+                                  hT.data_ptr<float>(), at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "wkv6_cuda forward launch failed (N=", N, "): ", cudaGetErrorString(err));
   return {y, hT};
 }
@@ -68,8 +85,9 @@ std::vector<at::Tensor> wkv6_forward(const at::Tensor& r, const at::Tensor& k, c
 std::vector<at::Tensor> wkv6_backward(const at::Tensor& r, const at::Tensor& k, const at::Tensor& v,
                                       const at::Tensor& w, const at::Tensor& u,
                                       const c10::optional<at::Tensor>& h0, const at::Tensor& gy,
-                                      const c10::optional<at::Tensor>& ghT) {
+                                      const c10::optional<at::Tensor>& ghT, bool chunked) {
   check_inputs(r, k, v, w, u);
+  if (chunked) check_chunked(r);
   check(gy, "gy");
   TORCH_CHECK(gy.sizes() == v.sizes() && gy.scalar_type() == v.scalar_type(), "wkv6_cuda: bad gy");
   const c10::cuda::CUDAGuard guard(r.device());
@@ -82,11 +100,17 @@ std::vector<at::Tensor> wkv6_backward(const at::Tensor& r, const at::Tensor& k, 
   auto P = at::empty({B, H, N}, f32);
   auto bscr = at::empty({B, T, H, N}, f32);
   auto gh0 = h0.has_value() ? at::empty({B, H, N, N}, f32) : at::empty({0}, f32);
-  const cudaError_t err = wkv6_cuda_backward(
-      dtype_code(r), dtype_code(w), (int)N, (int)B, (int)T, (int)H, r.data_ptr(), k.data_ptr(), v.data_ptr(),
-      w.data_ptr(), u.data_ptr<float>(), h0p, gy.data_ptr(), ghTp, gr.data_ptr(), gk.data_ptr(), gv.data_ptr(),
-      gw.data_ptr(), gu_part.data_ptr<float>(), h0.has_value() ? gh0.data_ptr<float>() : nullptr,
-      bscr.data_ptr<float>(), P.data_ptr<float>(), at::cuda::getCurrentCUDAStream());
+  float* gh0p = h0.has_value() ? gh0.data_ptr<float>() : nullptr;
+  const cudaError_t err =
+      chunked ? wkv6_chunk_backward(dtype_code(w), (int)B, (int)T, (int)H, r.data_ptr(), k.data_ptr(), v.data_ptr(),
+                                    w.data_ptr(), u.data_ptr<float>(), h0p, gy.data_ptr(), ghTp, gr.data_ptr(),
+                                    gk.data_ptr(), gv.data_ptr(), gw.data_ptr(), gu_part.data_ptr<float>(), gh0p,
+                                    bscr.data_ptr<float>(), P.data_ptr<float>(), at::cuda::getCurrentCUDAStream())
+              : wkv6_cuda_backward(dtype_code(r), dtype_code(w), (int)N, (int)B, (int)T, (int)H, r.data_ptr(),
+                                   k.data_ptr(), v.data_ptr(), w.data_ptr(), u.data_ptr<float>(), h0p, gy.data_ptr(),
+                                   ghTp, gr.data_ptr(), gk.data_ptr(), gv.data_ptr(), gw.data_ptr(),
+                                   gu_part.data_ptr<float>(), gh0p, bscr.data_ptr<float>(), P.data_ptr<float>(),
+                                   at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "wkv6_cuda backward launch failed (N=", N, "): ", cudaGetErrorString(err));
   return {gr, gk, gv, gw, gu_part.sum(0), gh0};
 }
@@ -94,7 +118,7 @@ std::vector<at::Tensor> wkv6_backward(const at::Tensor& r, const at::Tensor& k, 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "wkv6 (RWKV-6) CUDA kernels: fp32/bf16 inputs, fp32 state and accumulation";
-  m.def("forward", &wkv6_forward, "wkv6 forward -> (y, final_state fp32)");
-  m.def("backward", &wkv6_backward, "wkv6 backward -> (gr, gk, gv, gw, gu fp32 [H,N], gh0 fp32)");
+  m.doc() = "wkv6 (RWKV-6) CUDA kernels, sequential and chunked: fp32/bf16 inputs, fp32 state and accumulation";
+  m.def("forward", &wkv6_forward, "wkv6 forward(r, k, v, w, u, h0, chunked) -> (y, final_state fp32)");
+  m.def("backward", &wkv6_backward, "wkv6 backward(r, k, v, w, u, h0, gy, ghT, chunked) -> (gr, gk, gv, gw, gu fp32 [H,N], gh0 fp32)");
 }

@@ -1,0 +1,629 @@
+// wkv6 (RWKV-6) chunked forward and backward on tensor cores: intra-chunk parallel, inter-chunk
+// recurrent. bf16 r, k, v (and y, gy, gr, gk, gv), w in bf16 or fp32, head size N = 64, chunks of
+// C = 16 steps. The sequential kernels in wkv6_cuda.cu stay the reference backend (fp32 inputs,
+// head sizes 32 and 128); kernels/wkv6.py picks between them.
+//
+// Per (b, h) one block of 256 threads walks the chunks in order (backward: two sweeps), keeping the
+// 64 x 64 state in shared memory in fp32. Within a chunk, with t, s local positions, lw = -exp(w) the
+// log-decay, Ex_t = sum_{m<t} lw_m (exclusive), Ei_t = Ex_{t+1} (inclusive), Et = Ei_{C-1}:
+//   y_t   = (r_t e^{Ex_t}) S0  +  sum_{s<t} A_ts v_s  +  (r_t.u.k_t) v_t
+//   A_ts  = sum_i r_t[i] k_s[i] e^{Ex_t[i] - Ei_s[i]}                       (s < t)
+//   S_end = e^{Et} S0  +  sum_s (k_s e^{Et - Ei_s})^T v_s
+// Every exponent is "later minus earlier" of a non-increasing cumsum, so it is <= 0: no overflow for
+// any decay (log-decays are clamped at -1e4, where exp already underflows to 0 in fp32). The
+// intra-chunk scores A are computed element by element in fp32 (exact in log space); every matrix
+// product runs as bf16 wmma with fp32 accumulation, with each fp32 operand split into a bf16 pair
+// hi + lo (hi = bf16(x), lo = bf16(x - hi)) so products keep ~16 bits: r, k, v, gy are bf16 already,
+// so r e^{Ex}, k e^{Et-Ei}, A, S and G are the only split operands (x*y ~ xh*yh + xh*yl + xl*yh).
+//
+// Backward: sweep 1 (forward in time) recomputes the states and writes
+//   gr_t = e^{Ex_t} (S0 gy_t) + sum_{s<t} dA_ts k_s e^{Ex_t - Ei_s} + u k_t dA_tt,  dA_ts = gy_t . v_s,
+// b_t = r_t * (gr_t - u k_t dA_tt) (fp32 scratch), gu partials and P = rowsum(ghT * S_T).
+// Sweep 2 (reverse) carries G = dL/dS_end:
+//   gv_s = sum_{t>=s} A_ts gy_t + (k_s e^{Et-Ei_s}) G,   (A_ss = r_s.u.k_s)
+//   gk_s = sum_{t>s} dA_ts r_t e^{Ex_t - Ei_s} + e^{Et-Ei_s} (G v_s) + u r_s dA_ss,
+//   G   <- e^{Et} G + sum_t (r_t e^{Ex_t})^T gy_t,
+//   dL/dlw_m = P + sum_{t>m} b_t - sum_{s>=m} k_s * (gk_s - u r_s dA_ss - r_{s+1} dA_{s+1,s})
+//   (a running sum in fp64), gw = dL/dlw * lw; P and the term s = T-1 leave out the pair of step
+//   T-1 with the final-state gradient for the same reason. b_t likewise leaves out k_{t-1} dA_{t,t-1}: the pair
+//   (s, s+1) has no decay between its ends and would enter both sums with weight 1 and cancel; left
+//   out of both, every remaining term carries at least one decay, so a vanishing decay gives gw ~ 0
+//   instead of rounding noise times a huge lw. At chunk edges the neighbour row (the previous chunk's
+//   last k, v; the next chunk's first r, gy) is kept in X1, X2.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+#include <stdint.h>
+
+namespace {
+
+using namespace nvcuda;
+using bf16 = __nv_bfloat16;
+
+constexpr int N = 64;          // head size (K = V)
+constexpr int C = 16;          // chunk length
+constexpr int NT = 256;        // threads per block (8 warps)
+constexpr int PF = N + 1;      // fp32 per-step rows: odd stride, row-varying reads hit distinct banks
+constexpr int PB = N + 8;      // bf16 rows (wmma: ldm % 8 == 0, tiles 32-byte aligned)
+constexpr int PA = C + 8;      // bf16 16 x 16 score matrix
+constexpr int PS = N + 4;      // fp32 64-wide rows for wmma accumulators (ldm % 4 == 0)
+constexpr float LW_MIN = -1e4f;
+
+using FragAr = wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major>;
+using FragAc = wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::col_major>;
+using FragBr = wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major>;
+using FragBc = wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major>;
+using FragC = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+
+// ---------------------------------------------------------------------------------- shared memory
+// One carve-out for all three kernels (the backward sweeps use a superset of the forward's arrays).
+struct Smem {
+  float *R, *K, *LW, *Ex, *Ei, *B, *KD;  // [C][PF]
+  float *Et, *U, *X1, *X2, *Z;            // [N]; X1, X2: the neighbouring chunk's edge row
+  float* dot;                             // [4]
+  float *S;                               // [N][PS] state (or G in the reverse sweep)
+  float *O1, *O2, *dA;                    // [C][PS] wmma outputs
+  bf16 *V, *DY, *Rh, *Rl, *Kh, *Kl;       // [C][PB]
+  bf16 *Ah, *Al;                          // [C][PA]
+  bf16 *Sh, *Sl, *Sm;                     // [N][PB]: S = Sh + Sl (+ Sm, a third term for gradients)
+};
+
+__host__ __device__ constexpr size_t align128(size_t x) { return (x + 127) / 128 * 128; }
+
+__host__ __device__ constexpr size_t smem_bytes() {
+  return 7 * align128(C * PF * 4) + 5 * align128(N * 4) + align128(16) + align128(N * PB * 2) + align128(N * PS * 4) + 3 * align128(C * PS * 4) +
+         6 * align128(C * PB * 2) + 2 * align128(C * PA * 2) + 2 * align128(N * PB * 2);
+}
+
+__device__ Smem carve(unsigned char* p) {
+  Smem s;
+  auto take = [&p](size_t bytes) { unsigned char* q = p; p += align128(bytes); return q; };
+  s.R = (float*)take(C * PF * 4); s.K = (float*)take(C * PF * 4); s.LW = (float*)take(C * PF * 4);
+  s.Ex = (float*)take(C * PF * 4); s.Ei = (float*)take(C * PF * 4); s.B = (float*)take(C * PF * 4);
+  s.KD = (float*)take(C * PF * 4);
+  s.Et = (float*)take(N * 4); s.U = (float*)take(N * 4); s.X1 = (float*)take(N * 4); s.X2 = (float*)take(N * 4);
+  s.Z = (float*)take(N * 4);
+  s.dot = (float*)take(16);
+  s.S = (float*)take(N * PS * 4);
+  s.O1 = (float*)take(C * PS * 4); s.O2 = (float*)take(C * PS * 4); s.dA = (float*)take(C * PS * 4);
+  s.V = (bf16*)take(C * PB * 2); s.DY = (bf16*)take(C * PB * 2); s.Rh = (bf16*)take(C * PB * 2);
+  s.Rl = (bf16*)take(C * PB * 2); s.Kh = (bf16*)take(C * PB * 2); s.Kl = (bf16*)take(C * PB * 2);
+  s.Ah = (bf16*)take(C * PA * 2); s.Al = (bf16*)take(C * PA * 2);
+  s.Sh = (bf16*)take(N * PB * 2); s.Sl = (bf16*)take(N * PB * 2); s.Sm = (bf16*)take(N * PB * 2);
+  return s;
+}
+
+// ------------------------------------------------------------------------------------- load/store
+// Thread tid moves elements [4*tid, 4*tid+4) of a chunk's C x N tile: row t = tid/16, column i0.
+struct Slot {
+  int t, i0;
+  __device__ explicit Slot(int tid) : t(tid >> 4), i0((tid & 15) * 4) {}
+};
+
+__device__ __forceinline__ float4 ld4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+__device__ __forceinline__ float4 ld4(const bf16* p) {
+  const uint2 raw = *reinterpret_cast<const uint2*>(p);
+  const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.x));
+  const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.y));
+  return make_float4(a.x, a.y, b.x, b.y);
+}
+__device__ __forceinline__ uint2 ld_raw(const bf16* p) { return *reinterpret_cast<const uint2*>(p); }
+
+template <typename T>
+__device__ __forceinline__ T cvt(float x);
+template <>
+__device__ __forceinline__ float cvt<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ bf16 cvt<bf16>(float x) { return __float2bfloat16_rn(x); }
+
+__device__ __forceinline__ void put4(float* dst, const float4& x) { dst[0] = x.x; dst[1] = x.y; dst[2] = x.z; dst[3] = x.w; }
+__device__ __forceinline__ void split(float x, bf16* hi, bf16* lo) {
+  const bf16 h = __float2bfloat16_rn(x);
+  *hi = h;
+  *lo = __float2bfloat16_rn(x - __bfloat162float(h));
+}
+__device__ __forceinline__ float lw_of(float w) { return -__expf(w); }  // exact; the cumsums clamp it
+
+// Raw inputs of one chunk held in registers while the previous chunk computes.
+template <typename Tw, bool DY, bool BSCR>
+struct Prefetch {
+  uint2 r, k, v, dy;
+  float4 w, b;
+  template <typename P>
+  __device__ void load(const Slot& sl, int64_t off, bool valid, const bf16* R, const bf16* K, const bf16* V,
+                       const P* W, const bf16* G, const float* Bs) {
+    if (!valid) {
+      r = k = v = dy = make_uint2(0u, 0u);
+      w = b = make_float4(0.f, 0.f, 0.f, 0.f);
+      return;
+    }
+    r = ld_raw(R + off); k = ld_raw(K + off); v = ld_raw(V + off);
+    w = ld4(W + off);
+    if (DY) dy = ld_raw(G + off);
+    if (BSCR) b = ld4(Bs + off);
+  }
+  // valid = false leaves zeros and a zero log-decay (the step is the identity on the state)
+  __device__ void store(const Smem& s, const Slot& sl, bool valid) const {
+    const int o = sl.t * PF + sl.i0;
+    const float2 r01 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&r.x));
+    const float2 r23 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&r.y));
+    const float2 k01 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&k.x));
+    const float2 k23 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&k.y));
+    put4(s.R + o, make_float4(r01.x, r01.y, r23.x, r23.y));
+    put4(s.K + o, make_float4(k01.x, k01.y, k23.x, k23.y));
+    put4(s.LW + o, valid ? make_float4(lw_of(w.x), lw_of(w.y), lw_of(w.z), lw_of(w.w)) : make_float4(0.f, 0.f, 0.f, 0.f));
+    *reinterpret_cast<uint2*>(s.V + sl.t * PB + sl.i0) = v;
+    if (DY) *reinterpret_cast<uint2*>(s.DY + sl.t * PB + sl.i0) = dy;
+    if (BSCR) put4(s.B + o, b);
+  }
+};
+
+// Exclusive / inclusive cumsums of the log-decay per channel (threads 0..63; the others pass).
+__device__ __forceinline__ void cumsum(const Smem& s, int tid) {
+  if (tid < N) {
+    float run = 0.f;
+#pragma unroll
+    for (int t = 0; t < C; ++t) {
+      s.Ex[t * PF + tid] = run;
+      run += fmaxf(s.LW[t * PF + tid], LW_MIN);
+      s.Ei[t * PF + tid] = run;
+    }
+    s.Et[tid] = run;
+  }
+}
+
+// r e^{Ex} and k e^{Et - Ei} as bf16 pairs (4 elements per thread).
+__device__ __forceinline__ void scaled_rk(const Smem& s, const Slot& sl, bool want_r, bool want_k) {
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    const int i = sl.i0 + c, o = sl.t * PF + i, ob = sl.t * PB + i;
+    if (want_r) split(s.R[o] * __expf(s.Ex[o]), s.Rh + ob, s.Rl + ob);
+    if (want_k) split(s.K[o] * __expf(s.Et[i] - s.Ei[o]), s.Kh + ob, s.Kl + ob);
+  }
+}
+
+// Intra-chunk scores A (16 x 16, lower triangle plus the bonus diagonal) as a bf16 pair; thread (t, s).
+__device__ __forceinline__ void scores(const Smem& s, int tid) {
+  const int t = tid >> 4, j = tid & 15;
+  float a = 0.f;
+  if (j < t) {
+    const float* rt = s.R + t * PF; const float* ks = s.K + j * PF;
+    const float* ex = s.Ex + t * PF; const float* ei = s.Ei + j * PF;
+#pragma unroll 8
+    for (int i = 0; i < N; ++i) a = fmaf(rt[i] * ks[i], __expf(ex[i] - ei[i]), a);
+  } else if (j == t) {
+    const float* rt = s.R + t * PF; const float* kt = s.K + t * PF;
+#pragma unroll 8
+    for (int i = 0; i < N; ++i) a = fmaf(rt[i] * s.U[i], kt[i], a);
+  }
+  split(a, s.Ah + t * PA + j, s.Al + t * PA + j);
+}
+
+// fp32 state (or G) -> bf16 pair, and an optional in-place decay by e^{Et} for the next update.
+__device__ __forceinline__ void split_state(const Smem& s, int tid) {
+  for (int e = tid; e < N * N; e += NT) {
+    const int i = e >> 6, j = e & 63;
+    const float x = s.S[i * PS + j];
+    const bf16 hi = __float2bfloat16_rn(x);
+    const float r1 = x - __bfloat162float(hi);
+    const bf16 lo = __float2bfloat16_rn(r1);
+    s.Sh[i * PB + j] = hi;
+    s.Sl[i * PB + j] = lo;
+    s.Sm[i * PB + j] = __float2bfloat16_rn(r1 - __bfloat162float(lo));
+  }
+}
+__device__ __forceinline__ void decay_state(const Smem& s, int tid) {
+  for (int e = tid; e < N * N; e += NT) {
+    const int i = e >> 6, j = e & 63;
+    s.S[i * PS + j] *= __expf(s.Et[i]);
+  }
+}
+
+// One 16 x 16 tile q of the state update S (already decayed) += X^T Y, X a split bf16 pair.
+__device__ __forceinline__ void state_update_tile(const Smem& s, int q, const bf16* Xh, const bf16* Xl,
+                                                  const bf16* Y) {
+  // tile q of the 4 x 4 grid: rows i (key) block ti, columns j (value) block tj;
+  // S[i][j] += sum_t X[t][i] Y[t][j]  (X^T as a col-major A operand)
+  const int ti = q >> 2, tj = q & 3;
+  FragC acc;
+  wmma::load_matrix_sync(acc, s.S + ti * 16 * PS + tj * 16, PS, wmma::mem_row_major);
+  FragAc a;
+  FragBr b;
+  wmma::load_matrix_sync(b, Y + tj * 16, PB);
+  wmma::load_matrix_sync(a, Xh + ti * 16, PB);
+  wmma::mma_sync(acc, a, b, acc);
+  wmma::load_matrix_sync(a, Xl + ti * 16, PB);
+  wmma::mma_sync(acc, a, b, acc);
+  wmma::store_matrix_sync(s.S + ti * 16 * PS + tj * 16, acc, PS, wmma::mem_row_major);
+}
+
+// out[:, 16 tj ..] += Xsplit (C x 64, row-major) . Msplit[:, 16 tj ..] (64 x 64, row-major): 3 mmas per k-step.
+__device__ __forceinline__ void rows_times_state(FragC& acc, const bf16* Xh, const bf16* Xl, const bf16* Mh,
+                                                 const bf16* Ml, int tj) {
+  FragAr xh, xl;
+  FragBr mh, ml;
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    wmma::load_matrix_sync(xh, Xh + kk * 16, PB);
+    wmma::load_matrix_sync(xl, Xl + kk * 16, PB);
+    wmma::load_matrix_sync(mh, Mh + kk * 16 * PB + tj * 16, PB);
+    wmma::load_matrix_sync(ml, Ml + kk * 16 * PB + tj * 16, PB);
+    wmma::mma_sync(acc, xh, mh, acc);
+    wmma::mma_sync(acc, xh, ml, acc);
+    wmma::mma_sync(acc, xl, mh, acc);
+  }
+}
+
+// out[t][16 ti + n] = sum_j X[t][j] M[16 ti + n][j]  (X bf16 exact, M a split 64 x 64 row-major): X . M^T.
+// M carries three bf16 terms (~24 bits): these products feed the decay gradient's running sum,
+// whose terms cancel in pairs, so their rounding must stay at fp32 level.
+__device__ __forceinline__ void rows_times_state_t(FragC& acc, const bf16* X, const bf16* Mh, const bf16* Ml,
+                                                   const bf16* Mm, int ti) {
+  FragAr x;
+  FragBc m;
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    wmma::load_matrix_sync(x, X + kk * 16, PB);
+    wmma::load_matrix_sync(m, Mm + ti * 16 * PB + kk * 16, PB);
+    wmma::mma_sync(acc, x, m, acc);
+    wmma::load_matrix_sync(m, Ml + ti * 16 * PB + kk * 16, PB);
+    wmma::mma_sync(acc, x, m, acc);
+    wmma::load_matrix_sync(m, Mh + ti * 16 * PB + kk * 16, PB);
+    wmma::mma_sync(acc, x, m, acc);
+  }
+}
+
+// dA[t][s] = gy_t . v_s  (16 x 16)
+__device__ __forceinline__ void grad_scores(const Smem& s) {
+  FragC acc;
+  wmma::fill_fragment(acc, 0.f);
+  FragAr a;
+  FragBc b;
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    wmma::load_matrix_sync(a, s.DY + kk * 16, PB);
+    wmma::load_matrix_sync(b, s.V + kk * 16, PB);
+    wmma::mma_sync(acc, a, b, acc);
+  }
+  wmma::store_matrix_sync(s.dA, acc, PS, wmma::mem_row_major);
+}
+
+// s.dot[0] = x . y (warp 0; x fp32 [N], y a bf16 row)
+__device__ __forceinline__ void edge_dot(const Smem& s, int tid, const float* x, const bf16* y) {
+  if (tid < 32) {
+    float a = x[tid] * __bfloat162float(y[tid]) + x[tid + 32] * __bfloat162float(y[tid + 32]);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) a += __shfl_xor_sync(0xffffffffu, a, o);
+    if (tid == 0) s.dot[0] = a;
+  }
+}
+
+__device__ __forceinline__ void init_state(const Smem& s, const float* src, int tid) {
+  for (int e = tid; e < N * N; e += NT) s.S[(e >> 6) * PS + (e & 63)] = src ? src[e] : 0.f;
+}
+
+// =============================================================================================== forward
+template <typename Tw>
+__global__ void __launch_bounds__(NT)
+chunk_forward_kernel(int T, int H, const bf16* __restrict__ r, const bf16* __restrict__ k,
+                     const bf16* __restrict__ v, const Tw* __restrict__ w, const float* __restrict__ u,
+                     const float* __restrict__ h0, bf16* __restrict__ y, float* __restrict__ hT) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  const Smem s = carve(smem_raw);
+  const int tid = threadIdx.x, warp = tid >> 5, bh = blockIdx.x, b = bh / H, h = bh % H;
+  const int64_t base = ((int64_t)b * T * H + h) * N, stride = (int64_t)H * N;
+  const Slot sl(tid);
+  if (tid < N) s.U[tid] = u[h * N + tid];
+  init_state(s, h0 ? h0 + (int64_t)bh * N * N : nullptr, tid);
+  __syncthreads();
+  split_state(s, tid);
+  Prefetch<Tw, false, false> pf;
+  const int nch = (T + C - 1) / C;
+  auto off = [&](int c) { return base + (int64_t)(c * C + sl.t) * stride + sl.i0; };
+  pf.load(sl, off(0), sl.t < T, r, k, v, w, nullptr, nullptr);
+  pf.store(s, sl, sl.t < T);
+  __syncthreads();
+  for (int c = 0; c < nch; ++c) {
+    const bool more = c + 1 < nch, next_valid = (c + 1) * C + sl.t < T;
+    if (more) pf.load(sl, off(c + 1), next_valid, r, k, v, w, nullptr, nullptr);
+    cumsum(s, tid);
+    __syncthreads();
+    scaled_rk(s, sl, true, true);
+    scores(s, tid);
+    decay_state(s, tid);  // S <- e^{Et} S (the bf16 pair Sh/Sl still holds the undecayed S0 for y)
+    __syncthreads();
+    if (warp < 4) {  // y tile j = warp: A V + (r e^{Ex}) S0
+      FragC acc;
+      wmma::fill_fragment(acc, 0.f);
+      FragAr a;
+      FragBr bv;
+      wmma::load_matrix_sync(bv, s.V + warp * 16, PB);
+      wmma::load_matrix_sync(a, s.Ah, PA);
+      wmma::mma_sync(acc, a, bv, acc);
+      wmma::load_matrix_sync(a, s.Al, PA);
+      wmma::mma_sync(acc, a, bv, acc);
+      rows_times_state(acc, s.Rh, s.Rl, s.Sh, s.Sl, warp);
+      wmma::store_matrix_sync(s.O1 + warp * 16, acc, PS, wmma::mem_row_major);
+    } else {  // state tiles 4 (warp - 4) .. +3
+#pragma unroll
+      for (int q = 0; q < 4; ++q) state_update_tile(s, 4 * (warp - 4) + q, s.Kh, s.Kl, s.V);
+    }
+    __syncthreads();
+    if (c * C + sl.t < T) {
+      const float* o = s.O1 + sl.t * PS + sl.i0;
+      const __nv_bfloat162 y01 = __floats2bfloat162_rn(o[0], o[1]), y23 = __floats2bfloat162_rn(o[2], o[3]);
+      uint2 raw;
+      raw.x = *reinterpret_cast<const uint32_t*>(&y01);
+      raw.y = *reinterpret_cast<const uint32_t*>(&y23);
+      *reinterpret_cast<uint2*>(y + off(c)) = raw;
+    }
+    split_state(s, tid);
+    if (more) pf.store(s, sl, next_valid);
+    __syncthreads();
+  }
+  for (int e = tid; e < N * N; e += NT) hT[(int64_t)bh * N * N + e] = s.S[(e >> 6) * PS + (e & 63)];
+}
+
+// ====================================================================================== backward sweep 1
+// Forward in time: gr, b = r * (gr without the bonus), gu partials, P = rowsum(ghT * S_T).
+template <typename Tw>
+__global__ void __launch_bounds__(NT)
+chunk_backward_fwd_kernel(int T, int H, const bf16* __restrict__ r, const bf16* __restrict__ k,
+                          const bf16* __restrict__ v, const Tw* __restrict__ w, const float* __restrict__ u,
+                          const float* __restrict__ h0, const bf16* __restrict__ gy, const float* __restrict__ ghT,
+                          bf16* __restrict__ gr, float* __restrict__ bscr, float* __restrict__ gu_part,
+                          float* __restrict__ P) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  const Smem s = carve(smem_raw);
+  const int tid = threadIdx.x, warp = tid >> 5, bh = blockIdx.x, b = bh / H, h = bh % H;
+  const int64_t base = ((int64_t)b * T * H + h) * N, stride = (int64_t)H * N;
+  const Slot sl(tid);
+  // elementwise ownership: channel i = tid & 63, rows t = 4 * (tid >> 6) .. +3
+  const int ei = tid & 63, et0 = 4 * (tid >> 6);
+  float gu_acc = 0.f;
+  if (tid < N) {
+    s.U[tid] = u[h * N + tid];
+    s.X1[tid] = 0.f;  // k of the previous chunk's last step
+    s.X2[tid] = 0.f;  // v of the previous chunk's last step
+  }
+  init_state(s, h0 ? h0 + (int64_t)bh * N * N : nullptr, tid);
+  __syncthreads();
+  split_state(s, tid);
+  Prefetch<Tw, true, false> pf;
+  const int nch = (T + C - 1) / C;
+  auto off = [&](int c) { return base + (int64_t)(c * C + sl.t) * stride + sl.i0; };
+  pf.load(sl, off(0), sl.t < T, r, k, v, w, gy, nullptr);
+  pf.store(s, sl, sl.t < T);
+  __syncthreads();
+  for (int c = 0; c < nch; ++c) {
+    const bool more = c + 1 < nch, next_valid = (c + 1) * C + sl.t < T;
+    if (more) pf.load(sl, off(c + 1), next_valid, r, k, v, w, gy, nullptr);
+    cumsum(s, tid);
+    if (!more && tid >= N && tid < 2 * N) {  // Z = rowsum(ghT * S0) of the last chunk, for P below
+      const int i = tid - N;
+      float z = 0.f;
+      if (ghT) {
+        const float* g = ghT + (int64_t)bh * N * N + i * N;
+        for (int j = 0; j < N; ++j) z = fmaf(g[j], s.S[i * PS + j], z);
+      }
+      s.Z[i] = z;
+    }
+    __syncthreads();
+    scaled_rk(s, sl, false, true);
+    decay_state(s, tid);
+    edge_dot(s, tid, s.X2, s.DY);  // v_prev . gy_0
+    __syncthreads();
+    if (warp < 4) {  // O1[t][16 warp + n] = (gy S0^T)[t][i]
+      FragC acc;
+      wmma::fill_fragment(acc, 0.f);
+      rows_times_state_t(acc, s.DY, s.Sh, s.Sl, s.Sm, warp);
+      wmma::store_matrix_sync(s.O1 + warp * 16, acc, PS, wmma::mem_row_major);
+    } else {
+      if (warp == 4) grad_scores(s);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) state_update_tile(s, 4 * (warp - 4) + q, s.Kh, s.Kl, s.V);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int m = 0; m < 4; ++m) {
+      const int t = et0 + m, o = t * PF + ei;
+      const float ex = s.Ex[o];
+      float acc = __expf(ex) * s.O1[t * PS + ei];
+      for (int j = 0; j < t; ++j) acc = fmaf(s.dA[t * PS + j] * s.K[j * PF + ei], __expf(ex - s.Ei[j * PF + ei]), acc);
+      const float rt = s.R[o], kt = s.K[o], dtt = s.dA[t * PS + t];
+      gu_acc = fmaf(rt * kt, dtt, gu_acc);
+      const float adj = t == 0 ? s.X1[ei] * s.dot[0] : s.dA[t * PS + t - 1] * s.K[(t - 1) * PF + ei];
+      if (c * C + t < T) {
+        const int64_t g = base + (int64_t)(c * C + t) * stride + ei;
+        gr[g] = cvt<bf16>(acc + s.U[ei] * kt * dtt);
+        bscr[g] = rt * (acc - adj);
+      }
+    }
+    if (tid < N) {  // the same thread read X1[tid] above (t = 0); X2 was read before the last barrier
+      s.X1[tid] = s.K[(C - 1) * PF + tid];
+      s.X2[tid] = __bfloat162float(s.V[(C - 1) * PB + tid]);
+    }
+    split_state(s, tid);
+    __syncthreads();  // the elementwise pass above still reads this chunk's R, K
+    if (more) pf.store(s, sl, next_valid);
+    __syncthreads();
+  }
+  // gu partial: reduce the four row groups of each channel
+  s.O2[tid] = gu_acc;  // O2 has >= 256 floats
+  __syncthreads();
+  if (tid < N) {
+    gu_part[(int64_t)bh * N + tid] = s.O2[tid] + s.O2[tid + 64] + s.O2[tid + 128] + s.O2[tid + 192];
+    // P = rowsum(ghT * (S_T - k_{T-1} v_{T-1}^T)): the final-state gradient without the pair
+    // (T-1, "T") that the reverse sweep leaves out of gk's share of the decay gradient likewise.
+    // From the last chunk's S0 and rows s < L (L = its last valid row), every term decayed.
+    const int L = T - 1 - (nch - 1) * C;
+    const float eL = s.Ei[L * PF + tid];
+    float p = __expf(eL) * s.Z[tid];
+    if (ghT) {
+      const float* g = ghT + (int64_t)bh * N * N + tid * N;
+      for (int q = 0; q < L; ++q) {
+        float gv_ = 0.f;
+        for (int j = 0; j < N; ++j) gv_ = fmaf(g[j], __bfloat162float(s.V[q * PB + j]), gv_);
+        p = fmaf(s.K[q * PF + tid] * __expf(eL - s.Ei[q * PF + tid]), gv_, p);
+      }
+    }
+    P[(int64_t)bh * N + tid] = p;
+  }
+}
+
+// ====================================================================================== backward sweep 2
+// Reverse in time: gk, gv, gw, gh0. s.S holds G = dL/dS_end of the current chunk.
+template <typename Tw>
+__global__ void __launch_bounds__(NT)
+chunk_backward_rev_kernel(int T, int H, const bf16* __restrict__ r, const bf16* __restrict__ k,
+                          const bf16* __restrict__ v, const Tw* __restrict__ w, const float* __restrict__ u,
+                          const bf16* __restrict__ gy, const float* __restrict__ ghT,
+                          const float* __restrict__ bscr, const float* __restrict__ P, bf16* __restrict__ gk,
+                          bf16* __restrict__ gv, Tw* __restrict__ gw, float* __restrict__ gh0) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  const Smem s = carve(smem_raw);
+  const int tid = threadIdx.x, warp = tid >> 5, bh = blockIdx.x, b = bh / H, h = bh % H;
+  const int64_t base = ((int64_t)b * T * H + h) * N, stride = (int64_t)H * N;
+  const Slot sl(tid);
+  const int ei = tid & 63, et0 = 4 * (tid >> 6);
+  double dl_acc = 0.0;  // threads 0..63: P + sum_{t>m} b_t - sum_{s>m} k_s dk'_s for channel tid
+  if (tid < N) {
+    s.U[tid] = u[h * N + tid];
+    s.X1[tid] = 0.f;  // r of the next chunk's first step
+    s.X2[tid] = 0.f;  // gy of the next chunk's first step
+    dl_acc = (double)P[(int64_t)bh * N + tid];
+  }
+  init_state(s, ghT ? ghT + (int64_t)bh * N * N : nullptr, tid);
+  __syncthreads();
+  split_state(s, tid);
+  Prefetch<Tw, true, true> pf;
+  const int nch = (T + C - 1) / C;
+  auto off = [&](int c) { return base + (int64_t)(c * C + sl.t) * stride + sl.i0; };
+  pf.load(sl, off(nch - 1), (nch - 1) * C + sl.t < T, r, k, v, w, gy, bscr);
+  pf.store(s, sl, (nch - 1) * C + sl.t < T);
+  __syncthreads();
+  for (int c = nch - 1; c >= 0; --c) {
+    const bool more = c > 0;  // chunk c-1 is always full
+    if (more) pf.load(sl, off(c - 1), true, r, k, v, w, gy, bscr);
+    cumsum(s, tid);
+    __syncthreads();
+    scaled_rk(s, sl, true, true);
+    scores(s, tid);
+    decay_state(s, tid);  // G <- e^{Et} G; Sh/Sl keep the undecayed G for gv and gk
+    edge_dot(s, tid, s.X2, s.V + (C - 1) * PB);  // gy_next . v_{C-1}
+    __syncthreads();
+    if (warp < 4) {  // gv tile j = warp: A^T gy + (k e^{Et-Ei}) G
+      FragC acc;
+      wmma::fill_fragment(acc, 0.f);
+      FragAc a;
+      FragBr bg;
+      wmma::load_matrix_sync(bg, s.DY + warp * 16, PB);
+      wmma::load_matrix_sync(a, s.Ah, PA);
+      wmma::mma_sync(acc, a, bg, acc);
+      wmma::load_matrix_sync(a, s.Al, PA);
+      wmma::mma_sync(acc, a, bg, acc);
+      rows_times_state(acc, s.Kh, s.Kl, s.Sh, s.Sl, warp);
+      wmma::store_matrix_sync(s.O1 + warp * 16, acc, PS, wmma::mem_row_major);
+      if (warp == 0) grad_scores(s);
+    } else {  // O2[s][16 ti + n] = (V G^T)[s][i], ti = warp - 4; then G += (r e^{Ex})^T gy on 4 tiles
+      FragC acc;
+      wmma::fill_fragment(acc, 0.f);
+      rows_times_state_t(acc, s.V, s.Sh, s.Sl, s.Sm, warp - 4);
+      wmma::store_matrix_sync(s.O2 + (warp - 4) * 16, acc, PS, wmma::mem_row_major);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) state_update_tile(s, 4 * (warp - 4) + q, s.Rh, s.Rl, s.DY);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int m = 0; m < 4; ++m) {
+      const int t = et0 + m, o = t * PF + ei;  // t plays "s" (the key position) here
+      const float eis = s.Ei[o];
+      const float st = __expf(s.Et[ei] - eis) * s.O2[t * PS + ei];  // through G (the chunk's end state)
+      float acc = st;
+      for (int q = t + 1; q < C; ++q) acc = fmaf(s.dA[q * PS + t] * s.R[q * PF + ei], __expf(s.Ex[q * PF + ei] - eis), acc);
+      const float adj = t == C - 1 ? s.X1[ei] * s.dot[0] : s.dA[(t + 1) * PS + t] * s.R[(t + 1) * PF + ei];
+      // at T-1 the state part is the pair with the final-state gradient, left out of P too
+      s.KD[o] = s.K[o] * (acc - adj - (c * C + t == T - 1 ? st : 0.f));
+      if (c * C + t < T) {
+        const int64_t g = base + (int64_t)(c * C + t) * stride + ei;
+        gk[g] = cvt<bf16>(acc + s.U[ei] * s.R[o] * s.dA[t * PS + t]);
+        gv[g] = cvt<bf16>(s.O1[t * PS + ei]);
+      }
+    }
+    if (tid >= 3 * N) {  // the thread that read X1[ei] for t = C-1 above; X2 was read before the last barrier
+      s.X1[ei] = s.R[ei];
+      s.X2[ei] = __bfloat162float(s.DY[ei]);
+    }
+    split_state(s, tid);
+    __syncthreads();
+    if (tid < N) {
+      for (int t = C - 1; t >= 0; --t) {
+        const int o = t * PF + tid;
+        const double kd = (double)s.KD[o];
+        const double dl = dl_acc - kd;
+        dl_acc = dl + (double)s.B[o];
+        if (c * C + t < T) gw[base + (int64_t)(c * C + t) * stride + tid] = cvt<Tw>((float)(dl * (double)s.LW[o]));
+      }
+    }
+    __syncthreads();
+    if (more) pf.store(s, sl, true);
+    __syncthreads();
+  }
+  if (gh0)
+    for (int e = tid; e < N * N; e += NT) gh0[(int64_t)bh * N * N + e] = s.S[(e >> 6) * PS + (e & 63)];
+}
+
+template <typename Tw>
+cudaError_t setup(const void* fn) {
+  return cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_bytes());
+}
+
+template <typename Tw>
+cudaError_t launch_forward(int B, int T, int H, const void* r, const void* k, const void* v, const void* w,
+                           const float* u, const float* h0, void* y, float* hT, cudaStream_t stream) {
+  cudaError_t err = setup<Tw>((const void*)chunk_forward_kernel<Tw>);
+  if (err != cudaSuccess) return err;
+  chunk_forward_kernel<Tw><<<B * H, NT, smem_bytes(), stream>>>(T, H, (const bf16*)r, (const bf16*)k,
+                                                                (const bf16*)v, (const Tw*)w, u, h0, (bf16*)y, hT);
+  return cudaGetLastError();
+}
+
+template <typename Tw>
+cudaError_t launch_backward(int B, int T, int H, const void* r, const void* k, const void* v, const void* w,
+                            const float* u, const float* h0, const void* gy, const float* ghT, void* gr,
+                            void* gk, void* gv, void* gw, float* gu_part, float* gh0, float* bscr, float* P,
+                            cudaStream_t stream) {
+  cudaError_t err = setup<Tw>((const void*)chunk_backward_fwd_kernel<Tw>);
+  if (err != cudaSuccess) return err;
+  err = setup<Tw>((const void*)chunk_backward_rev_kernel<Tw>);
+  if (err != cudaSuccess) return err;
+  chunk_backward_fwd_kernel<Tw><<<B * H, NT, smem_bytes(), stream>>>(
+      T, H, (const bf16*)r, (const bf16*)k, (const bf16*)v, (const Tw*)w, u, h0, (const bf16*)gy, ghT, (bf16*)gr,
+      bscr, gu_part, P);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  chunk_backward_rev_kernel<Tw><<<B * H, NT, smem_bytes(), stream>>>(
+      T, H, (const bf16*)r, (const bf16*)k, (const bf16*)v, (const Tw*)w, u, (const bf16*)gy, ghT, bscr, P,
+      (bf16*)gk, (bf16*)gv, (Tw*)gw, gh0);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+// Launchers (declared in wkv6_cuda_bind.cpp). r, k, v, y, gy, gr, gk, gv bf16; w, gw bf16 (tw = 1) or
+// fp32 (tw = 0); head size 64. Same buffers and meaning as wkv6_cuda_forward / wkv6_cuda_backward.
+cudaError_t wkv6_chunk_forward(int tw, int B, int T, int H, const void* r, const void* k, const void* v,
+                               const void* w, const float* u, const float* h0, void* y, float* hT,
+                               cudaStream_t stream) {
+  if (tw == 1) return launch_forward<bf16>(B, T, H, r, k, v, w, u, h0, y, hT, stream);
+  return launch_forward<float>(B, T, H, r, k, v, w, u, h0, y, hT, stream);
+}
+
+cudaError_t wkv6_chunk_backward(int tw, int B, int T, int H, const void* r, const void* k, const void* v,
+                                const void* w, const float* u, const float* h0, const void* gy, const float* ghT,
+                                void* gr, void* gk, void* gv, void* gw, float* gu_part, float* gh0, float* bscr,
+                                float* P, cudaStream_t stream) {
+  if (tw == 1)
+    return launch_backward<bf16>(B, T, H, r, k, v, w, u, h0, gy, ghT, gr, gk, gv, gw, gu_part, gh0, bscr, P, stream);
+  return launch_backward<float>(B, T, H, r, k, v, w, u, h0, gy, ghT, gr, gk, gv, gw, gu_part, gh0, bscr, P, stream);
+}
