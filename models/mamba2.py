@@ -19,7 +19,9 @@ Three SSD paths with the same maths (tested against each other and, on a GPU, ag
   * "triton": CUDA with mamba_ssm importable: mamba_ssm's Triton `mamba_chunk_scan_combined` (and
     `causal_conv1d_fn` for the convolution when that package is importable and no conv state is carried in);
   * "torch": `models.ssd.ssd_chunked`, a chunked pure-PyTorch SSD;
-  * "wkv6" (never picked by "auto" until it is measured on GPU): the scan through our RWKV-6 kernel
+  * "wkv6" (opt-in: 3.2x faster than the Triton SSD forward+backward alone at the 5m shape on an H100, but
+    not yet shown faster for a whole training step, BENCHMARKS.md; traceable by torch.compile): the scan
+    through our RWKV-6 kernel
     `kernels.wkv6` on CPU or CUDA (mapping in `ssd_wkv6`); the convolution is chosen as for "triton".
     Needs d_state == headdim (the kernel's K = V; checked at construction), on CUDA also d_state in
     kernels.build.HEAD_SIZES_CUDA (32, 64, 128) and fp32 or bf16. Under CUDA autocast the kernel gets bf16
@@ -30,7 +32,6 @@ cache; SSM state (B, H, P, N) fp32.
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 
 import torch
 import torch.nn as nn
@@ -50,9 +51,18 @@ BACKENDS = ("auto", "torch", "triton", "wkv6")   # "auto" never picks "wkv6" (mo
 TORCH_SSD_CHUNK = 64   # (short calls, e.g. one-token decoding, use chunk = T: no padding)
 
 
-@lru_cache(maxsize=None)
+_OPS: tuple | None = None   # filled once, eagerly (Mamba2.__init__), so torch.compile reads a constant
+
+
 def _mamba_ssm_ops():
     """mamba_ssm's Triton SSD and causal_conv1d's conv, or None for each one that cannot be imported."""
+    global _OPS
+    if _OPS is None:
+        _OPS = _import_mamba_ssm_ops()
+    return _OPS
+
+
+def _import_mamba_ssm_ops():
     try:
         from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
     except ImportError:
@@ -190,7 +200,8 @@ class Mamba2(nn.Module):
             raise ValueError(f"Mamba2: backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
         if backend == "wkv6" and (problem := wkv6_backend_problem(d_state, headdim)):
             raise ValueError(f"Mamba2: {problem}")
-        self.backend = backend   # "auto": Triton SSD on CUDA when mamba_ssm imports, else the PyTorch SSD
+        self.backend = backend   # "auto": see the module docstring
+        _mamba_ssm_ops()         # probe the optional imports now, outside any traced forward
         self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
         self.headdim, self.ngroups, self.chunk_size = headdim, ngroups, chunk_size
         self.d_inner, self.d_ssm, self.nheads = d_inner, d_inner, nheads
