@@ -3,14 +3,18 @@
     python -m kernels.bench                 # CUDA part if a GPU is visible, CPU part always
     python -m kernels.bench --skip-cpu      # GPU numbers only
 
-CUDA part: bf16 inputs, K = V = 64, shapes (B, T, H) in SHAPES; forward (under no_grad) and
+CUDA part: bf16 inputs, K = V = 64, shapes (B, T, H) in SHAPES; for every shape, in one run and on
+the same inputs: our chunked tensor-core kernel (`impl="chunked"`), our sequential kernel (the
+official kernel's algorithm, `impl="sequential"`) and, when the bench-only extra is installed
+(`pip install -e '.[bench]'`), FLA's `chunk_rwkv6` (given the log-decay -exp(w), computed before
+timing, and scale 1). Forward (under no_grad) and
 forward+backward (torch.autograd.grad with a fixed random gy) medians and p20/p80 from CUDA events,
 one event pair per repetition, L2 flushed (256 MiB write) before each repetition, everything warmed
 up (JIT build included) before anything is timed. Bandwidth bound: forward reads r, k, v, w and
 writes y (5 tensors of B*T*H*64 bf16); forward+backward moves 14 such tensors (backward reads
 r, k, v, w, gy, writes gr, gk, gv, gw). `fraction_of_hbm_bound` = bound time / measured time, with
 the GPU's nominal HBM bandwidth; the measured device-to-device copy bandwidth is reported beside it.
-Peers in the same run: the sequential and chunked PyTorch references on the first shape.
+The sequential and chunked PyTorch references run too, on the smallest shape.
 
 CPU part: forward+backward of (B, T, H) = (4, 1024, 4), K = V = 64, float32, the C++ extension
 vs the sequential PyTorch reference `wkv6_ref`, same process, ratio reported.
@@ -31,7 +35,8 @@ from .build import build_extension
 from .reference import wkv6_chunked_ref, wkv6_ref
 from .wkv6 import wkv6
 
-SHAPES = [(64, 512, 2), (16, 4096, 8), (8, 4096, 32), (4, 2048, 32)]
+SHAPES = [(16, 4096, 8), (8, 4096, 32), (64, 512, 2), (4, 2048, 32)]
+IMPLS = ("chunked", "sequential")
 HEAD = 64
 # Nominal HBM bandwidth (bytes/s) by device-name fragment, most specific first.
 NOMINAL_HBM = [("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("H200", 4.8e12), ("A100-SXM4-80GB", 2.039e12),
@@ -96,44 +101,86 @@ def _copy_bandwidth() -> float:
     return 2 * a.numel() / (statistics.median(ts[2:]) * 1e-3)
 
 
-def bench_cuda(reps: int) -> dict:
+def _fla_chunk():
+    """FLA's chunk_rwkv6 (bench-only extra), or None when it is not installed."""
+    try:
+        from fla.ops.rwkv6 import chunk_rwkv6
+    except ImportError:
+        return None
+    return chunk_rwkv6
+
+
+def _contenders(xs, gy, fla: bool = True):
+    """name -> (forward fn, forward+backward fn) on the same inputs."""
+    r, k, v, w, u = xs
+    out = {}
+    for impl in IMPLS:
+        def fwd(impl=impl):
+            with torch.no_grad():
+                wkv6(*xs, impl=impl)
+
+        def fwd_bwd(impl=impl):
+            y, _ = wkv6(*xs, impl=impl)
+            torch.autograd.grad(y, xs, gy)
+
+        out[f"ours_{impl}"] = (fwd, fwd_bwd)
+    chunk_rwkv6 = _fla_chunk() if fla else None
+    if chunk_rwkv6 is not None:
+        g = (-torch.exp(w.detach().float())).requires_grad_(True)   # FLA takes the log-decay
+        fla_in = [r, k, v, g, u]
+
+        def fla_fwd():
+            with torch.no_grad():
+                chunk_rwkv6(r, k, v, g, u, scale=1.0)
+
+        def fla_fwd_bwd():
+            y, _ = chunk_rwkv6(r, k, v, g, u, scale=1.0)
+            torch.autograd.grad(y, fla_in, gy)
+
+        out["fla_chunk_rwkv6"] = (fla_fwd, fla_fwd_bwd)
+    return out
+
+
+def bench_cuda(reps: int, fla: bool = True, refs: bool = True, shapes=SHAPES) -> dict:
     name = torch.cuda.get_device_name()
     peak = next((bw for frag, bw in NOMINAL_HBM if frag in name), None)
     info = build_extension("cuda")
     flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-    cases = {s: _inputs(*s, torch.bfloat16, "cuda") for s in SHAPES}
-    for xs, gy in cases.values():  # global warm-up: every shape fwd+bwd once before any timing
-        leaves = [x.requires_grad_(True) for x in xs]
-        torch.autograd.grad(wkv6(*leaves)[0], leaves, gy)
+    cases = {}
+    for s in shapes:
+        xs, gy = _inputs(*s, torch.bfloat16, "cuda")
+        xs = [x.requires_grad_(True) for x in xs]
+        cases[s] = (xs, gy, _contenders(xs, gy, fla))
+    for _, _, cont in cases.values():  # global warm-up (JIT build, Triton autotune) before any timing
+        for _, fb in cont.values():
+            fb()
     torch.cuda.synchronize()
     rows = []
-    for (B, T, H), (xs, gy) in cases.items():
+    for (B, T, H), (xs, gy, cont) in cases.items():
         E = B * T * H * HEAD
-
-        def fwd():
-            with torch.no_grad():
-                wkv6(*xs)
-
-        def fwd_bwd():
-            y, _ = wkv6(*xs)
-            torch.autograd.grad(y, xs, gy)
-
-        f, fb = _time_cuda(fwd, reps, flush), _time_cuda(fwd_bwd, reps, flush)
-        row = {"B": B, "T": T, "H": H, "K": HEAD, "V": HEAD, "dtype": "bfloat16", "forward": f, "forward_backward": fb,
-               "forward_bytes": 5 * E * 2, "forward_backward_bytes": 14 * E * 2,
-               "forward_us_per_step": 1e3 * f["median_ms"] / T,
-               "forward_backward_tokens_per_s": B * T / (fb["median_ms"] * 1e-3)}
+        row = {"B": B, "T": T, "H": H, "K": HEAD, "V": HEAD, "dtype": "bfloat16",
+               "forward_bytes": 5 * E * 2, "forward_backward_bytes": 14 * E * 2}
         if peak:
             row["forward_bound_ms"] = 1e3 * row["forward_bytes"] / peak
             row["forward_backward_bound_ms"] = 1e3 * row["forward_backward_bytes"] / peak
-            row["forward_fraction_of_hbm_bound"] = row["forward_bound_ms"] / f["median_ms"]
-            row["forward_backward_fraction_of_hbm_bound"] = row["forward_backward_bound_ms"] / fb["median_ms"]
+        for cname, (f_fn, fb_fn) in cont.items():
+            f, fb = _time_cuda(f_fn, reps, flush), _time_cuda(fb_fn, reps, flush)
+            res = {"forward": f, "forward_backward": fb, "forward_us_per_step": 1e3 * f["median_ms"] / T,
+                   "forward_backward_tokens_per_s": B * T / (fb["median_ms"] * 1e-3)}
+            if peak:
+                res["forward_fraction_of_hbm_bound"] = row["forward_bound_ms"] / f["median_ms"]
+                res["forward_backward_fraction_of_hbm_bound"] = row["forward_backward_bound_ms"] / fb["median_ms"]
+            row[cname] = res
+            _log(f"cuda {B},{T},{H} {cname}: fwd {f['median_ms']:.3f} ms, fwd+bwd {fb['median_ms']:.3f} ms")
+        ours = row["ours_chunked"]["forward_backward"]["median_ms"]
+        row["chunked_speedup_fwd_bwd"] = {c: row[c]["forward_backward"]["median_ms"] / ours
+                                          for c in cont if c != "ours_chunked"}
         rows.append(row)
-        _log(f"cuda {B},{T},{H}: fwd {f['median_ms']:.3f} ms, fwd+bwd {fb['median_ms']:.3f} ms")
-    # peers on the first shape (same inputs, same protocol, fewer repetitions: they are slow)
-    (B, T, H), (xs, gy) = SHAPES[0], cases[SHAPES[0]]
+    # the PyTorch references on the smallest shape (same protocol, fewer repetitions: they are slow)
+    (B, T, H) = min(shapes, key=lambda s: s[0] * s[1] * s[2])
+    xs, gy, _ = cases[(B, T, H)]
     peers = {}
-    for pname, fn in (("wkv6_ref_sequential", wkv6_ref), ("wkv6_chunked_ref", wkv6_chunked_ref)):
+    for pname, fn in (("wkv6_ref_sequential", wkv6_ref), ("wkv6_chunked_ref", wkv6_chunked_ref)) if refs else ():
         def peer_fb(fn=fn):
             y, _ = fn(*xs)
             torch.autograd.grad(y, xs, gy)
@@ -145,8 +192,10 @@ def bench_cuda(reps: int) -> dict:
         peers[pname] = {"shape": [B, T, H], "forward": _time_cuda(peer_f, 3, flush),
                         "forward_backward": _time_cuda(peer_fb, 3, flush)}
         _log(f"cuda peer {pname}: fwd+bwd {peers[pname]['forward_backward']['median_ms']:.1f} ms")
+    fla = _fla_chunk() if fla else None
     return {"device": name, "nominal_hbm_bytes_per_s": peak, "measured_copy_bytes_per_s": _copy_bandwidth(),
-            "build": info, "shapes": rows, "peers_same_run": peers}
+            "build": info, "fla_version": getattr(__import__("fla"), "__version__", "?") if fla else None,
+            "shapes": rows, "peers_same_run": peers}
 
 
 def bench_cpu(reps: int) -> dict:
@@ -192,6 +241,9 @@ def main(argv=None) -> None:
     ap.add_argument("--cpu-reps", type=int, default=10)
     ap.add_argument("--skip-cpu", action="store_true")
     ap.add_argument("--skip-cuda", action="store_true")
+    ap.add_argument("--no-fla", action="store_true", help="leave FLA's chunk_rwkv6 out (its Triton autotune is slow)")
+    ap.add_argument("--no-refs", action="store_true", help="leave the (slow) PyTorch references out")
+    ap.add_argument("--shapes", default=None, help="B,T,H;B,T,H;... (default: %s)" % ";".join(",".join(map(str, s)) for s in SHAPES))
     args = ap.parse_args(argv)
     out = {
         "benchmark": "kernels.wkv6",
@@ -201,7 +253,8 @@ def main(argv=None) -> None:
                     "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version()},
     }
     if torch.cuda.is_available() and not args.skip_cuda:
-        out["cuda"] = bench_cuda(args.reps)
+        shapes = SHAPES if not args.shapes else [tuple(int(x) for x in p.split(",")) for p in args.shapes.split(";")]
+        out["cuda"] = bench_cuda(args.reps, fla=not args.no_fla, refs=not args.no_refs, shapes=shapes)
     if not args.skip_cpu:
         out["cpu"] = bench_cpu(args.cpu_reps)
     print(json.dumps(out, indent=2))

@@ -16,14 +16,40 @@ import time
 
 import torch
 
+import kernels
 import models
 from gt_pipeline.engine.train import TrainConfig, build_optimizer, train_step
 
 
+def profile_steps(step, device: torch.device, n: int = 3, top: int = 20) -> dict:
+    """torch.profiler over `n` calls of `step()`: the `top` kernels by total GPU (or CPU) time, per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(n):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    on_gpu = device.type == "cuda"
+    rows = []
+    for ev in prof.key_averages():
+        t = ev.self_device_time_total if on_gpu else ev.self_cpu_time_total
+        if t > 0 and (not on_gpu or ev.device_type.name == "CUDA"):
+            rows.append({"name": ev.key[:120], "ms_per_step": t / 1e3 / n, "calls_per_step": ev.count / n})
+    rows.sort(key=lambda r: -r["ms_per_step"])
+    total = sum(r["ms_per_step"] for r in rows)
+    return {"steps": n, "clock": "gpu kernel time" if on_gpu else "cpu self time",
+            "total_ms_per_step": total, "kernels_per_step": sum(r["calls_per_step"] for r in rows),
+            "top": rows[:top]}
+
+
 def bench_model(name: str, size: str, vocab: int, batch: int, seq: int, steps: int, warmup: int,
-                device: torch.device, compile: bool = False) -> dict:
+                device: torch.device, compile: bool = False, profile: int = 0, overrides: dict | None = None,
+                wkv6_impl: str = "sequential") -> dict:
+    kernels.set_auto_impl(wkv6_impl)
     torch.manual_seed(0)
-    model = models.get_model(name, vocab, size=size).to(device)
+    model = models.get_model(name, vocab, size=size, **(overrides or {})).to(device)
     cfg = TrainConfig(model=name, size=size, vocab_size=vocab, steps=steps + warmup, batch_size=batch, seq_len=seq)
     opt = build_optimizer(model, cfg, fused=device.type == "cuda")
     fwd = torch.compile(model) if compile else model
@@ -40,13 +66,17 @@ def bench_model(name: str, size: str, vocab: int, batch: int, seq: int, steps: i
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
+    losses = []
     for _ in range(steps):
         loss, _ = train_step(model, fwd, opt, batches, 1.0, autocast)
+        losses.append(loss)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     dt = time.perf_counter() - t0
+    prof = profile_steps(lambda: train_step(model, fwd, opt, batches, 1.0, autocast), device, profile) if profile else None
     return {
-        "model": name, "size": size, "params": sum(p.numel() for p in model.parameters()),
+        "model": name, "size": size, "overrides": overrides or {}, "wkv6_impl": wkv6_impl, "profile": prof,
+        "losses": losses, "params": sum(p.numel() for p in model.parameters()),
         "batch": batch, "seq_len": seq, "vocab": vocab, "steps_timed": steps, "compile": compile,
         "ms_per_step": 1000 * dt / steps, "tokens_per_s": batch * seq * steps / dt,
         "peak_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
@@ -64,11 +94,31 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="after timing, profile N more steps and report the top kernels")
+    ap.add_argument("--mamba-backend", default=None, help="Mamba2 SSD path: auto, wkv6, triton or torch")
+    ap.add_argument("--wkv6-impl", default="sequential", choices=["chunked", "sequential"],
+                    help="what wkv6's impl='auto' resolves to inside the models")
+    ap.add_argument("--compare", action="store_true",
+                    help="also run each model on the reference path (eager, sequential wkv6, PyTorch SSD) from "
+                         "the same seed and report both loss curves and their largest difference")
+    ap.add_argument("--hidden", type=int, help="override the preset's hidden size")
+    ap.add_argument("--layers", type=int, help="override the preset's layer count")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = ap.parse_args(argv)
     device = torch.device(a.device)
-    results = [bench_model(m, a.size, a.vocab, a.batch, a.seq, a.steps, a.warmup, device, a.compile)
-               for m in a.models.split(",")]
+    over = {k: v for k, v in (("hidden_size", a.hidden), ("n_layer", a.layers),
+                              ("mamba_backend", a.mamba_backend)) if v is not None}
+    results = []
+    for m in a.models.split(","):
+        res = bench_model(m, a.size, a.vocab, a.batch, a.seq, a.steps, a.warmup, device, a.compile, a.profile, over,
+                          a.wkv6_impl)
+        if a.compare:
+            ref = bench_model(m, a.size, a.vocab, a.batch, a.seq, a.steps, a.warmup, device, False, 0,
+                              {**over, "mamba_backend": "torch"}, "sequential")
+            res["reference_path"] = {k: ref[k] for k in ("ms_per_step", "tokens_per_s", "losses")}
+            res["max_loss_diff_vs_reference"] = max(abs(x - y) for x, y in zip(res["losses"], ref["losses"]))
+        results.append(res)
     base = results[-1]["tokens_per_s"]
     for r in results:
         r["ratio_vs_last"] = r["tokens_per_s"] / base
