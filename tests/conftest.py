@@ -32,3 +32,13 @@ def demo_shards(tmp_path_factory):
     data.train_bpe([root / "raw" / "train.txt"], root / "tok.json", vocab_size=512)
     data.write_token_shards(root / "tok.json", root / "raw", root / "shards")
     return root / "shards"
+
+
+@pytest.fixture
+def no_tf32():
+    """fp32 matmuls in full precision for the duration of a test (GPU comparisons)."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old

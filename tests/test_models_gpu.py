@@ -12,30 +12,10 @@ import pytest
 import torch
 
 import models
+from numerics import assert_ratio
 
 pytestmark = pytest.mark.gpu
 
-
-def err_ratio(a, b):
-    a, b = a.detach().double(), b.detach().double()
-    return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-30)).item()
-
-
-def assert_ratio(name, got, want, tol):
-    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    assert torch.isfinite(got).all(), f"{name}: non-finite values"
-    r = err_ratio(got, want)
-    max_abs = (got.double() - want.double()).abs().max().item()
-    assert r <= tol, f"{name}: err_ratio {r:.3e} > {tol:g} (max abs err {max_abs:.3e})"
-
-
-@pytest.fixture
-def no_tf32():
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
 KW = dict(d_model=128, d_state=64, d_conv=4, expand=2, headdim=64, ngroups=1, chunk_size=64)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import models
 from models.mamba2 import ssd_wkv6
 from models.ssd import ssd_ref
-from numerics import assert_close
+from numerics import assert_close, assert_ratio, err_ratio
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -241,26 +241,6 @@ def test_bad_backend_settings_raise_clear_errors():
 
 
 # ----------------------------------------------------------------------------------------------------- GPU
-def _err_ratio(a, b):
-    a, b = a.detach().double(), b.detach().double()
-    return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-30)).item()
-
-
-def _assert_ratio(name, got, want, tol):
-    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    assert torch.isfinite(got).all(), f"{name}: non-finite values"
-    r = _err_ratio(got, want)
-    max_abs = (got.double() - want.double()).abs().max().item()
-    assert r <= tol, f"{name}: err_ratio {r:.3e} > {tol:g} (max abs err {max_abs:.3e})"
-
-
-@pytest.fixture
-def no_tf32():
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
 GPU_KW = dict(d_model=128, d_state=64, d_conv=4, expand=2, headdim=64, chunk_size=64)   # 4 heads of 64
@@ -312,7 +292,7 @@ def test_gpu_wkv6_backend_matches_torch_and_triton_fp32(no_tf32, ngroups):
     for peer in [b for b in runs if b != "wkv6"]:
         fwd, bwd = (1e-4, 1e-3) if peer == "torch" else (5e-3, 1e-2)
         for name, want in runs[peer].items():
-            _assert_ratio(f"fp32 {name}: wkv6 vs {peer}", runs["wkv6"][name], want,
+            assert_ratio(f"fp32 {name}: wkv6 vs {peer}", runs["wkv6"][name], want,
                           fwd if not name.startswith("grad") else bwd)
 
 
@@ -326,9 +306,9 @@ def test_gpu_wkv6_backend_bf16_autocast(no_tf32, ngroups):
     runs = {b: _gpu_run(m, b, x, gy, autocast=True) for b in _available_backends()}
     assert runs["wkv6"]["ssm state"].shape == ref["ssm state"].shape
     for name, want in ref.items():
-        e_wkv6 = _err_ratio(runs["wkv6"][name], want)
+        e_wkv6 = err_ratio(runs["wkv6"][name], want)
         for peer in [b for b in runs if b != "wkv6"]:
-            e_peer = _err_ratio(runs[peer][name], want)
+            e_peer = err_ratio(runs[peer][name], want)
             bound = min(2 * e_peer + 2 ** -7, 5e-2)
             assert torch.isfinite(runs["wkv6"][name]).all(), f"bf16 {name}: non-finite values"
             assert e_wkv6 <= bound, (f"bf16 autocast {name}: wkv6 err_ratio vs fp32 torch {e_wkv6:.3e} > "
@@ -346,8 +326,8 @@ def test_gpu_wkv6_backend_state_carry_and_errors(no_tf32):
         for a, b in [(0, 1), (1, 67), (67, 150)]:
             y, st = m(x[:, a:b], state=st, return_state=True)
             pieces.append(y)
-    _assert_ratio("wkv6, 3 pieces with state vs whole", torch.cat(pieces, 1), whole, 1e-5)
-    _assert_ratio("wkv6, ssm state after 3 pieces vs whole", st["mamba_ssm_state"], st_whole["mamba_ssm_state"], 1e-5)
+    assert_ratio("wkv6, 3 pieces with state vs whole", torch.cat(pieces, 1), whole, 1e-5)
+    assert_ratio("wkv6, ssm state after 3 pieces vs whole", st["mamba_ssm_state"], st_whole["mamba_ssm_state"], 1e-5)
     small = models.Mamba2(32, d_state=16, headdim=16, backend="wkv6").cuda()   # fine on CPU, not a CUDA size
     with pytest.raises(ValueError, match=r"on CUDA needs d_state == headdim in \(32, 64, 128\)"):
         small(torch.randn(1, 5, 32, device="cuda"))
