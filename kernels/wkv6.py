@@ -5,8 +5,9 @@ CUDA tensors (float32, bfloat16; float32 state and accumulation) the CUDA one. B
 first use (kernels/build.py). On CUDA two implementations share the extension: the chunked
 tensor-core kernels (csrc/wkv6_chunk.cu: bf16 r, k, v, head size 64) and the sequential ones
 (csrc/wkv6_cuda.cu: every supported dtype and head size, the reference backend). `impl="auto"`
-takes the sequential one unless `set_auto_impl("chunked")` was called (see BENCHMARKS.md for why). If a build fails the call raises; it never falls back to the (much
-slower) references, which stay available as `wkv6_ref` / `wkv6_chunked_ref`.
+takes the sequential one unless `set_auto_impl("chunked")` was called (see BENCHMARKS.md for why).
+If a build fails the call raises; it never falls back to the (much slower) references, which stay
+available as `wkv6_ref` / `wkv6_chunked_ref`.
 """
 from __future__ import annotations
 
@@ -125,6 +126,11 @@ def _prep(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _state_dtype(r: torch.Tensor) -> torch.dtype:
+    """The state (and u, h0 as the kernels take them): float32, float64 on the float64 CPU path."""
+    return torch.float64 if r.dtype == torch.float64 else torch.float32
+
+
 # The extension calls are registered as torch.library custom ops, so torch.compile traces a model
 # through wkv6 (WKV6Function's forward and backward call them) instead of breaking its graph here.
 @torch.library.custom_op("groundthink::wkv6_fwd", mutates_args=())
@@ -162,11 +168,6 @@ def _(r, k, v, w, u, h0, gy, gs, chunked):
     gh0 = torch.empty_like(h0) if h0 is not None else u.new_empty((0,), dtype=_state_dtype(r))
     return [torch.empty_like(r), torch.empty_like(k), torch.empty_like(v), torch.empty_like(w),
             torch.empty_like(u), gh0]
-
-
-def _state_dtype(r: torch.Tensor) -> torch.dtype:
-    """The state (and u, h0 as the kernels take them): float32, float64 on the float64 CPU path."""
-    return torch.float64 if r.dtype == torch.float64 else torch.float32
 
 
 class WKV6Function(torch.autograd.Function):
@@ -210,9 +211,9 @@ def wkv6(
         u: `[H, K]` bonus for the current token (any float dtype).
         initial_state: optional `[B, H, K, V]` state S_{-1}; differentiable.
         output_final_state: also return S_{T-1}.
-        impl: CUDA implementation, "auto" (sequential, or chunked where it applies after
-            `set_auto_impl("chunked")`), "chunked"
-            (CUDA bf16 r, k, v, K = V = 64; ValueError otherwise) or "sequential" (the only one on CPU).
+        impl: CUDA implementation: "auto" (sequential, or chunked where it applies after
+            `set_auto_impl("chunked")`), "chunked" (CUDA bf16 r, k, v, K = V = 64; ValueError
+            otherwise) or "sequential" (the only one on CPU).
     dtypes: CPU float32/float64 (all of r, k, v, w alike); CUDA float32 or bfloat16 for r, k, v, and
         w in r's dtype or float32; CUDA needs K = V in (32, 64, 128). Accumulation is float32 (float64
         on the float64 CPU path).

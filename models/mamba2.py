@@ -21,8 +21,8 @@ Three SSD paths with the same maths (tested against each other and, on a GPU, ag
   * "torch": `models.ssd.ssd_chunked`, a chunked pure-PyTorch SSD;
   * "wkv6" (opt-in: 3.2x faster than the Triton SSD forward+backward alone at the 5m shape on an H100, but
     not yet shown faster for a whole training step, BENCHMARKS.md; traceable by torch.compile): the scan
-    through our RWKV-6 kernel
-    `kernels.wkv6` on CPU or CUDA (mapping in `ssd_wkv6`); the convolution is chosen as for "triton".
+    through our RWKV-6 kernel `kernels.wkv6` on CPU or CUDA (mapping in `ssd_wkv6`); the convolution is
+    chosen as for "triton".
     Needs d_state == headdim (the kernel's K = V; checked at construction), on CUDA also d_state in
     kernels.build.HEAD_SIZES_CUDA (32, 64, 128) and fp32 or bf16. Under CUDA autocast the kernel gets bf16
     r/k/v with fp32 decays; on CPU everything is fp32 (fp64 for fp64 modules).

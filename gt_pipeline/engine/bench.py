@@ -25,13 +25,13 @@ def profile_steps(step, device: torch.device, n: int = 3, top: int = 20) -> dict
     """torch.profiler over `n` calls of `step()`: the `top` kernels by total GPU (or CPU) time, per step."""
     from torch.profiler import ProfilerActivity, profile
 
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    on_gpu = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     with profile(activities=acts) as prof:
         for _ in range(n):
             step()
-        if device.type == "cuda":
+        if on_gpu:
             torch.cuda.synchronize(device)
-    on_gpu = device.type == "cuda"
     rows = []
     for ev in prof.key_averages():
         t = ev.self_device_time_total if on_gpu else ev.self_cpu_time_total
