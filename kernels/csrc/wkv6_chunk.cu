@@ -429,14 +429,18 @@ chunk_backward_fwd_kernel(int T, int H, const bf16* __restrict__ r, const bf16* 
       const int t = et0 + m, o = t * PF + ei;
       const float ex = s.Ex[o];
       float acc = __expf(ex) * s.O1[t * PS + ei];
-      for (int j = 0; j < t; ++j) acc = fmaf(s.dA[t * PS + j] * s.K[j * PF + ei], __expf(ex - s.Ei[j * PF + ei]), acc);
+      // j = t-1 (weight exactly 1) is summed apart: b leaves the adjacent pair out, and subtracting it after
+      // rounding it into acc left noise that gw multiplies by |lw| (up to 1e5 for strong decays).
+      for (int j = 0; j + 1 < t; ++j) acc = fmaf(s.dA[t * PS + j] * s.K[j * PF + ei], __expf(ex - s.Ei[j * PF + ei]), acc);
       const float rt = s.R[o], kt = s.K[o], dtt = s.dA[t * PS + t];
       gu_acc = fmaf(rt * kt, dtt, gu_acc);
+      // t = 0: the pair with the previous chunk's last step is inside the state term and must be subtracted
       const float adj = t == 0 ? s.X1[ei] * s.dot[0] : s.dA[t * PS + t - 1] * s.K[(t - 1) * PF + ei];
+      const float far = t == 0 ? acc - adj : acc, all = t == 0 ? acc : acc + adj;
       if (c * C + t < T) {
         const int64_t g = base + (int64_t)(c * C + t) * stride + ei;
-        gr[g] = cvt<bf16>(acc + s.U[ei] * kt * dtt);
-        bscr[g] = rt * (acc - adj);
+        gr[g] = cvt<bf16>(all + s.U[ei] * kt * dtt);
+        bscr[g] = rt * far;
       }
     }
     if (tid < N) {  // the same thread read X1[tid] above (t = 0); X2 was read before the last barrier
@@ -540,13 +544,15 @@ chunk_backward_rev_kernel(int T, int H, const bf16* __restrict__ r, const bf16* 
       const float eis = s.Ei[o];
       const float st = __expf(s.Et[ei] - eis) * s.O2[t * PS + ei];  // through G (the chunk's end state)
       float acc = st;
-      for (int q = t + 1; q < C; ++q) acc = fmaf(s.dA[q * PS + t] * s.R[q * PF + ei], __expf(s.Ex[q * PF + ei] - eis), acc);
+      // q = t+1 (weight exactly 1) summed apart, as in the forward sweep; t = C-1: that pair is inside G
+      for (int q = t + 2; q < C; ++q) acc = fmaf(s.dA[q * PS + t] * s.R[q * PF + ei], __expf(s.Ex[q * PF + ei] - eis), acc);
       const float adj = t == C - 1 ? s.X1[ei] * s.dot[0] : s.dA[(t + 1) * PS + t] * s.R[(t + 1) * PF + ei];
+      const float far = t == C - 1 ? acc - adj : acc, all = t == C - 1 ? acc : acc + adj;
       // at T-1 the state part is the pair with the final-state gradient, left out of P too
-      s.KD[o] = s.K[o] * (acc - adj - (c * C + t == T - 1 ? st : 0.f));
+      s.KD[o] = s.K[o] * (far - (c * C + t == T - 1 ? st : 0.f));
       if (c * C + t < T) {
         const int64_t g = base + (int64_t)(c * C + t) * stride + ei;
-        gk[g] = cvt<bf16>(acc + s.U[ei] * s.R[o] * s.dA[t * PS + t]);
+        gk[g] = cvt<bf16>(all + s.U[ei] * s.R[o] * s.dA[t * PS + t]);
         gv[g] = cvt<bf16>(s.O1[t * PS + ei]);
       }
     }
