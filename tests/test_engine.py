@@ -70,10 +70,13 @@ def test_nan_loss_stops_at_once_naming_the_step_and_keeps_the_last_checkpoint(sh
 
 @pytest.mark.parametrize("field, value, match", [
     ("batch_size", 0, "batch_size"), ("steps", -1, "steps"), ("lr", 0.0, "lr"), ("model", "GF-XYZ", "GF-XYZ"),
-    ("lr_mult", {"attention": 2.0}, "lr_mult"), ("min_lr", 1.0, "min_lr"), ("device", "tpu", "device")])
+    ("lr_mult", {"attention": 2.0}, "lr_mult"), ("min_lr", 1.0, "min_lr"), ("device", "tpu", "device"),
+    ("compile", "fastest", "compile"), ("model_overrides", {"mamba_backend": "cuda"}, "mamba_backend"),
+    ("model_overrides", {"d_statez": 3}, "model_overrides"),
+    ("compile", "reduce-overhead", "grad_accum")])
 def test_bad_config_names_the_field(field, value, match):
     with pytest.raises(ValueError, match=match):
-        small(**{field: value})
+        small(**{field: value}, **({"grad_accum": 2} if value == "reduce-overhead" else {}))
 
 
 def test_seq_len_beyond_the_shards_fails_before_compute(shards, tmp_path):
@@ -200,3 +203,32 @@ def test_continuation_logprobs_from_carried_state_equal_full_sequences(name):
             logp = torch.log_softmax(model(ids).logits, -1)[0, len(prefix) - 1 : -1]
         want = float(logp.gather(-1, torch.tensor(cont)[:, None]).sum())
         assert abs(g - want) < 1e-9, f"{name} {cont}: {g} vs {want}"
+
+
+def test_compiled_step_function_matches_eager_loss_and_gradients():
+    """torch.compile of TokenLoss (the whole step's forward: model and loss in one graph, wkv6 and the
+    wkv6-backed Mamba-2 scan as custom ops) gives the eager loss and gradients."""
+    from numerics import eager_and_compiled_step
+
+    torch.manual_seed(0)
+    model = models.get_model("GF-MH", 97, size="demo", n_layer=1, mamba_backend="wkv6")
+    x = torch.randint(0, 97, (2, 24))
+    (want_loss, want), (got_loss, got) = eager_and_compiled_step(model, x, torch.roll(x, -1, 1))
+    assert abs(got_loss - want_loss) < 1e-5, (got_loss, want_loss)
+    assert want.keys() == got.keys()
+    for n in want:
+        assert got[n].shape == want[n].shape, n
+        scale = max(float(want[n].abs().max()), 1e-6)
+        assert float((got[n] - want[n]).abs().max()) <= 1e-4 * scale + 1e-7, n
+
+
+def test_cuda_graph_compile_is_refused_under_ddp_before_anything_is_read(tmp_path):
+    """compile='reduce-overhead' is not validated with DDP: a multi-rank run stops at once, naming it."""
+    from gt_pipeline.engine import distributed
+    from gt_pipeline.engine.train import _train
+
+    ctx = distributed.DistContext(rank=0, world_size=2)
+    with pytest.raises(ValueError, match="reduce-overhead.*DDP"):
+        _train(small(compile="reduce-overhead"), tmp_path / "no_shards", tmp_path, torch.device("cpu"), ctx,
+               on_log=None, on_step_end=None, log_every_s=0, progress=False, verify_shards=False)
+    assert not (tmp_path / "checkpoints").exists()

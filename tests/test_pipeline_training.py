@@ -229,3 +229,21 @@ def test_verdict_changes_name_each_changed_check(tmp_path):
     now = [{"check": "g1_forward", "verdict": "pass"}, {"check": "g4_component_balance", "verdict": "fail"},
            {"check": "S4", "verdict": "fail"}]
     assert verdict_changes(before, now) == ["g4_component_balance: warn -> fail"]
+
+
+def test_training_config_maps_compile_mode_and_mamba_backend_and_keeps_defaults_unchanged():
+    """The asset's compile_mode / mamba_backend reach TrainConfig; left at their defaults they add nothing
+    to the resolved config (so fingerprints and checkpoints of earlier runs stay valid)."""
+    from gt_pipeline.assets.training import TrainingConfig
+    from gt_pipeline.profiles import PROFILES
+
+    demo = PROFILES["demo"].train
+    base = TrainingConfig().resolve("gf_mh", demo, 512)
+    assert base.compile is False and base.model_overrides == {}
+    assert TrainingConfig(compile=True).resolve("gf_mh", demo, 512).compile is True
+    fast = TrainingConfig(compile=True, compile_mode="reduce-overhead", mamba_backend="wkv6").resolve("gf_mh", demo, 512)
+    assert fast.compile == "reduce-overhead" and fast.model_overrides == {"mamba_backend": "wkv6"}
+    with pytest.raises(ValueError, match="compile"):
+        TrainingConfig(compile=True, compile_mode="fastest").resolve("gf_mh", demo, 512)
+    with pytest.raises(ValueError, match="mamba_backend"):
+        TrainingConfig(mamba_backend="cuda").resolve("gf_mh", demo, 512)

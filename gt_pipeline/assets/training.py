@@ -63,7 +63,12 @@ class TrainingConfig(dg.Config):
     checkpoint_every: int | None = Field(default=None, description="Checkpoint every N steps (resume point)")
     seed: int = Field(default=0, description="Seed of init and data order")
     device: str = Field(default="auto", description="auto (CUDA if present), cuda or cpu")
-    compile: bool = Field(default=False, description="torch.compile the model")
+    compile: bool = Field(default=False, description="torch.compile the model and its loss")
+    compile_mode: str = Field(default="default", description="torch.compile mode when compile is on: default, "
+                              "reduce-overhead (CUDA graphs: the fastest measured GPU step), max-autotune, "
+                              "max-autotune-no-cudagraphs")
+    mamba_backend: str = Field(default="auto", description="Mamba-2 SSD path: auto (mamba_ssm's Triton SSD on CUDA), "
+                               "torch, triton, or wkv6 (through our wkv6 kernel; with compile, the fast GPU path)")
     force: bool = Field(default=False, description="Retrain even when a verified cached checkpoint exists")
     nproc_per_node: int = Field(default=1, description="Data-parallel ranks on this machine (one GPU each; gloo "
                                 "processes on CPU); above 1 the asset launches torchrun")
@@ -100,7 +105,10 @@ class TrainingConfig(dg.Config):
             eval_every=pick(self.eval_every, profile_train.eval_every),
             eval_batches=pick(self.eval_batches, profile_train.eval_batches),
             checkpoint_every=pick(self.checkpoint_every, profile_train.checkpoint_every),
-            seed=self.seed, device=self.device, compile=self.compile,
+            seed=self.seed, device=self.device,
+            compile=(True if self.compile_mode == "default" else self.compile_mode) if self.compile else False,
+            # only non-default choices enter the config, so existing fingerprints and checkpoints stay valid
+            model_overrides={} if self.mamba_backend == "auto" else {"mamba_backend": self.mamba_backend},
         )
 
 

@@ -18,7 +18,7 @@ import torch
 
 import kernels
 import models
-from gt_pipeline.engine.train import TrainConfig, build_optimizer, train_step
+from gt_pipeline.engine.train import TrainConfig, build_optimizer, step_function, train_step
 
 
 def profile_steps(step, device: torch.device, n: int = 3, top: int = 20) -> dict:
@@ -45,14 +45,14 @@ def profile_steps(step, device: torch.device, n: int = 3, top: int = 20) -> dict
 
 
 def bench_model(name: str, size: str, vocab: int, batch: int, seq: int, steps: int, warmup: int,
-                device: torch.device, compile: bool = False, profile: int = 0, overrides: dict | None = None,
+                device: torch.device, compile: bool | str = False, profile: int = 0, overrides: dict | None = None,
                 wkv6_impl: str = "sequential") -> dict:
     kernels.set_auto_impl(wkv6_impl)
     torch.manual_seed(0)
     model = models.get_model(name, vocab, size=size, **(overrides or {})).to(device)
     cfg = TrainConfig(model=name, size=size, vocab_size=vocab, steps=steps + warmup, batch_size=batch, seq_len=seq)
     opt = build_optimizer(model, cfg, fused=device.type == "cuda")
-    fwd = torch.compile(model) if compile else model
+    fwd = step_function(model, compile)
 
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -60,11 +60,13 @@ def bench_model(name: str, size: str, vocab: int, batch: int, seq: int, steps: i
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randint(0, vocab, (batch, seq + 1), generator=g).to(device)
     batches = [(x[:, :-1], x[:, 1:])]
+    t_warm = time.perf_counter()
     for _ in range(warmup):
         train_step(model, fwd, opt, batches, 1.0, autocast)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
+    warmup_s = time.perf_counter() - t_warm  # includes compilation under --compile
     t0 = time.perf_counter()
     losses = []
     for _ in range(steps):
@@ -78,6 +80,7 @@ def bench_model(name: str, size: str, vocab: int, batch: int, seq: int, steps: i
         "model": name, "size": size, "overrides": overrides or {}, "wkv6_impl": wkv6_impl, "profile": prof,
         "losses": losses, "params": sum(p.numel() for p in model.parameters()),
         "batch": batch, "seq_len": seq, "vocab": vocab, "steps_timed": steps, "compile": compile,
+        "warmup_s": warmup_s,
         "ms_per_step": 1000 * dt / steps, "tokens_per_s": batch * seq * steps / dt,
         "peak_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         "final_loss": loss,
@@ -93,7 +96,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--compile", nargs="?", const=True, default=False, metavar="MODE",
+                    help="torch.compile the model and its loss; MODE is a torch.compile mode (default mode if omitted)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="after timing, profile N more steps and report the top kernels")
     ap.add_argument("--mamba-backend", default=None, help="Mamba2 SSD path: auto, wkv6, triton or torch")

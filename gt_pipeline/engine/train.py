@@ -39,6 +39,10 @@ from gt_pipeline.engine import distributed, metrics
 from gt_pipeline.engine.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 
 COMPONENTS = ("rwkv", "mamba", "fusion", "other")
+# torch.compile modes a step can use. "reduce-overhead" adds CUDA graphs: the fastest measured GPU step
+# (BENCHMARKS.md, issue 7), at the price of graph memory; the others as torch documents them.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the modes that replay CUDA graphs
 
 
 class TrainingDiverged(RuntimeError):
@@ -68,7 +72,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU (fp32)
-    compile: bool = False
+    compile: bool | str = False  # True (default mode) or a mode in COMPILE_MODES; see step_function
     model_overrides: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -89,10 +93,24 @@ class TrainConfig:
         bad = set(self.lr_mult) - set(COMPONENTS)
         if bad:
             raise ValueError(f"TrainConfig.lr_mult has unknown components {sorted(bad)}; valid: {list(COMPONENTS)}")
+        if not isinstance(self.compile, bool) and self.compile not in COMPILE_MODES:
+            raise ValueError(f"TrainConfig.compile must be a bool or a torch.compile mode "
+                             f"({', '.join(COMPILE_MODES)}), got {self.compile!r}")
+        if self.compile in CUDA_GRAPH_MODES and self.grad_accum > 1:
+            # CUDA-graph trees hand the first micro-batch's gradient buffer to .grad and overwrite it on the
+            # next replay, so accumulated gradients come out wrong or the run stops (pytorch#96693, #169545).
+            raise ValueError(f"TrainConfig.compile={self.compile!r} replays CUDA graphs, which break gradient "
+                             f"accumulation (grad_accum={self.grad_accum}): use compile=True or "
+                             f"'max-autotune-no-cudagraphs', or grad_accum=1")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"TrainConfig.device must be auto, cpu or cuda, got {self.device!r}")
         if self.model.upper().replace("_", "-") not in {m.upper().replace("_", "-") for m in models.list_models()}:
             raise ValueError(f"TrainConfig.model={self.model!r} is not a registered model; choose one of {models.list_models()}")
+        if self.model_overrides:  # e.g. {"mamba_backend": "wkv6"}: build the config now, so a bad one fails before compute
+            try:
+                models.make_config(self.model, self.vocab_size, self.size, **self.model_overrides)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"TrainConfig.model_overrides={self.model_overrides!r}: {e}") from e
 
     def resolved_device(self) -> torch.device:
         return resolve_device(self.device, "TrainConfig.device")
@@ -153,6 +171,50 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, fused: bool = Fals
     return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
 
 
+class TokenLoss(torch.nn.Module):
+    """The LM plus its next-token loss as one module: `TokenLoss(lm)(x, y)` is the mean cross-entropy of
+    `lm(x).logits` (in fp32) against y. `train_step` calls this, so `torch.compile` of it (and DDP around it)
+    covers the loss too: the compiled graph reads the bf16 logits once instead of materialising fp32 copies."""
+
+    def __init__(self, lm: torch.nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = self.lm(x).logits
+        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
+
+
+def inductor_options(mode: str | None = None) -> dict:
+    """torch.compile options: `mode`'s presets, with Inductor's mix-order reductions turned off where the
+    option exists. On torch 2.11 (H100, hidden 512) they returned a (C,) gradient for the (1, 1, C)
+    time_maa_* parameters ("invalid gradient ... expected shape compatible with [1, 1, 512]", pytorch#178080),
+    and pytorch#193061 reports silently wrong gradients from them in norm backwards; a compiled step must
+    compute the same gradients as the eager one."""
+    import torch._inductor as inductor
+    import torch._inductor.config as inductor_config
+
+    opts = dict(inductor.list_mode_options(mode)) if mode else {}
+    if "triton.mix_order_reduction" in inductor_config._config:
+        opts["triton.mix_order_reduction"] = False
+    return opts
+
+
+def _mode(compile: bool | str) -> str | None:
+    return None if compile is True or compile == "default" else compile
+
+
+def step_function(model: torch.nn.Module, compile: bool | str = False) -> torch.nn.Module:
+    """What `train_step` calls as `fwd(x, y) -> loss`: `TokenLoss(model)`, compiled when asked (True or
+    "default": the default mode; another string: that mode of COMPILE_MODES, e.g. "reduce-overhead")."""
+    loss = TokenLoss(model)
+    if not compile:
+        return loss
+    if compile is not True and compile not in COMPILE_MODES:
+        raise ValueError(f"compile must be a bool or one of {', '.join(COMPILE_MODES)}, got {compile!r}")
+    return torch.compile(loss, options=inductor_options(_mode(compile)))
+
+
 def component_grad_norms(model: torch.nn.Module) -> dict[str, float]:
     """Pre-clip L2 norm of all gradients of each component (G4 uses rwkv / mamba), plus the total.
     One device sync for the whole model (foreach norms), not one per parameter."""
@@ -174,17 +236,18 @@ def train_step(model, fwd, optimizer, batches, grad_clip: float, autocast, *, no
     """Forward/backward over the micro-batches, then clip and step. Returns (loss, grad norms); if the
     loss is not finite it returns (loss, None) WITHOUT stepping, so the weights stay the last good ones.
 
-    Under DDP `fwd` is the DDP wrapper, `no_sync` its `no_sync` (gradients are all-reduced on the last
-    micro-batch only) and `model` the unwrapped module, so the component norms read real parameter names
+    `fwd(x, y)` returns the mean token loss of `model` (`step_function(model)`, maybe compiled). Under
+    DDP `fwd` is the DDP wrapper of that, `no_sync` its `no_sync` (gradients are all-reduced on the last
+    micro-batch only) and `model` the unwrapped LM, so the component norms read real parameter names
     and, taken after backward, the all-reduced gradients. The returned loss is the mean over all ranks:
     every rank sees the same value, so a NaN stops every rank at the same step."""
     loss_sum = None
+    torch.compiler.cudagraph_mark_step_begin()  # a new step for CUDA-graph replays ("reduce-overhead"); else a no-op
     for i, (x, y) in enumerate(batches):
         sync = no_sync is None or i == len(batches) - 1
         with contextlib.nullcontext() if sync else no_sync():
             with autocast():
-                logits = fwd(x).logits
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1)) / len(batches)
+                loss = fwd(x, y) / len(batches)
             loss.backward()
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
     if dist_ctx is not None and dist_ctx.enabled:
@@ -261,6 +324,9 @@ def train(
 def _train(cfg, shards_dir, work_dir, device, dist_ctx, *, on_log, on_step_end, log_every_s, progress,
            verify_shards) -> TrainResult:
     W, rank, main = dist_ctx.world_size, dist_ctx.rank, dist_ctx.is_main
+    if dist_ctx.enabled and cfg.compile in CUDA_GRAPH_MODES:
+        raise ValueError(f"TrainConfig.compile={cfg.compile!r} (CUDA graphs) has not been validated under DDP "
+                         f"({W} ranks); use compile=True or 'max-autotune-no-cudagraphs' for data-parallel runs")
     shards = data.TokenShards(shards_dir, verify=verify_shards)
     if shards.manifest["vocab_size"] > cfg.vocab_size:
         raise ValueError(f"TrainConfig.vocab_size={cfg.vocab_size} is smaller than the tokenizer's {shards.manifest['vocab_size']}")
@@ -278,7 +344,7 @@ def _train(cfg, shards_dir, work_dir, device, dist_ctx, *, on_log, on_step_end, 
     def autocast():
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
-    fwd = torch.compile(model) if cfg.compile else model
+    fwd = step_function(model, cfg.compile)
     x_val, y_val = eval_windows(val_tokens, cfg.eval_batches * cfg.batch_size, cfg.seq_len)
     # G2 looks at the freshly initialised model (init is deterministic, so this holds on resume too).
     init_entropy_ratio = metrics.entropy_ratio(model, x_val[: cfg.batch_size].to(device), cfg.vocab_size)
@@ -304,8 +370,9 @@ def _train(cfg, shards_dir, work_dir, device, dist_ctx, *, on_log, on_step_end, 
     ddp = None
     if dist_ctx.enabled:
         # After the resume load: DDP broadcasts rank 0's weights at wrap time (all ranks hold the same anyway).
-        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        fwd = torch.compile(ddp) if cfg.compile else ddp
+        ddp = torch.nn.parallel.DistributedDataParallel(TokenLoss(model),
+                                                        device_ids=[device.index] if device.type == "cuda" else None)
+        fwd = torch.compile(ddp, options=inductor_options(_mode(cfg.compile))) if cfg.compile else ddp
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
