@@ -60,12 +60,14 @@ def bench_model(name: str, size: str, vocab: int, batch: int, seq: int, steps: i
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randint(0, vocab, (batch, seq + 1), generator=g).to(device)
     batches = [(x[:, :-1], x[:, 1:])]
+    if device.type == "cuda":
+        # peak over warm-up and timed steps: CUDA-graph pools ("reduce-overhead") are allocated in warm-up
+        torch.cuda.reset_peak_memory_stats(device)
     t_warm = time.perf_counter()
     for _ in range(warmup):
         train_step(model, fwd, opt, batches, 1.0, autocast)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
     warmup_s = time.perf_counter() - t_warm  # includes compilation under --compile
     t0 = time.perf_counter()
     losses = []
