@@ -93,9 +93,7 @@ class TrainConfig:
         bad = set(self.lr_mult) - set(COMPONENTS)
         if bad:
             raise ValueError(f"TrainConfig.lr_mult has unknown components {sorted(bad)}; valid: {list(COMPONENTS)}")
-        if not isinstance(self.compile, bool) and self.compile not in COMPILE_MODES:
-            raise ValueError(f"TrainConfig.compile must be a bool or a torch.compile mode "
-                             f"({', '.join(COMPILE_MODES)}), got {self.compile!r}")
+        compile_mode(self.compile, "TrainConfig.compile")
         if self.compile in CUDA_GRAPH_MODES and self.grad_accum > 1:
             # CUDA-graph trees hand the first micro-batch's gradient buffer to .grad and overwrite it on the
             # next replay, so accumulated gradients come out wrong or the run stops (pytorch#96693, #169545).
@@ -200,19 +198,25 @@ def inductor_options(mode: str | None = None) -> dict:
     return opts
 
 
-def _mode(compile: bool | str) -> str | None:
-    return None if compile is True or compile == "default" else compile
+def compile_mode(compile: bool | str, field: str = "compile") -> str | None:
+    """The torch.compile mode a `compile` setting asks for: None for False, True and "default" (the default
+    mode), else the mode itself; anything but a bool or a mode of COMPILE_MODES is an error naming `field`."""
+    if not isinstance(compile, bool) and compile not in COMPILE_MODES:
+        raise ValueError(f"{field} must be a bool or a torch.compile mode ({', '.join(COMPILE_MODES)}), "
+                         f"got {compile!r}")
+    return None if isinstance(compile, bool) or compile == "default" else compile
+
+
+def compiled(module: torch.nn.Module, compile: bool | str) -> torch.nn.Module:
+    """`module` under torch.compile with `compile`'s mode and `inductor_options`, or `module` itself when False."""
+    mode = compile_mode(compile)
+    return torch.compile(module, options=inductor_options(mode)) if compile else module
 
 
 def step_function(model: torch.nn.Module, compile: bool | str = False) -> torch.nn.Module:
     """What `train_step` calls as `fwd(x, y) -> loss`: `TokenLoss(model)`, compiled when asked (True or
     "default": the default mode; another string: that mode of COMPILE_MODES, e.g. "reduce-overhead")."""
-    loss = TokenLoss(model)
-    if not compile:
-        return loss
-    if compile is not True and compile not in COMPILE_MODES:
-        raise ValueError(f"compile must be a bool or one of {', '.join(COMPILE_MODES)}, got {compile!r}")
-    return torch.compile(loss, options=inductor_options(_mode(compile)))
+    return compiled(TokenLoss(model), compile)
 
 
 def component_grad_norms(model: torch.nn.Module) -> dict[str, float]:
@@ -372,7 +376,7 @@ def _train(cfg, shards_dir, work_dir, device, dist_ctx, *, on_log, on_step_end, 
         # After the resume load: DDP broadcasts rank 0's weights at wrap time (all ranks hold the same anyway).
         ddp = torch.nn.parallel.DistributedDataParallel(TokenLoss(model),
                                                         device_ids=[device.index] if device.type == "cuda" else None)
-        fwd = torch.compile(ddp, options=inductor_options(_mode(cfg.compile))) if cfg.compile else ddp
+        fwd = compiled(ddp, cfg.compile)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
