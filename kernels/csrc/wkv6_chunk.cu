@@ -11,7 +11,8 @@
 //   S_end = e^{Et} S0  +  sum_s (k_s e^{Et - Ei_s})^T v_s
 // Every exponent is "later minus earlier" of a non-increasing cumsum, so it is <= 0: no overflow for
 // any decay (log-decays are clamped at -1e4, where exp already underflows to 0 in fp32). The
-// intra-chunk scores A are computed element by element in fp32 (exact in log space); every matrix
+// intra-chunk scores A are computed element by element in fp32, their decay factor e^{Ex_t - Ei_s} as
+// the running product of the per-step decays e^{lw_m}, s < m < t (each <= 1; no exp per term); every matrix
 // product runs as bf16 wmma with fp32 accumulation, with each fp32 operand split into a bf16 pair
 // hi + lo (hi = bf16(x), lo = bf16(x - hi)) so products keep ~16 bits: r, k, v, gy are bf16 already,
 // so r e^{Ex}, k e^{Et-Ei}, A, S and G are the only split operands (x*y ~ xh*yh + xh*yl + xl*yh).
@@ -43,7 +44,7 @@ using bf16 = __nv_bfloat16;
 constexpr int N = 64;          // head size (K = V)
 constexpr int C = 16;          // chunk length
 constexpr int NT = 256;        // threads per block (8 warps)
-constexpr int PF = N + 1;      // fp32 per-step rows: odd stride, row-varying reads hit distinct banks
+constexpr int PF = N + 4;      // fp32 per-step rows, 16-byte aligned (float4 reads and writes)
 constexpr int PB = N + 8;      // bf16 rows (wmma: ldm % 8 == 0, tiles 32-byte aligned)
 constexpr int PA = C + 8;      // bf16 16 x 16 score matrix
 constexpr int PS = N + 4;      // fp32 64-wide rows for wmma accumulators (ldm % 4 == 0)
@@ -59,7 +60,8 @@ using FragC = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
 // One carve-out for all three kernels (the backward sweeps use a superset of the forward's arrays).
 struct Smem {
   float *R, *K, *LW, *Ex, *Ei, *B, *KD;  // [C][PF]
-  float *Et, *U, *X1, *X2, *Z;            // [N]; X1, X2: the neighbouring chunk's edge row
+  float *D;                               // [C][PF] per-step decay e^{lw}
+  float *Et, *EEt, *U, *X1, *X2, *Z;      // [N]; EEt = e^{Et}; X1, X2: the neighbouring chunk's edge row
   float* dot;                             // [4]
   float *S;                               // [N][PS] state (or G in the reverse sweep)
   float *O1, *O2, *dA;                    // [C][PS] wmma outputs
@@ -71,7 +73,7 @@ struct Smem {
 __host__ __device__ constexpr size_t align128(size_t x) { return (x + 127) / 128 * 128; }
 
 __host__ __device__ constexpr size_t smem_bytes() {
-  return 7 * align128(C * PF * 4) + 5 * align128(N * 4) + align128(16) + align128(N * PB * 2) + align128(N * PS * 4) + 3 * align128(C * PS * 4) +
+  return 8 * align128(C * PF * 4) + 6 * align128(N * 4) + align128(16) + align128(N * PB * 2) + align128(N * PS * 4) + 3 * align128(C * PS * 4) +
          6 * align128(C * PB * 2) + 2 * align128(C * PA * 2) + 2 * align128(N * PB * 2);
 }
 
@@ -80,8 +82,8 @@ __device__ Smem carve(unsigned char* p) {
   auto take = [&p](size_t bytes) { unsigned char* q = p; p += align128(bytes); return q; };
   s.R = (float*)take(C * PF * 4); s.K = (float*)take(C * PF * 4); s.LW = (float*)take(C * PF * 4);
   s.Ex = (float*)take(C * PF * 4); s.Ei = (float*)take(C * PF * 4); s.B = (float*)take(C * PF * 4);
-  s.KD = (float*)take(C * PF * 4);
-  s.Et = (float*)take(N * 4); s.U = (float*)take(N * 4); s.X1 = (float*)take(N * 4); s.X2 = (float*)take(N * 4);
+  s.KD = (float*)take(C * PF * 4); s.D = (float*)take(C * PF * 4);
+  s.Et = (float*)take(N * 4); s.EEt = (float*)take(N * 4); s.U = (float*)take(N * 4); s.X1 = (float*)take(N * 4); s.X2 = (float*)take(N * 4);
   s.Z = (float*)take(N * 4);
   s.dot = (float*)take(16);
   s.S = (float*)take(N * PS * 4);
@@ -101,12 +103,6 @@ struct Slot {
 };
 
 __device__ __forceinline__ float4 ld4(const float* p) { return *reinterpret_cast<const float4*>(p); }
-__device__ __forceinline__ float4 ld4(const bf16* p) {
-  const uint2 raw = *reinterpret_cast<const uint2*>(p);
-  const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.x));
-  const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.y));
-  return make_float4(a.x, a.y, b.x, b.y);
-}
 __device__ __forceinline__ uint2 ld_raw(const bf16* p) { return *reinterpret_cast<const uint2*>(p); }
 
 template <typename T>
@@ -116,7 +112,7 @@ __device__ __forceinline__ float cvt<float>(float x) { return x; }
 template <>
 __device__ __forceinline__ bf16 cvt<bf16>(float x) { return __float2bfloat16_rn(x); }
 
-__device__ __forceinline__ void put4(float* dst, const float4& x) { dst[0] = x.x; dst[1] = x.y; dst[2] = x.z; dst[3] = x.w; }
+__device__ __forceinline__ void put4(float* dst, const float4& x) { *reinterpret_cast<float4*>(dst) = x; }
 __device__ __forceinline__ void split(float x, bf16* hi, bf16* lo) {
   const bf16 h = __float2bfloat16_rn(x);
   *hi = h;
@@ -124,21 +120,45 @@ __device__ __forceinline__ void split(float x, bf16* hi, bf16* lo) {
 }
 __device__ __forceinline__ float lw_of(float w) { return -__expf(w); }  // exact; the cumsums clamp it
 
+// w as loaded: fp32 as is, bf16 still packed. Converting only at store time keeps the prefetch's global
+// load latency off the critical path (a conversion right after the load would wait for it).
+template <typename Tw>
+struct RawW;
+template <>
+struct RawW<float> {
+  float4 x;
+  __device__ void load(const float* p) { x = ld4(p); }
+  __device__ void zero() { x = make_float4(0.f, 0.f, 0.f, 0.f); }
+  __device__ float4 get() const { return x; }
+};
+template <>
+struct RawW<bf16> {
+  uint2 x;
+  __device__ void load(const bf16* p) { x = ld_raw(p); }
+  __device__ void zero() { x = make_uint2(0u, 0u); }
+  __device__ float4 get() const {
+    const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&x.x));
+    const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&x.y));
+    return make_float4(a.x, a.y, b.x, b.y);
+  }
+};
+
 // Raw inputs of one chunk held in registers while the previous chunk computes.
 template <typename Tw, bool DY, bool BSCR>
 struct Prefetch {
   uint2 r, k, v, dy;
-  float4 w, b;
-  template <typename P>
+  RawW<Tw> w;
+  float4 b;
   __device__ void load(const Slot& sl, int64_t off, bool valid, const bf16* R, const bf16* K, const bf16* V,
-                       const P* W, const bf16* G, const float* Bs) {
+                       const Tw* W, const bf16* G, const float* Bs) {
     if (!valid) {
       r = k = v = dy = make_uint2(0u, 0u);
-      w = b = make_float4(0.f, 0.f, 0.f, 0.f);
+      w.zero();
+      b = make_float4(0.f, 0.f, 0.f, 0.f);
       return;
     }
     r = ld_raw(R + off); k = ld_raw(K + off); v = ld_raw(V + off);
-    w = ld4(W + off);
+    w.load(W + off);
     if (DY) dy = ld_raw(G + off);
     if (BSCR) b = ld4(Bs + off);
   }
@@ -151,71 +171,131 @@ struct Prefetch {
     const float2 k23 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&k.y));
     put4(s.R + o, make_float4(r01.x, r01.y, r23.x, r23.y));
     put4(s.K + o, make_float4(k01.x, k01.y, k23.x, k23.y));
-    put4(s.LW + o, valid ? make_float4(lw_of(w.x), lw_of(w.y), lw_of(w.z), lw_of(w.w)) : make_float4(0.f, 0.f, 0.f, 0.f));
+    const float4 wf = w.get();
+    put4(s.LW + o, valid ? make_float4(lw_of(wf.x), lw_of(wf.y), lw_of(wf.z), lw_of(wf.w)) : make_float4(0.f, 0.f, 0.f, 0.f));
     *reinterpret_cast<uint2*>(s.V + sl.t * PB + sl.i0) = v;
     if (DY) *reinterpret_cast<uint2*>(s.DY + sl.t * PB + sl.i0) = dy;
     if (BSCR) put4(s.B + o, b);
   }
 };
 
-// Exclusive / inclusive cumsums of the log-decay per channel (threads 0..63; the others pass).
+// Exclusive / inclusive cumsums of the log-decay per channel, the per-step decays e^{lw} and e^{Et}
+// (threads 0..63; the others pass). The log-decays are read into registers first so the loads overlap.
 __device__ __forceinline__ void cumsum(const Smem& s, int tid) {
   if (tid < N) {
+    float lw[C];
+#pragma unroll
+    for (int t = 0; t < C; ++t) lw[t] = fmaxf(s.LW[t * PF + tid], LW_MIN);
     float run = 0.f;
 #pragma unroll
     for (int t = 0; t < C; ++t) {
       s.Ex[t * PF + tid] = run;
-      run += fmaxf(s.LW[t * PF + tid], LW_MIN);
+      run += lw[t];
       s.Ei[t * PF + tid] = run;
+      s.D[t * PF + tid] = __expf(lw[t]);
     }
     s.Et[tid] = run;
+    s.EEt[tid] = __expf(run);
   }
+}
+
+// Four fp32 values as bf16 pairs hi + lo, each packed into 8 bytes.
+__device__ __forceinline__ void split4(const float4& x, bf16* hi, bf16* lo) {
+  const __nv_bfloat162 h01 = __floats2bfloat162_rn(x.x, x.y), h23 = __floats2bfloat162_rn(x.z, x.w);
+  const float2 f01 = __bfloat1622float2(h01), f23 = __bfloat1622float2(h23);
+  const __nv_bfloat162 l01 = __floats2bfloat162_rn(x.x - f01.x, x.y - f01.y);
+  const __nv_bfloat162 l23 = __floats2bfloat162_rn(x.z - f23.x, x.w - f23.y);
+  *reinterpret_cast<uint2*>(hi) = make_uint2(*reinterpret_cast<const uint32_t*>(&h01), *reinterpret_cast<const uint32_t*>(&h23));
+  *reinterpret_cast<uint2*>(lo) = make_uint2(*reinterpret_cast<const uint32_t*>(&l01), *reinterpret_cast<const uint32_t*>(&l23));
 }
 
 // r e^{Ex} and k e^{Et - Ei} as bf16 pairs (4 elements per thread).
 __device__ __forceinline__ void scaled_rk(const Smem& s, const Slot& sl, bool want_r, bool want_k) {
+  const int o = sl.t * PF + sl.i0, ob = sl.t * PB + sl.i0;
+  if (want_r) {
+    const float4 r = ld4(s.R + o), ex = ld4(s.Ex + o);
+    split4(make_float4(r.x * __expf(ex.x), r.y * __expf(ex.y), r.z * __expf(ex.z), r.w * __expf(ex.w)), s.Rh + ob, s.Rl + ob);
+  }
+  if (want_k) {
+    const float4 k = ld4(s.K + o), ei = ld4(s.Ei + o), et = ld4(s.Et + sl.i0);
+    split4(make_float4(k.x * __expf(et.x - ei.x), k.y * __expf(et.y - ei.y), k.z * __expf(et.z - ei.z),
+                       k.w * __expf(et.w - ei.w)),
+           s.Kh + ob, s.Kl + ob);
+  }
+}
+
+// One reduce-scatter step over lanes c ^ O: p[0 .. 2O) -> p[0 .. O), keeping the half of the rows whose bit O
+// matches the lane's (after the steps 8, 4, 2, 1, p[0] on lane c is the full sum of row c).
+template <int O>
+__device__ __forceinline__ void halve(float* p, int c) {
+  const bool upper = c & O;
 #pragma unroll
-  for (int c = 0; c < 4; ++c) {
-    const int i = sl.i0 + c, o = sl.t * PF + i, ob = sl.t * PB + i;
-    if (want_r) split(s.R[o] * __expf(s.Ex[o]), s.Rh + ob, s.Rl + ob);
-    if (want_k) split(s.K[o] * __expf(s.Et[i] - s.Ei[o]), s.Kh + ob, s.Kl + ob);
+  for (int j = 0; j < O; ++j) {
+    const float keep = upper ? p[j + O] : p[j], send = upper ? p[j] : p[j + O];
+    p[j] = keep + __shfl_xor_sync(0xffffffffu, send, O);
   }
 }
 
-// Intra-chunk scores A (16 x 16, lower triangle plus the bonus diagonal) as a bf16 pair; thread (t, s).
+// Intra-chunk scores A (16 x 16: s < t, plus the bonus diagonal) as a bf16 pair.
+//   A_ts = sum_i r_t[i] k_s[i] f_ts[i],  f_ts = prod_{s<m<t} e^{lw_m}  (s < t),   A_tt = sum_i r_t[i] u[i] k_t[i].
+// f is carried as a running product of factors <= 1 (no overflow; underflow is the exact limit), which is the
+// log-space e^{Ex_t - Ei_s} without an exp per term. Thread (s, c) = (tid / 16, tid % 16) owns key row s and
+// channels 4c..4c+3 and forms a partial A_ts for every t; the 16 lanes of one s then reduce their 16 partial
+// rows with a butterfly reduce-scatter (one shuffle per value per step) that leaves A[c][s] on lane c.
 __device__ __forceinline__ void scores(const Smem& s, int tid) {
-  const int t = tid >> 4, j = tid & 15;
-  float a = 0.f;
-  if (j < t) {
-    const float* rt = s.R + t * PF; const float* ks = s.K + j * PF;
-    const float* ex = s.Ex + t * PF; const float* ei = s.Ei + j * PF;
-#pragma unroll 8
-    for (int i = 0; i < N; ++i) a = fmaf(rt[i] * ks[i], __expf(ex[i] - ei[i]), a);
-  } else if (j == t) {
-    const float* rt = s.R + t * PF; const float* kt = s.K + t * PF;
-#pragma unroll 8
-    for (int i = 0; i < N; ++i) a = fmaf(rt[i] * s.U[i], kt[i], a);
+  const int sr = tid >> 4, c = tid & 15, i0 = 4 * c;
+  const float4 k = ld4(s.K + sr * PF + i0);
+  float f0 = 1.f, f1 = 1.f, f2 = 1.f, f3 = 1.f;
+  float p[C];
+#pragma unroll
+  for (int t = 0; t < C; ++t) {
+    const float4 r = ld4(s.R + t * PF + i0);
+    if (t > sr) {
+      const float4 d = ld4(s.D + t * PF + i0);
+      p[t] = r.x * k.x * f0 + r.y * k.y * f1 + r.z * k.z * f2 + r.w * k.w * f3;
+      f0 *= d.x; f1 *= d.y; f2 *= d.z; f3 *= d.w;
+    } else if (t == sr) {
+      const float4 u = ld4(s.U + i0);
+      p[t] = r.x * u.x * k.x + r.y * u.y * k.y + r.z * u.z * k.z + r.w * u.w * k.w;
+    } else {
+      p[t] = 0.f;
+    }
   }
-  split(a, s.Ah + t * PA + j, s.Al + t * PA + j);
+  halve<8>(p, c); halve<4>(p, c); halve<2>(p, c); halve<1>(p, c);
+  split(p[0], s.Ah + c * PA + sr, s.Al + c * PA + sr);
 }
 
-// fp32 state (or G) -> bf16 pair, and an optional in-place decay by e^{Et} for the next update.
+// fp32 state (or G) -> bf16 triple (hi, lo, mid), and an optional in-place decay by e^{Et} for the next
+// update; each thread moves 4 consecutive entries of a row per step.
+__device__ __forceinline__ uint32_t split3(float x0, float x1, int part) {
+  // part 0: hi = bf16(x); 1: lo = bf16(x - hi); 2: mid = bf16(x - hi - lo), for two values packed
+  __nv_bfloat162 out;
+  float r0 = x0, r1 = x1;
+  bf16 h0 = __float2bfloat16_rn(r0), h1 = __float2bfloat16_rn(r1);
+  for (int q = 0; q < part; ++q) {
+    r0 -= __bfloat162float(h0); r1 -= __bfloat162float(h1);
+    h0 = __float2bfloat16_rn(r0); h1 = __float2bfloat16_rn(r1);
+  }
+  out.x = h0; out.y = h1;
+  return *reinterpret_cast<uint32_t*>(&out);
+}
 __device__ __forceinline__ void split_state(const Smem& s, int tid) {
-  for (int e = tid; e < N * N; e += NT) {
+#pragma unroll
+  for (int e = 4 * tid; e < N * N; e += 4 * NT) {
     const int i = e >> 6, j = e & 63;
-    const float x = s.S[i * PS + j];
-    const bf16 hi = __float2bfloat16_rn(x);
-    const float r1 = x - __bfloat162float(hi);
-    const bf16 lo = __float2bfloat16_rn(r1);
-    s.Sh[i * PB + j] = hi;
-    s.Sl[i * PB + j] = lo;
-    s.Sm[i * PB + j] = __float2bfloat16_rn(r1 - __bfloat162float(lo));
+    const float4 x = ld4(s.S + i * PS + j);
+    *reinterpret_cast<uint2*>(s.Sh + i * PB + j) = make_uint2(split3(x.x, x.y, 0), split3(x.z, x.w, 0));
+    *reinterpret_cast<uint2*>(s.Sl + i * PB + j) = make_uint2(split3(x.x, x.y, 1), split3(x.z, x.w, 1));
+    *reinterpret_cast<uint2*>(s.Sm + i * PB + j) = make_uint2(split3(x.x, x.y, 2), split3(x.z, x.w, 2));
   }
 }
 __device__ __forceinline__ void decay_state(const Smem& s, int tid) {
-  for (int e = tid; e < N * N; e += NT) {
+#pragma unroll
+  for (int e = 4 * tid; e < N * N; e += 4 * NT) {
     const int i = e >> 6, j = e & 63;
-    s.S[i * PS + j] *= __expf(s.Et[i]);
+    const float g = s.EEt[i];
+    const float4 x = ld4(s.S + i * PS + j);
+    put4(s.S + i * PS + j, make_float4(x.x * g, x.y * g, x.z * g, x.w * g));
   }
 }
 
@@ -298,6 +378,10 @@ __device__ __forceinline__ void edge_dot(const Smem& s, int tid, const float* x,
   }
 }
 
+// The elementwise passes of the backward sweeps give thread group g = tid / 64 the rows {g, 7-g, 8+g, 15-g}:
+// their in-chunk loops cost ~t (sweep 1) or ~C-t (sweep 2) steps, so every group gets the same work.
+__device__ __forceinline__ int owned_row(int g, int m) { return m == 0 ? g : m == 1 ? 7 - g : m == 2 ? 8 + g : 15 - g; }
+
 __device__ __forceinline__ void init_state(const Smem& s, const float* src, int tid) {
   for (int e = tid; e < N * N; e += NT) s.S[(e >> 6) * PS + (e & 63)] = src ? src[e] : 0.f;
 }
@@ -378,8 +462,8 @@ chunk_backward_fwd_kernel(int T, int H, const bf16* __restrict__ r, const bf16* 
   const int tid = threadIdx.x, warp = tid >> 5, bh = blockIdx.x, b = bh / H, h = bh % H;
   const int64_t base = ((int64_t)b * T * H + h) * N, stride = (int64_t)H * N;
   const Slot sl(tid);
-  // elementwise ownership: channel i = tid & 63, rows t = 4 * (tid >> 6) .. +3
-  const int ei = tid & 63, et0 = 4 * (tid >> 6);
+  // elementwise ownership: channel i = tid & 63, rows owned_row(tid >> 6, 0..3)
+  const int ei = tid & 63, eg = tid >> 6;
   float gu_acc = 0.f;
   if (tid < N) {
     s.U[tid] = u[h * N + tid];
@@ -424,9 +508,10 @@ chunk_backward_fwd_kernel(int T, int H, const bf16* __restrict__ r, const bf16* 
       for (int q = 0; q < 4; ++q) state_update_tile(s, 4 * (warp - 4) + q, s.Kh, s.Kl, s.V);
     }
     __syncthreads();
+    float gr_out[4], b_out[4];
 #pragma unroll
     for (int m = 0; m < 4; ++m) {
-      const int t = et0 + m, o = t * PF + ei;
+      const int t = owned_row(eg, m), o = t * PF + ei;
       const float ex = s.Ex[o];
       float acc = __expf(ex) * s.O1[t * PS + ei];
       // j = t-1 (weight exactly 1) is summed apart: b leaves the adjacent pair out, and subtracting it after
@@ -437,10 +522,16 @@ chunk_backward_fwd_kernel(int T, int H, const bf16* __restrict__ r, const bf16* 
       // t = 0: the pair with the previous chunk's last step is inside the state term and must be subtracted
       const float adj = t == 0 ? s.X1[ei] * s.dot[0] : s.dA[t * PS + t - 1] * s.K[(t - 1) * PF + ei];
       const float far = t == 0 ? acc - adj : acc, all = t == 0 ? acc : acc + adj;
+      gr_out[m] = all + s.U[ei] * kt * dtt;
+      b_out[m] = rt * far;
+    }
+#pragma unroll
+    for (int m = 0; m < 4; ++m) {  // stores after all loads (the compiler cannot tell smem from global here)
+      const int t = owned_row(eg, m);
       if (c * C + t < T) {
         const int64_t g = base + (int64_t)(c * C + t) * stride + ei;
-        gr[g] = cvt<bf16>(all + s.U[ei] * kt * dtt);
-        bscr[g] = rt * far;
+        gr[g] = cvt<bf16>(gr_out[m]);
+        bscr[g] = b_out[m];
       }
     }
     if (tid < N) {  // the same thread read X1[tid] above (t = 0); X2 was read before the last barrier
@@ -489,7 +580,7 @@ chunk_backward_rev_kernel(int T, int H, const bf16* __restrict__ r, const bf16* 
   const int tid = threadIdx.x, warp = tid >> 5, bh = blockIdx.x, b = bh / H, h = bh % H;
   const int64_t base = ((int64_t)b * T * H + h) * N, stride = (int64_t)H * N;
   const Slot sl(tid);
-  const int ei = tid & 63, et0 = 4 * (tid >> 6);
+  const int ei = tid & 63, eg = tid >> 6;
   double dl_acc = 0.0;  // threads 0..63: P + sum_{t>m} b_t - sum_{s>m} k_s dk'_s for channel tid
   if (tid < N) {
     s.U[tid] = u[h * N + tid];
@@ -538,9 +629,10 @@ chunk_backward_rev_kernel(int T, int H, const bf16* __restrict__ r, const bf16* 
       for (int q = 0; q < 4; ++q) state_update_tile(s, 4 * (warp - 4) + q, s.Rh, s.Rl, s.DY);
     }
     __syncthreads();
+    float kd_out[4], gk_out[4], gv_out[4];
 #pragma unroll
     for (int m = 0; m < 4; ++m) {
-      const int t = et0 + m, o = t * PF + ei;  // t plays "s" (the key position) here
+      const int t = owned_row(eg, m), o = t * PF + ei;  // t plays "s" (the key position) here
       const float eis = s.Ei[o];
       const float st = __expf(s.Et[ei] - eis) * s.O2[t * PS + ei];  // through G (the chunk's end state)
       float acc = st;
@@ -549,27 +641,39 @@ chunk_backward_rev_kernel(int T, int H, const bf16* __restrict__ r, const bf16* 
       const float adj = t == C - 1 ? s.X1[ei] * s.dot[0] : s.dA[(t + 1) * PS + t] * s.R[(t + 1) * PF + ei];
       const float far = t == C - 1 ? acc - adj : acc, all = t == C - 1 ? acc : acc + adj;
       // at T-1 the state part is the pair with the final-state gradient, left out of P too
-      s.KD[o] = s.K[o] * (far - (c * C + t == T - 1 ? st : 0.f));
+      kd_out[m] = s.K[o] * (far - (c * C + t == T - 1 ? st : 0.f));
+      gk_out[m] = all + s.U[ei] * s.R[o] * s.dA[t * PS + t];
+      gv_out[m] = s.O1[t * PS + ei];
+    }
+#pragma unroll
+    for (int m = 0; m < 4; ++m) {  // stores after all loads, as in sweep 1
+      const int t = owned_row(eg, m);
+      s.KD[t * PF + ei] = kd_out[m];
       if (c * C + t < T) {
         const int64_t g = base + (int64_t)(c * C + t) * stride + ei;
-        gk[g] = cvt<bf16>(all + s.U[ei] * s.R[o] * s.dA[t * PS + t]);
-        gv[g] = cvt<bf16>(s.O1[t * PS + ei]);
+        gk[g] = cvt<bf16>(gk_out[m]);
+        gv[g] = cvt<bf16>(gv_out[m]);
       }
     }
-    if (tid >= 3 * N) {  // the thread that read X1[ei] for t = C-1 above; X2 was read before the last barrier
+    if (tid < N) {  // the thread that read X1[ei] for t = C-1 above (group 0 owns row 15); X2 was read before the last barrier
       s.X1[ei] = s.R[ei];
       s.X2[ei] = __bfloat162float(s.DY[ei]);
     }
     split_state(s, tid);
     __syncthreads();
     if (tid < N) {
+      float kd[C], bt[C], g[C];
+#pragma unroll
+      for (int t = 0; t < C; ++t) { kd[t] = s.KD[t * PF + tid]; bt[t] = s.B[t * PF + tid]; }
+#pragma unroll
       for (int t = C - 1; t >= 0; --t) {
-        const int o = t * PF + tid;
-        const double kd = (double)s.KD[o];
-        const double dl = dl_acc - kd;
-        dl_acc = dl + (double)s.B[o];
-        if (c * C + t < T) gw[base + (int64_t)(c * C + t) * stride + tid] = cvt<Tw>((float)(dl * (double)s.LW[o]));
+        const double dl = dl_acc - (double)kd[t];
+        dl_acc = dl + (double)bt[t];
+        g[t] = (float)(dl * (double)s.LW[t * PF + tid]);
       }
+#pragma unroll
+      for (int t = 0; t < C; ++t)
+        if (c * C + t < T) gw[base + (int64_t)(c * C + t) * stride + tid] = cvt<Tw>(g[t]);
     }
     __syncthreads();
     if (more) pf.store(s, sl, true);
