@@ -179,23 +179,33 @@ struct Prefetch {
   }
 };
 
-// Exclusive / inclusive cumsums of the log-decay per channel, the per-step decays e^{lw} and e^{Et}
-// (threads 0..63; the others pass). The log-decays are read into registers first so the loads overlap.
+// Exclusive / inclusive cumsums of the log-decay per channel, the per-step decays e^{lw} and e^{Et}.
+// Thread (channel i, quarter q) = (8 * warp + lane % 8, lane / 8) sums rows 4q..4q+3; every lane of a
+// channel then adds the four quarter totals in the same order, so Ex_{t+1} == Ei_t holds exactly.
 __device__ __forceinline__ void cumsum(const Smem& s, int tid) {
-  if (tid < N) {
-    float lw[C];
+  const int lane = tid & 31, i = 8 * (tid >> 5) + (lane & 7), q = lane >> 3;
+  float lw[4], loc[4], run = 0.f;
 #pragma unroll
-    for (int t = 0; t < C; ++t) lw[t] = fmaxf(s.LW[t * PF + tid], LW_MIN);
-    float run = 0.f;
+  for (int m = 0; m < 4; ++m) {
+    lw[m] = fmaxf(s.LW[(4 * q + m) * PF + i], LW_MIN);
+    run += lw[m];
+    loc[m] = run;
+  }
+  float e[5];  // e[q'] = sum of the quarters before q'; e[4] = Et
+  e[0] = 0.f;
 #pragma unroll
-    for (int t = 0; t < C; ++t) {
-      s.Ex[t * PF + tid] = run;
-      run += lw[t];
-      s.Ei[t * PF + tid] = run;
-      s.D[t * PF + tid] = __expf(lw[t]);
-    }
-    s.Et[tid] = run;
-    s.EEt[tid] = __expf(run);
+  for (int qq = 0; qq < 4; ++qq) e[qq + 1] = e[qq] + __shfl_sync(0xffffffffu, run, (lane & 7) + 8 * qq);
+  const float base = q == 0 ? e[0] : q == 1 ? e[1] : q == 2 ? e[2] : e[3];
+#pragma unroll
+  for (int m = 0; m < 4; ++m) {
+    const int o = (4 * q + m) * PF + i;
+    s.Ex[o] = m == 0 ? base : base + loc[m - 1];
+    s.Ei[o] = base + loc[m];
+    s.D[o] = __expf(lw[m]);
+  }
+  if (q == 3) {
+    s.Et[i] = e[4];
+    s.EEt[i] = __expf(e[4]);
   }
 }
 
@@ -279,6 +289,7 @@ __device__ __forceinline__ uint32_t split3(float x0, float x1, int part) {
   out.x = h0; out.y = h1;
   return *reinterpret_cast<uint32_t*>(&out);
 }
+template <bool MID>  // MID: also the third term Sm (the backward's transposed products use it)
 __device__ __forceinline__ void split_state(const Smem& s, int tid) {
 #pragma unroll
   for (int e = 4 * tid; e < N * N; e += 4 * NT) {
@@ -286,7 +297,7 @@ __device__ __forceinline__ void split_state(const Smem& s, int tid) {
     const float4 x = ld4(s.S + i * PS + j);
     *reinterpret_cast<uint2*>(s.Sh + i * PB + j) = make_uint2(split3(x.x, x.y, 0), split3(x.z, x.w, 0));
     *reinterpret_cast<uint2*>(s.Sl + i * PB + j) = make_uint2(split3(x.x, x.y, 1), split3(x.z, x.w, 1));
-    *reinterpret_cast<uint2*>(s.Sm + i * PB + j) = make_uint2(split3(x.x, x.y, 2), split3(x.z, x.w, 2));
+    if (MID) *reinterpret_cast<uint2*>(s.Sm + i * PB + j) = make_uint2(split3(x.x, x.y, 2), split3(x.z, x.w, 2));
   }
 }
 __device__ __forceinline__ void decay_state(const Smem& s, int tid) {
@@ -388,7 +399,7 @@ __device__ __forceinline__ void init_state(const Smem& s, const float* src, int 
 
 // =============================================================================================== forward
 template <typename Tw>
-__global__ void __launch_bounds__(NT)
+__global__ void __launch_bounds__(NT, 1)  // one block per (b, h): registers are not worth trading for occupancy
 chunk_forward_kernel(int T, int H, const bf16* __restrict__ r, const bf16* __restrict__ k,
                      const bf16* __restrict__ v, const Tw* __restrict__ w, const float* __restrict__ u,
                      const float* __restrict__ h0, bf16* __restrict__ y, float* __restrict__ hT) {
@@ -400,7 +411,7 @@ chunk_forward_kernel(int T, int H, const bf16* __restrict__ r, const bf16* __res
   if (tid < N) s.U[tid] = u[h * N + tid];
   init_state(s, h0 ? h0 + (int64_t)bh * N * N : nullptr, tid);
   __syncthreads();
-  split_state(s, tid);
+  split_state<false>(s, tid);
   Prefetch<Tw, false, false> pf;
   const int nch = (T + C - 1) / C;
   auto off = [&](int c) { return base + (int64_t)(c * C + sl.t) * stride + sl.i0; };
@@ -441,7 +452,7 @@ chunk_forward_kernel(int T, int H, const bf16* __restrict__ r, const bf16* __res
       raw.y = *reinterpret_cast<const uint32_t*>(&y23);
       *reinterpret_cast<uint2*>(y + off(c)) = raw;
     }
-    split_state(s, tid);
+    split_state<false>(s, tid);
     if (more) pf.store(s, sl, next_valid);
     __syncthreads();
   }
@@ -451,7 +462,7 @@ chunk_forward_kernel(int T, int H, const bf16* __restrict__ r, const bf16* __res
 // ====================================================================================== backward sweep 1
 // Forward in time: gr, b = r * (gr without the bonus), gu partials, P = rowsum(ghT * S_T).
 template <typename Tw>
-__global__ void __launch_bounds__(NT)
+__global__ void __launch_bounds__(NT, 1)  // one block per (b, h): registers are not worth trading for occupancy
 chunk_backward_fwd_kernel(int T, int H, const bf16* __restrict__ r, const bf16* __restrict__ k,
                           const bf16* __restrict__ v, const Tw* __restrict__ w, const float* __restrict__ u,
                           const float* __restrict__ h0, const bf16* __restrict__ gy, const float* __restrict__ ghT,
@@ -472,7 +483,7 @@ chunk_backward_fwd_kernel(int T, int H, const bf16* __restrict__ r, const bf16* 
   }
   init_state(s, h0 ? h0 + (int64_t)bh * N * N : nullptr, tid);
   __syncthreads();
-  split_state(s, tid);
+  split_state<true>(s, tid);
   Prefetch<Tw, true, false> pf;
   const int nch = (T + C - 1) / C;
   auto off = [&](int c) { return base + (int64_t)(c * C + sl.t) * stride + sl.i0; };
@@ -538,7 +549,7 @@ chunk_backward_fwd_kernel(int T, int H, const bf16* __restrict__ r, const bf16* 
       s.X1[tid] = s.K[(C - 1) * PF + tid];
       s.X2[tid] = __bfloat162float(s.V[(C - 1) * PB + tid]);
     }
-    split_state(s, tid);
+    split_state<true>(s, tid);
     __syncthreads();  // the elementwise pass above still reads this chunk's R, K
     if (more) pf.store(s, sl, next_valid);
     __syncthreads();
@@ -569,7 +580,7 @@ chunk_backward_fwd_kernel(int T, int H, const bf16* __restrict__ r, const bf16* 
 // ====================================================================================== backward sweep 2
 // Reverse in time: gk, gv, gw, gh0. s.S holds G = dL/dS_end of the current chunk.
 template <typename Tw>
-__global__ void __launch_bounds__(NT)
+__global__ void __launch_bounds__(NT, 1)  // one block per (b, h): registers are not worth trading for occupancy
 chunk_backward_rev_kernel(int T, int H, const bf16* __restrict__ r, const bf16* __restrict__ k,
                           const bf16* __restrict__ v, const Tw* __restrict__ w, const float* __restrict__ u,
                           const bf16* __restrict__ gy, const float* __restrict__ ghT,
@@ -590,7 +601,7 @@ chunk_backward_rev_kernel(int T, int H, const bf16* __restrict__ r, const bf16* 
   }
   init_state(s, ghT ? ghT + (int64_t)bh * N * N : nullptr, tid);
   __syncthreads();
-  split_state(s, tid);
+  split_state<true>(s, tid);
   Prefetch<Tw, true, true> pf;
   const int nch = (T + C - 1) / C;
   auto off = [&](int c) { return base + (int64_t)(c * C + sl.t) * stride + sl.i0; };
@@ -659,7 +670,7 @@ chunk_backward_rev_kernel(int T, int H, const bf16* __restrict__ r, const bf16* 
       s.X1[ei] = s.R[ei];
       s.X2[ei] = __bfloat162float(s.DY[ei]);
     }
-    split_state(s, tid);
+    split_state<true>(s, tid);
     __syncthreads();
     if (tid < N) {
       float kd[C], bt[C], g[C];
