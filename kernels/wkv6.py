@@ -23,8 +23,9 @@ _CUDA_DTYPES = (torch.float32, torch.bfloat16)
 
 IMPLS = ("auto", "chunked", "sequential")
 CHUNKED_HEAD_SIZE = 64
-# What impl="auto" resolves to. Sequential by default: on the H100 the chunked kernels are not yet faster
-# (BENCHMARKS.md) and their decay gradient is noisier at extreme decays. set_auto_impl changes it.
+# What impl="auto" resolves to. Sequential by default: it is the reference backend, and the chunked kernels'
+# decay gradient is noisier at extreme decays (BENCHMARKS.md), although on the H100 they are now the faster
+# ones at every measured shape. set_auto_impl changes it for a process; models choose per layer (pick_impl).
 _AUTO = {"prefer": "sequential"}
 
 
@@ -39,6 +40,15 @@ def set_auto_impl(prefer: str) -> None:
 def chunked_applies(r: torch.Tensor) -> bool:
     """Whether the chunked CUDA kernels handle these (already validated) inputs."""
     return r.is_cuda and r.dtype == torch.bfloat16 and r.shape[-1] == CHUNKED_HEAD_SIZE
+
+
+def pick_impl(prefer: str, r: torch.Tensor) -> str:
+    """The `impl` for a layer configured with `prefer`: "chunked" takes the chunked kernels where they apply to r
+    (CUDA, bfloat16, head size 64) and the sequential ones elsewhere (CPU, fp32, other head sizes); "auto" and
+    "sequential" pass through. ValueError naming the choices for anything else."""
+    if prefer not in IMPLS:
+        raise ValueError(f"wkv6: impl must be one of {IMPLS}, got {prefer!r}")
+    return "sequential" if prefer == "chunked" and not chunked_applies(r) else prefer
 
 
 def resolve_impl(impl: str, r: torch.Tensor) -> str:

@@ -10,11 +10,16 @@ FFN 4x GELU, RMSNorm eps 1e-6, tied embeddings. `models/PARAMS.md` lists every c
 `mamba_backend` picks the Mamba-2 SSD path (models/mamba2.py): "auto" (default), "torch", "triton", or "wkv6"
 (the scan through the RWKV-6 kernel; needs d_state == mamba_headdim). It changes numerics, not parameters,
 so a checkpoint loads under any backend; configs saved before the field existed rebuild as "auto".
+`wkv6_impl` picks the wkv6 CUDA kernels: "auto" (default: `kernels.set_auto_impl`'s choice, sequential unless
+changed), "sequential", or "chunked" (the tensor-core kernels where they apply: CUDA, bf16 autocast, head size
+64; the sequential ones elsewhere). Numerics only, like `mamba_backend`.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+
+from kernels import IMPLS as WKV6_IMPLS
 
 from .mamba2 import BACKENDS as MAMBA2_BACKENDS
 from .mamba2 import wkv6_backend_problem
@@ -48,6 +53,7 @@ class ModelConfig:
     ngroups: int = 1
     mamba_chunk_size: int = 256     # Triton SSD chunk (the CPU path picks its own, result is the same)
     mamba_backend: str = "auto"     # Mamba-2 SSD path, one of models.mamba2.BACKENDS (module doc above)
+    wkv6_impl: str = "auto"         # wkv6 kernels of RWKV-6 (and of Mamba-2 on backend "wkv6"), module doc above
     ffn_mult: int = 4               # block FFN width = ffn_mult * hidden (GELU, no bias)
     gate_init: float | None = None  # GF family start gate; None = the variant's own (GF-MH 0.3, GF-RH 0.7)
     norm_eps: float = 1e-6
@@ -79,6 +85,9 @@ class ModelConfig:
                              f"got {self.mamba_backend!r}")
         if self.mamba_backend == "wkv6" and (problem := wkv6_backend_problem(self.d_state, self.mamba_headdim)):
             raise ValueError(f"ModelConfig.mamba_backend: {problem}")
+        if self.wkv6_impl not in WKV6_IMPLS:
+            raise ValueError(f"ModelConfig.wkv6_impl: must be one of {', '.join(map(repr, WKV6_IMPLS))}, "
+                             f"got {self.wkv6_impl!r}")
         if self.gate_init is not None:
             if self.name not in ("GF", "GF-MH", "GF-RH"):
                 raise ValueError(f"ModelConfig.gate_init: only the GF family has a gate init, not {self.name}")

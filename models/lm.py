@@ -94,7 +94,7 @@ class FFN(nn.Module):
 def _mamba(cfg: ModelConfig, layer_id: int) -> Mamba2:
     return Mamba2(cfg.hidden_size, d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand,
                   headdim=cfg.mamba_headdim, ngroups=cfg.ngroups, chunk_size=cfg.mamba_chunk_size,
-                  layer_idx=layer_id, backend=cfg.mamba_backend)
+                  layer_idx=layer_id, backend=cfg.mamba_backend, wkv6_impl=cfg.wkv6_impl)
 
 
 class HybridBlock(nn.Module):
@@ -105,7 +105,8 @@ class HybridBlock(nn.Module):
         super().__init__()
         C = cfg.hidden_size
         self.norm1 = RMSNorm(C, cfg.norm_eps)
-        self.rwkv = RWKV6TimeMix(C, head_size=cfg.head_size, layer_id=layer_id, n_layer=cfg.n_layer)
+        self.rwkv = RWKV6TimeMix(C, head_size=cfg.head_size, layer_id=layer_id, n_layer=cfg.n_layer,
+                                 wkv6_impl=cfg.wkv6_impl)
         self.mamba = _mamba(cfg, layer_id)
         self.fusion = make_fusion(cfg.name, C, gate_init=cfg.gate_init, norm_eps=cfg.norm_eps)
         self.norm2 = RMSNorm(C, cfg.norm_eps)
@@ -134,7 +135,8 @@ class RWKV6Block(nn.Module):
         super().__init__()
         C = cfg.hidden_size
         self.norm1 = RMSNorm(C, cfg.norm_eps)
-        self.rwkv = RWKV6TimeMix(C, head_size=cfg.head_size, layer_id=layer_id, n_layer=cfg.n_layer)
+        self.rwkv = RWKV6TimeMix(C, head_size=cfg.head_size, layer_id=layer_id, n_layer=cfg.n_layer,
+                                 wkv6_impl=cfg.wkv6_impl)
         self.norm2 = RMSNorm(C, cfg.norm_eps)
         self.ffn = RWKV6ChannelMix(C, layer_id=layer_id, n_layer=cfg.n_layer)
         self.ablated: set[str] = set()

@@ -74,7 +74,7 @@ def _import_mamba_ssm_ops():
     return mamba_chunk_scan_combined, causal_conv1d_fn
 
 
-def ssd_wkv6(x, dt, A_log, B, C, D=None, initial_state=None):
+def ssd_wkv6(x, dt, A_log, B, C, D=None, initial_state=None, impl="auto"):
     """The SSD scan of `models.ssd.ssd_chunked` computed by the RWKV-6 kernel `kernels.wkv6`.
 
     x:  (B, T, H, P)     inputs per head
@@ -83,6 +83,7 @@ def ssd_wkv6(x, dt, A_log, B, C, D=None, initial_state=None):
     B, C: (B, T, G, N)   head h uses group h // (H // G); N must equal P (the kernel's K = V)
     D:  (H,) or None     skip connection
     initial_state: (B, H, P, N) or None (zeros)
+    impl: the layer's wkv6_impl (kernels.pick_impl: "chunked" where the chunked kernels apply)
     Returns y (B, T, H, P) in x.dtype and final_state (B, H, P, N) in fp32 (fp64 for fp64 inputs).
 
     Mapping (state S = h^T, key index n = the SSD state index, value index p = the head channel):
@@ -115,8 +116,9 @@ def ssd_wkv6(x, dt, A_log, B, C, D=None, initial_state=None):
         w = w[..., None].expand(Bsz, T, H, N)                                          # same decay for every n
         u = torch.zeros(H, N, dtype=cd, device=x.device)                               # no current-token bonus
         h0 = None if initial_state is None else initial_state.transpose(-1, -2)         # (B, H, N, P)
-        y, S = kernels.wkv6(r.to(kd), Bh.to(kd), v.to(kd), w, u, initial_state=h0,
-                            output_final_state=True)                                   # (B,T,H,P), (B,H,N,P)
+        rk = r.to(kd)
+        y, S = kernels.wkv6(rk, Bh.to(kd), v.to(kd), w, u, initial_state=h0,
+                            output_final_state=True, impl=kernels.pick_impl(impl, rk))                                   # (B,T,H,P), (B,H,N,P)
         y = y.to(cd) + ((Ch * Bh).sum(-1) * dt)[..., None] * xc                        # current token
         if D is not None:
             y = y + D.to(cd)[:, None] * xc
@@ -182,6 +184,7 @@ class Mamba2(nn.Module):
         conv_init: float | None = None,
         layer_idx: int | None = None,
         backend: str = "auto",
+        wkv6_impl: str = "auto",
     ):
         super().__init__()
         for field, value in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv), ("expand", expand),
@@ -200,7 +203,10 @@ class Mamba2(nn.Module):
             raise ValueError(f"Mamba2: backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
         if backend == "wkv6" and (problem := wkv6_backend_problem(d_state, headdim)):
             raise ValueError(f"Mamba2: {problem}")
+        if wkv6_impl not in kernels.IMPLS:
+            raise ValueError(f"Mamba2: wkv6_impl must be one of {kernels.IMPLS}, got {wkv6_impl!r}")
         self.backend = backend   # "auto": see the module docstring
+        self.wkv6_impl = wkv6_impl  # backend "wkv6" only: kernels.pick_impl's choice
         _mamba_ssm_ops()         # probe the optional imports now, outside any traced forward
         self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
         self.headdim, self.ngroups, self.chunk_size = headdim, ngroups, chunk_size
@@ -311,7 +317,8 @@ class Mamba2(nn.Module):
             if self.dt_limit != (0.0, float("inf")):
                 dtc = dtc.clamp(self.dt_limit[0], self.dt_limit[1])
             if path == "wkv6":
-                y, new_ssm_state = ssd_wkv6(x, dtc, self.A_log, Bm, Cm, D=self.D, initial_state=ssm_state)
+                y, new_ssm_state = ssd_wkv6(x, dtc, self.A_log, Bm, Cm, D=self.D, initial_state=ssm_state,
+                                                   impl=self.wkv6_impl)
             else:
                 with torch.autocast(device_type=u.device.type, enabled=False):   # keep the scan in fp32 under AMP
                     y, new_ssm_state = ssd_chunked(x, dtc, A, Bm, Cm, D=self.D, initial_state=ssm_state,

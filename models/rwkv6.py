@@ -68,9 +68,12 @@ def _token_shift(x, shift_state):
 
 class RWKV6TimeMix(nn.Module):
     def __init__(self, hidden_size: int, head_size: int = 64, layer_id: int = 0, n_layer: int = 1,
-                 head_size_divisor: int = 8):
+                 head_size_divisor: int = 8, wkv6_impl: str = "auto"):
         super().__init__()
         _validate_layer("RWKV6TimeMix", hidden_size, layer_id, n_layer)
+        if wkv6_impl not in kernels.IMPLS:
+            raise ValueError(f"RWKV6TimeMix: wkv6_impl must be one of {kernels.IMPLS}, got {wkv6_impl!r}")
+        self.wkv6_impl = wkv6_impl  # kernels.pick_impl: "chunked" where it applies, else sequential
         if not isinstance(head_size, int) or head_size < 1 or hidden_size % head_size != 0:
             raise ValueError(f"RWKV6TimeMix: hidden_size ({hidden_size}) must be divisible by head_size "
                              f"({head_size}); pick head_size from the divisors of hidden_size (RWKV-LM uses 64)")
@@ -153,7 +156,7 @@ class RWKV6TimeMix(nn.Module):
             w = w.to(r.dtype)
         o, wkv_state = kernels.wkv6(r, k, v.to(r.dtype), w, self.time_faaaa,
                                     initial_state=None if state is None else state["rwkv_state"],
-                                    output_final_state=True)                              # (B,T,H,N), (B,H,N,N)
+                                    output_final_state=True, impl=kernels.pick_impl(self.wkv6_impl, r))                              # (B,T,H,N), (B,H,N,N)
         o = self.ln_x(o.reshape(B * T, C)).view(B, T, C)
         out = self.output(o * g)
         if not return_state:

@@ -283,3 +283,14 @@ def test_torch_compile_traces_wkv6_without_graph_breaks():
     for name, g, w in zip("rkvwu", got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"grad {name}: {m}")
     torch.testing.assert_close(got[5], want[5], rtol=1e-5, atol=1e-5)
+
+
+def test_pick_impl_takes_chunked_only_where_it_applies():
+    """A layer configured for "chunked" gets the sequential kernels where the chunked ones do not apply (here:
+    CPU fp32); "auto" and "sequential" pass through; anything else is refused with the choices."""
+    x, _ = make_inputs(1, 4, 1, 8, dtype=torch.float32)
+    assert kernels.pick_impl("chunked", x["r"]) == "sequential"
+    assert kernels.pick_impl("auto", x["r"]) == "auto"
+    assert kernels.pick_impl("sequential", x["r"]) == "sequential"
+    with pytest.raises(ValueError, match=r"impl must be one of \('auto', 'chunked', 'sequential'\), got 'fast'"):
+        kernels.pick_impl("fast", x["r"])

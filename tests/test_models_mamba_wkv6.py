@@ -240,6 +240,32 @@ def test_bad_backend_settings_raise_clear_errors():
         models.make_config("GF-MH", 97, size="demo", mamba_backend="wkv6", mamba_headdim=64)
 
 
+def test_wkv6_impl_reaches_every_wkv6_layer_and_runs_sequential_on_cpu():
+    """ModelConfig.wkv6_impl goes to every RWKV-6 and Mamba-2 layer; "chunked" falls back to the sequential
+    kernels where the chunked ones do not apply (CPU), so the model equals the default one exactly there."""
+    cfg = models.make_config("GF-MH", 97, size="demo", wkv6_impl="chunked")
+    assert cfg.to_dict()["wkv6_impl"] == "chunked" and models.ModelConfig(**cfg.to_dict()) == cfg
+    old = {k: v for k, v in cfg.to_dict().items() if k != "wkv6_impl"}           # saved before the field existed
+    assert models.ModelConfig(**old).wkv6_impl == "auto"
+    torch.manual_seed(0)
+    base = models.get_model("GF-MH", 97, size="demo", n_layer=2, mamba_backend="wkv6")
+    ch = models.get_model("GF-MH", 97, size="demo", n_layer=2, mamba_backend="wkv6", wkv6_impl="chunked")
+    ch.load_state_dict(base.state_dict(), strict=True)
+    assert all(b.rwkv.wkv6_impl == "chunked" and b.mamba.wkv6_impl == "chunked" for b in ch.blocks)
+    assert all(b.rwkv.wkv6_impl == "auto" and b.mamba.wkv6_impl == "auto" for b in base.blocks)
+    idx = torch.randint(0, 97, (2, 21))
+    assert torch.equal(ch(idx).logits, base(idx).logits)
+
+
+def test_bad_wkv6_impl_settings_raise_clear_errors():
+    with pytest.raises(ValueError, match=r"ModelConfig.wkv6_impl: must be one of 'auto', 'chunked', 'sequential'"):
+        models.make_config("GF-MH", 97, size="demo", wkv6_impl="fast")
+    with pytest.raises(ValueError, match=r"RWKV6TimeMix: wkv6_impl must be one of"):
+        models.RWKV6TimeMix(64, head_size=32, wkv6_impl="tensor-core")
+    with pytest.raises(ValueError, match=r"Mamba2: wkv6_impl must be one of"):
+        models.Mamba2(32, d_state=16, headdim=16, backend="wkv6", wkv6_impl=None)
+
+
 # ----------------------------------------------------------------------------------------------------- GPU
 
 

@@ -232,7 +232,7 @@ def test_verdict_changes_name_each_changed_check(tmp_path):
 
 
 def test_training_config_maps_compile_mode_and_mamba_backend_and_keeps_defaults_unchanged():
-    """The asset's compile_mode / mamba_backend reach TrainConfig; left at their defaults they add nothing
+    """The asset's compile_mode / mamba_backend / wkv6_impl reach TrainConfig; left at their defaults they add nothing
     to the resolved config (so fingerprints and checkpoints of earlier runs stay valid)."""
     from gt_pipeline.assets.training import TrainingConfig
     from gt_pipeline.profiles import PROFILES
@@ -247,3 +247,8 @@ def test_training_config_maps_compile_mode_and_mamba_backend_and_keeps_defaults_
         TrainingConfig(compile=True, compile_mode="fastest").resolve("gf_mh", demo, 512)
     with pytest.raises(ValueError, match="mamba_backend"):
         TrainingConfig(mamba_backend="cuda").resolve("gf_mh", demo, 512)
+    fastest = TrainingConfig(mamba_backend="wkv6", wkv6_impl="chunked").resolve("gf_mh", demo, 512)
+    assert fastest.model_overrides == {"mamba_backend": "wkv6", "wkv6_impl": "chunked"}
+    assert TrainingConfig(wkv6_impl="sequential").resolve("gf_mh", demo, 512).model_overrides == {"wkv6_impl": "sequential"}
+    with pytest.raises(ValueError, match="wkv6_impl"):
+        TrainingConfig(wkv6_impl="fastest").resolve("gf_mh", demo, 512)

@@ -69,6 +69,8 @@ class TrainingConfig(dg.Config):
                               "max-autotune-no-cudagraphs")
     mamba_backend: str = Field(default="auto", description="Mamba-2 SSD path: auto (mamba_ssm's Triton SSD on CUDA), "
                                "torch, triton, or wkv6 (through our wkv6 kernel; with compile, the fast GPU path)")
+    wkv6_impl: str = Field(default="auto", description="wkv6 CUDA kernels: auto (sequential), sequential, or chunked "
+                           "(tensor-core kernels where they apply: bf16, head size 64; the fastest measured on an H100)")
     force: bool = Field(default=False, description="Retrain even when a verified cached checkpoint exists")
     nproc_per_node: int = Field(default=1, description="Data-parallel ranks on this machine (one GPU each; gloo "
                                 "processes on CPU); above 1 the asset launches torchrun")
@@ -108,7 +110,8 @@ class TrainingConfig(dg.Config):
             seed=self.seed, device=self.device,
             compile=(True if self.compile_mode == "default" else self.compile_mode) if self.compile else False,
             # only non-default choices enter the config, so existing fingerprints and checkpoints stay valid
-            model_overrides={} if self.mamba_backend == "auto" else {"mamba_backend": self.mamba_backend},
+            model_overrides={k: v for k, v in (("mamba_backend", self.mamba_backend), ("wkv6_impl", self.wkv6_impl))
+                             if v != "auto"},
         )
 
 

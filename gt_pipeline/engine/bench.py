@@ -16,7 +16,6 @@ import time
 
 import torch
 
-import kernels
 import models
 from gt_pipeline.engine.train import TrainConfig, build_optimizer, step_function, train_step
 
@@ -47,9 +46,8 @@ def profile_steps(step, device: torch.device, n: int = 3, top: int = 20) -> dict
 def bench_model(name: str, size: str, vocab: int, batch: int, seq: int, steps: int, warmup: int,
                 device: torch.device, compile: bool | str = False, profile: int = 0, overrides: dict | None = None,
                 wkv6_impl: str = "sequential") -> dict:
-    kernels.set_auto_impl(wkv6_impl)
     torch.manual_seed(0)
-    model = models.get_model(name, vocab, size=size, **(overrides or {})).to(device)
+    model = models.get_model(name, vocab, size=size, **{**(overrides or {}), "wkv6_impl": wkv6_impl}).to(device)
     cfg = TrainConfig(model=name, size=size, vocab_size=vocab, steps=steps + warmup, batch_size=batch, seq_len=seq)
     opt = build_optimizer(model, cfg, fused=device.type == "cuda")
     fwd = step_function(model, compile)
@@ -104,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="after timing, profile N more steps and report the top kernels")
     ap.add_argument("--mamba-backend", default=None, help="Mamba2 SSD path: auto, wkv6, triton or torch")
     ap.add_argument("--wkv6-impl", default="sequential", choices=["chunked", "sequential"],
-                    help="what wkv6's impl='auto' resolves to inside the models")
+                    help="the models' wkv6 kernels (ModelConfig.wkv6_impl; chunked where it applies)")
     ap.add_argument("--compare", action="store_true",
                     help="also run each model on the reference path (eager, sequential wkv6, PyTorch SSD) from "
                          "the same seed and report both loss curves and their largest difference")
