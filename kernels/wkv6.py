@@ -42,19 +42,23 @@ def chunked_applies(r: torch.Tensor) -> bool:
     return r.is_cuda and r.dtype == torch.bfloat16 and r.shape[-1] == CHUNKED_HEAD_SIZE
 
 
+def check_impl(impl: str, what: str = "wkv6: impl") -> None:
+    """ValueError "<what> must be one of IMPLS, got ..." unless `impl` is one of IMPLS."""
+    if impl not in IMPLS:
+        raise ValueError(f"{what} must be one of {IMPLS}, got {impl!r}")
+
+
 def pick_impl(prefer: str, r: torch.Tensor) -> str:
     """The `impl` for a layer configured with `prefer`: "chunked" takes the chunked kernels where they apply to r
     (CUDA, bfloat16, head size 64) and the sequential ones elsewhere (CPU, fp32, other head sizes); "auto" and
     "sequential" pass through. ValueError naming the choices for anything else."""
-    if prefer not in IMPLS:
-        raise ValueError(f"wkv6: impl must be one of {IMPLS}, got {prefer!r}")
+    check_impl(prefer)
     return "sequential" if prefer == "chunked" and not chunked_applies(r) else prefer
 
 
 def resolve_impl(impl: str, r: torch.Tensor) -> str:
     """'chunked' or 'sequential' for validated inputs; ValueError naming the problem otherwise."""
-    if impl not in IMPLS:
-        raise ValueError(f"wkv6: impl must be one of {IMPLS}, got {impl!r}")
+    check_impl(impl)
     if impl == "auto":
         return "chunked" if _AUTO["prefer"] == "chunked" and chunked_applies(r) else "sequential"
     if impl == "chunked" and not chunked_applies(r):

@@ -117,8 +117,8 @@ def ssd_wkv6(x, dt, A_log, B, C, D=None, initial_state=None, impl="auto"):
         u = torch.zeros(H, N, dtype=cd, device=x.device)                               # no current-token bonus
         h0 = None if initial_state is None else initial_state.transpose(-1, -2)         # (B, H, N, P)
         rk = r.to(kd)
-        y, S = kernels.wkv6(rk, Bh.to(kd), v.to(kd), w, u, initial_state=h0,
-                            output_final_state=True, impl=kernels.pick_impl(impl, rk))                                   # (B,T,H,P), (B,H,N,P)
+        y, S = kernels.wkv6(rk, Bh.to(kd), v.to(kd), w, u, initial_state=h0, output_final_state=True,
+                            impl=kernels.pick_impl(impl, rk))                          # (B,T,H,P), (B,H,N,P)
         y = y.to(cd) + ((Ch * Bh).sum(-1) * dt)[..., None] * xc                        # current token
         if D is not None:
             y = y + D.to(cd)[:, None] * xc
@@ -203,8 +203,7 @@ class Mamba2(nn.Module):
             raise ValueError(f"Mamba2: backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
         if backend == "wkv6" and (problem := wkv6_backend_problem(d_state, headdim)):
             raise ValueError(f"Mamba2: {problem}")
-        if wkv6_impl not in kernels.IMPLS:
-            raise ValueError(f"Mamba2: wkv6_impl must be one of {kernels.IMPLS}, got {wkv6_impl!r}")
+        kernels.check_impl(wkv6_impl, "Mamba2: wkv6_impl")
         self.backend = backend   # "auto": see the module docstring
         self.wkv6_impl = wkv6_impl  # backend "wkv6" only: kernels.pick_impl's choice
         _mamba_ssm_ops()         # probe the optional imports now, outside any traced forward
@@ -318,7 +317,7 @@ class Mamba2(nn.Module):
                 dtc = dtc.clamp(self.dt_limit[0], self.dt_limit[1])
             if path == "wkv6":
                 y, new_ssm_state = ssd_wkv6(x, dtc, self.A_log, Bm, Cm, D=self.D, initial_state=ssm_state,
-                                                   impl=self.wkv6_impl)
+                                            impl=self.wkv6_impl)
             else:
                 with torch.autocast(device_type=u.device.type, enabled=False):   # keep the scan in fp32 under AMP
                     y, new_ssm_state = ssd_chunked(x, dtc, A, Bm, Cm, D=self.D, initial_state=ssm_state,

@@ -71,8 +71,7 @@ class RWKV6TimeMix(nn.Module):
                  head_size_divisor: int = 8, wkv6_impl: str = "auto"):
         super().__init__()
         _validate_layer("RWKV6TimeMix", hidden_size, layer_id, n_layer)
-        if wkv6_impl not in kernels.IMPLS:
-            raise ValueError(f"RWKV6TimeMix: wkv6_impl must be one of {kernels.IMPLS}, got {wkv6_impl!r}")
+        kernels.check_impl(wkv6_impl, "RWKV6TimeMix: wkv6_impl")
         self.wkv6_impl = wkv6_impl  # kernels.pick_impl: "chunked" where it applies, else sequential
         if not isinstance(head_size, int) or head_size < 1 or hidden_size % head_size != 0:
             raise ValueError(f"RWKV6TimeMix: hidden_size ({hidden_size}) must be divisible by head_size "
