@@ -85,19 +85,7 @@ def test_chunked_matches_reference(shape, io, use_h0):
     check_against_reference(xk, cot, tol, use_h0, impl="chunked")
 
 
-# Known defect, measured on an H100 (2026-11-23): at extreme decays the chunked kernel's gw carries
-# ~1e-5 absolute noise in dL/dlw, times |lw| up to 148 (strong) or 1.6e5 (vanishing): gw err 1.3e-3 abs
-# (strong), 1.0e-3 of max|gw| (mixed), 1.4 abs (vanishing); the sequential kernel: 4e-12, 1.1e-4, 0.
-# y, the state and every other gradient pass. Summing the in-chunk adjacent pairs apart (now in the
-# kernel) changed these by under 5%, so the noise is the chunk-boundary pair: it reaches the running sum
-# through the split-bf16 products with the chunk's start state and is subtracted after rounding.
-# strict: the day the kernel meets the bound these xfails turn into failures and must be removed.
-_GW_NOISE = pytest.mark.xfail(strict=True, reason="chunked gw rounding noise at extreme decays (see comment)")
-
-
-@pytest.mark.parametrize("w_range", [pytest.param((3.0, 5.0), marks=_GW_NOISE), (-12.0, -8.0),
-                                     pytest.param((-8.0, 5.0), marks=_GW_NOISE),
-                                     pytest.param((8.0, 12.0), marks=_GW_NOISE)],
+@pytest.mark.parametrize("w_range", [(3.0, 5.0), (-12.0, -8.0), (-8.0, 5.0), (8.0, 12.0)],
                          ids=["strong", "weak", "mixed", "vanishing"])
 def test_chunked_extreme_decays(w_range):
     """Log-decays from -6e-6 to -1.6e5 (decay 0 in fp32): every exponent stays <= 0, nothing overflows."""

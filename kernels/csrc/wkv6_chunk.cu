@@ -16,6 +16,11 @@
 // product runs as bf16 wmma with fp32 accumulation, with each fp32 operand split into a bf16 pair
 // hi + lo (hi = bf16(x), lo = bf16(x - hi)) so products keep ~16 bits: r, k, v, gy are bf16 already,
 // so r e^{Ex}, k e^{Et-Ei}, A, S and G are the only split operands (x*y ~ xh*yh + xh*yl + xl*yh).
+// Where a product feeds the decay gradient (below) it keeps fp32 precision instead: a third term
+// mid = bf16(x - hi - lo) makes hi + lo + mid == x, for S and G as read by the backward sweeps and for
+// the rows k e^{Et-Ei} (sweep 1) and r e^{Ex} (sweep 2) that update them. A pair (s, t) in different
+// chunks reaches the running sum twice, through S0 in sweep 1 and through G in sweep 2, and the two
+// copies must cancel to fp32 rounding: ~16-bit rows would leave ~1e-5 relative, passed on times |lw|.
 //
 // Backward: sweep 1 (forward in time) recomputes the states and writes
 //   gr_t = e^{Ex_t} (S0 gy_t) + sum_{s<t} dA_ts k_s e^{Ex_t - Ei_s} + u k_t dA_tt,  dA_ts = gy_t . v_s,
@@ -28,9 +33,14 @@
 //   (a running sum in fp64), gw = dL/dlw * lw; P and the term s = T-1 leave out the pair of step
 //   T-1 with the final-state gradient for the same reason. b_t likewise leaves out k_{t-1} dA_{t,t-1}: the pair
 //   (s, s+1) has no decay between its ends and would enter both sums with weight 1 and cancel; left
-//   out of both, every remaining term carries at least one decay, so a vanishing decay gives gw ~ 0
-//   instead of rounding noise times a huge lw. At chunk edges the neighbour row (the previous chunk's
-//   last k, v; the next chunk's first r, gy) is kept in X1, X2.
+//   out of both, every remaining term carries at least one decay, so a vanishing decay gives gw = 0
+//   instead of rounding noise times a huge lw. The pair is never added and subtracted again: inside a
+//   chunk its term is summed apart; at a chunk edge it sits inside a state product (b_0 through S0 gy_0,
+//   the last row's gk through G v_{C-1}), and edge_product forms that product in fp32 with the pair
+//   taken out of the state first: (S0 - k_prev v_prev^T) gy_0 and (G - r_next^T gy_next) v_{C-1}. The
+//   pair is a bf16 x bf16 product, exact in fp32, and it entered the state with weight exactly 1, so
+//   what remains is the decayed rest of the state up to fp32 rounding (exactly 0 for a vanishing decay).
+//   The neighbour row (the previous chunk's last k, v; the next chunk's first r, gy) is kept in X1, X2.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <mma.h>
@@ -61,11 +71,12 @@ using FragC = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
 struct Smem {
   float *R, *K, *LW, *Ex, *Ei, *B, *KD;  // [C][PF]
   float *D;                               // [C][PF] per-step decay e^{lw}
-  float *Et, *EEt, *U, *X1, *X2, *Z;      // [N]; EEt = e^{Et}; X1, X2: the neighbouring chunk's edge row
-  float* dot;                             // [4]
+  float *Et, *EEt, *U, *X1, *X2, *Z, *XS; // [N]; EEt = e^{Et}; X1, X2: the neighbouring chunk's edge row;
+                                          // XS: the edge row's state product without the edge pair
   float *S;                               // [N][PS] state (or G in the reverse sweep)
   float *O1, *O2, *dA;                    // [C][PS] wmma outputs
   bf16 *V, *DY, *Rh, *Rl, *Kh, *Kl;       // [C][PB]
+  bf16 *Rm, *Km;                          // [C][PB] third terms of r e^{Ex}, k e^{Et-Ei} (backward updates)
   bf16 *Ah, *Al;                          // [C][PA]
   bf16 *Sh, *Sl, *Sm;                     // [N][PB]: S = Sh + Sl (+ Sm, a third term for gradients)
 };
@@ -73,8 +84,8 @@ struct Smem {
 __host__ __device__ constexpr size_t align128(size_t x) { return (x + 127) / 128 * 128; }
 
 __host__ __device__ constexpr size_t smem_bytes() {
-  return 8 * align128(C * PF * 4) + 6 * align128(N * 4) + align128(16) + align128(N * PB * 2) + align128(N * PS * 4) + 3 * align128(C * PS * 4) +
-         6 * align128(C * PB * 2) + 2 * align128(C * PA * 2) + 2 * align128(N * PB * 2);
+  return 8 * align128(C * PF * 4) + 7 * align128(N * 4) + align128(N * PB * 2) + align128(N * PS * 4) + 3 * align128(C * PS * 4) +
+         8 * align128(C * PB * 2) + 2 * align128(C * PA * 2) + 2 * align128(N * PB * 2);
 }
 
 __device__ Smem carve(unsigned char* p) {
@@ -84,12 +95,12 @@ __device__ Smem carve(unsigned char* p) {
   s.Ex = (float*)take(C * PF * 4); s.Ei = (float*)take(C * PF * 4); s.B = (float*)take(C * PF * 4);
   s.KD = (float*)take(C * PF * 4); s.D = (float*)take(C * PF * 4);
   s.Et = (float*)take(N * 4); s.EEt = (float*)take(N * 4); s.U = (float*)take(N * 4); s.X1 = (float*)take(N * 4); s.X2 = (float*)take(N * 4);
-  s.Z = (float*)take(N * 4);
-  s.dot = (float*)take(16);
+  s.Z = (float*)take(N * 4); s.XS = (float*)take(N * 4);
   s.S = (float*)take(N * PS * 4);
   s.O1 = (float*)take(C * PS * 4); s.O2 = (float*)take(C * PS * 4); s.dA = (float*)take(C * PS * 4);
   s.V = (bf16*)take(C * PB * 2); s.DY = (bf16*)take(C * PB * 2); s.Rh = (bf16*)take(C * PB * 2);
   s.Rl = (bf16*)take(C * PB * 2); s.Kh = (bf16*)take(C * PB * 2); s.Kl = (bf16*)take(C * PB * 2);
+  s.Rm = (bf16*)take(C * PB * 2); s.Km = (bf16*)take(C * PB * 2);
   s.Ah = (bf16*)take(C * PA * 2); s.Al = (bf16*)take(C * PA * 2);
   s.Sh = (bf16*)take(N * PB * 2); s.Sl = (bf16*)take(N * PB * 2); s.Sm = (bf16*)take(N * PB * 2);
   return s;
@@ -209,28 +220,42 @@ __device__ __forceinline__ void cumsum(const Smem& s, int tid) {
   }
 }
 
-// Four fp32 values as bf16 pairs hi + lo, each packed into 8 bytes.
-__device__ __forceinline__ void split4(const float4& x, bf16* hi, bf16* lo) {
-  const __nv_bfloat162 h01 = __floats2bfloat162_rn(x.x, x.y), h23 = __floats2bfloat162_rn(x.z, x.w);
-  const float2 f01 = __bfloat1622float2(h01), f23 = __bfloat1622float2(h23);
-  const __nv_bfloat162 l01 = __floats2bfloat162_rn(x.x - f01.x, x.y - f01.y);
-  const __nv_bfloat162 l23 = __floats2bfloat162_rn(x.z - f23.x, x.w - f23.y);
-  *reinterpret_cast<uint2*>(hi) = make_uint2(*reinterpret_cast<const uint32_t*>(&h01), *reinterpret_cast<const uint32_t*>(&h23));
-  *reinterpret_cast<uint2*>(lo) = make_uint2(*reinterpret_cast<const uint32_t*>(&l01), *reinterpret_cast<const uint32_t*>(&l23));
+__device__ __forceinline__ uint2 pack4(const __nv_bfloat162& a, const __nv_bfloat162& b) {
+  return make_uint2(*reinterpret_cast<const uint32_t*>(&a), *reinterpret_cast<const uint32_t*>(&b));
 }
 
-// r e^{Ex} and k e^{Et - Ei} as bf16 pairs (4 elements per thread).
-__device__ __forceinline__ void scaled_rk(const Smem& s, const Slot& sl, bool want_r, bool want_k) {
-  const int o = sl.t * PF + sl.i0, ob = sl.t * PB + sl.i0;
-  if (want_r) {
-    const float4 r = ld4(s.R + o), ex = ld4(s.Ex + o);
-    split4(make_float4(r.x * __expf(ex.x), r.y * __expf(ex.y), r.z * __expf(ex.z), r.w * __expf(ex.w)), s.Rh + ob, s.Rl + ob);
+// Four fp32 values as bf16 pairs hi + lo (MID: and the third term mid, hi + lo + mid == x), each packed
+// into 8 bytes. Every difference below is exact in fp32.
+template <bool MID>
+__device__ __forceinline__ void split4(const float4& x, bf16* hi, bf16* lo, bf16* mid) {
+  const __nv_bfloat162 h01 = __floats2bfloat162_rn(x.x, x.y), h23 = __floats2bfloat162_rn(x.z, x.w);
+  const float2 f01 = __bfloat1622float2(h01), f23 = __bfloat1622float2(h23);
+  const float4 d = make_float4(x.x - f01.x, x.y - f01.y, x.z - f23.x, x.w - f23.y);
+  const __nv_bfloat162 l01 = __floats2bfloat162_rn(d.x, d.y), l23 = __floats2bfloat162_rn(d.z, d.w);
+  *reinterpret_cast<uint2*>(hi) = pack4(h01, h23);
+  *reinterpret_cast<uint2*>(lo) = pack4(l01, l23);
+  if (MID) {
+    const float2 g01 = __bfloat1622float2(l01), g23 = __bfloat1622float2(l23);
+    *reinterpret_cast<uint2*>(mid) = pack4(__floats2bfloat162_rn(d.x - g01.x, d.y - g01.y),
+                                           __floats2bfloat162_rn(d.z - g23.x, d.w - g23.y));
   }
-  if (want_k) {
+}
+
+// r e^{Ex} and k e^{Et - Ei} as bf16 terms (4 elements per thread). RT, KT: how many terms of each to
+// write: 0 (not needed), 2 (Rh, Rl / Kh, Kl) or 3 (also Rm / Km).
+template <int RT, int KT>
+__device__ __forceinline__ void scaled_rk(const Smem& s, const Slot& sl) {
+  const int o = sl.t * PF + sl.i0, ob = sl.t * PB + sl.i0;
+  if (RT > 0) {
+    const float4 r = ld4(s.R + o), ex = ld4(s.Ex + o);
+    split4<RT == 3>(make_float4(r.x * __expf(ex.x), r.y * __expf(ex.y), r.z * __expf(ex.z), r.w * __expf(ex.w)),
+                    s.Rh + ob, s.Rl + ob, s.Rm + ob);
+  }
+  if (KT > 0) {
     const float4 k = ld4(s.K + o), ei = ld4(s.Ei + o), et = ld4(s.Et + sl.i0);
-    split4(make_float4(k.x * __expf(et.x - ei.x), k.y * __expf(et.y - ei.y), k.z * __expf(et.z - ei.z),
-                       k.w * __expf(et.w - ei.w)),
-           s.Kh + ob, s.Kl + ob);
+    split4<KT == 3>(make_float4(k.x * __expf(et.x - ei.x), k.y * __expf(et.y - ei.y), k.z * __expf(et.z - ei.z),
+                                k.w * __expf(et.w - ei.w)),
+                    s.Kh + ob, s.Kl + ob, s.Km + ob);
   }
 }
 
@@ -310,9 +335,11 @@ __device__ __forceinline__ void decay_state(const Smem& s, int tid) {
   }
 }
 
-// One 16 x 16 tile q of the state update S (already decayed) += X^T Y, X a split bf16 pair.
+// One 16 x 16 tile q of the state update S (already decayed) += X^T Y, X split into bf16 terms Xh + Xl
+// (MID: + Xm, then each product is exact).
+template <bool MID>
 __device__ __forceinline__ void state_update_tile(const Smem& s, int q, const bf16* Xh, const bf16* Xl,
-                                                  const bf16* Y) {
+                                                  const bf16* Xm, const bf16* Y) {
   // tile q of the 4 x 4 grid: rows i (key) block ti, columns j (value) block tj;
   // S[i][j] += sum_t X[t][i] Y[t][j]  (X^T as a col-major A operand)
   const int ti = q >> 2, tj = q & 3;
@@ -325,6 +352,10 @@ __device__ __forceinline__ void state_update_tile(const Smem& s, int q, const bf
   wmma::mma_sync(acc, a, b, acc);
   wmma::load_matrix_sync(a, Xl + ti * 16, PB);
   wmma::mma_sync(acc, a, b, acc);
+  if (MID) {
+    wmma::load_matrix_sync(a, Xm + ti * 16, PB);
+    wmma::mma_sync(acc, a, b, acc);
+  }
   wmma::store_matrix_sync(s.S + ti * 16 * PS + tj * 16, acc, PS, wmma::mem_row_major);
 }
 
@@ -379,14 +410,29 @@ __device__ __forceinline__ void grad_scores(const Smem& s) {
   wmma::store_matrix_sync(s.dA, acc, PS, wmma::mem_row_major);
 }
 
-// s.dot[0] = x . y (warp 0; x fp32 [N], y a bf16 row)
-__device__ __forceinline__ void edge_dot(const Smem& s, int tid, const float* x, const bf16* y) {
-  if (tid < 32) {
-    float a = x[tid] * __bfloat162float(y[tid]) + x[tid + 32] * __bfloat162float(y[tid + 32]);
+// XS[i] = sum_j (M[i][j] - X1[i] X2[j]) x[j], M the fp32 state (or G) in s.S, X1 X2^T the edge pair, x a bf16
+// row. X1[i] X2[j] is a product of two bf16 values, exact in fp32, and the fma subtracts it from M before any
+// other rounding. Thread tid: row i = tid / 4, columns 8p + {0..3, 4..7, 32..35, 36..39} (p = tid % 4; eight
+// threads of a quarter warp then hit distinct banks), the four partial sums added across lanes.
+__device__ __forceinline__ void edge_product(const Smem& s, int tid, const bf16* x) {
+  const int i = tid >> 2, p = tid & 3;
+  const float a = s.X1[i];
+  float acc = 0.f;
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) a += __shfl_xor_sync(0xffffffffu, a, o);
-    if (tid == 0) s.dot[0] = a;
+  for (int q = 0; q < 4; ++q) {
+    const int j = 8 * p + 4 * (q & 1) + 32 * (q >> 1);
+    const float4 m = ld4(s.S + i * PS + j), b = ld4(s.X2 + j);
+    const uint2 xr = ld_raw(x + j);
+    const float2 x01 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&xr.x));
+    const float2 x23 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&xr.y));
+    acc = fmaf(fmaf(-a, b.x, m.x), x01.x, acc);
+    acc = fmaf(fmaf(-a, b.y, m.y), x01.y, acc);
+    acc = fmaf(fmaf(-a, b.z, m.z), x23.x, acc);
+    acc = fmaf(fmaf(-a, b.w, m.w), x23.y, acc);
   }
+  acc += __shfl_xor_sync(0xffffffffu, acc, 1);
+  acc += __shfl_xor_sync(0xffffffffu, acc, 2);
+  if (p == 0) s.XS[i] = acc;
 }
 
 // The elementwise passes of the backward sweeps give thread group g = tid / 64 the rows {g, 7-g, 8+g, 15-g}:
@@ -423,7 +469,7 @@ chunk_forward_kernel(int T, int H, const bf16* __restrict__ r, const bf16* __res
     if (more) pf.load(sl, off(c + 1), next_valid, r, k, v, w, nullptr, nullptr);
     cumsum(s, tid);
     __syncthreads();
-    scaled_rk(s, sl, true, true);
+    scaled_rk<2, 2>(s, sl);
     scores(s, tid);
     decay_state(s, tid);  // S <- e^{Et} S (the bf16 pair Sh/Sl still holds the undecayed S0 for y)
     __syncthreads();
@@ -441,7 +487,7 @@ chunk_forward_kernel(int T, int H, const bf16* __restrict__ r, const bf16* __res
       wmma::store_matrix_sync(s.O1 + warp * 16, acc, PS, wmma::mem_row_major);
     } else {  // state tiles 4 (warp - 4) .. +3
 #pragma unroll
-      for (int q = 0; q < 4; ++q) state_update_tile(s, 4 * (warp - 4) + q, s.Kh, s.Kl, s.V);
+      for (int q = 0; q < 4; ++q) state_update_tile<false>(s, 4 * (warp - 4) + q, s.Kh, s.Kl, nullptr, s.V);
     }
     __syncthreads();
     if (c * C + sl.t < T) {
@@ -493,6 +539,7 @@ chunk_backward_fwd_kernel(int T, int H, const bf16* __restrict__ r, const bf16* 
   for (int c = 0; c < nch; ++c) {
     const bool more = c + 1 < nch, next_valid = (c + 1) * C + sl.t < T;
     if (more) pf.load(sl, off(c + 1), next_valid, r, k, v, w, gy, nullptr);
+    edge_product(s, tid, s.DY);  // XS = (S0 - k_prev v_prev^T) gy_0, before S0 decays in place
     cumsum(s, tid);
     if (!more && tid >= N && tid < 2 * N) {  // Z = rowsum(ghT * S0) of the last chunk, for P below
       const int i = tid - N;
@@ -504,9 +551,8 @@ chunk_backward_fwd_kernel(int T, int H, const bf16* __restrict__ r, const bf16* 
       s.Z[i] = z;
     }
     __syncthreads();
-    scaled_rk(s, sl, false, true);
+    scaled_rk<0, 3>(s, sl);
     decay_state(s, tid);
-    edge_dot(s, tid, s.X2, s.DY);  // v_prev . gy_0
     __syncthreads();
     if (warp < 4) {  // O1[t][16 warp + n] = (gy S0^T)[t][i]
       FragC acc;
@@ -516,7 +562,7 @@ chunk_backward_fwd_kernel(int T, int H, const bf16* __restrict__ r, const bf16* 
     } else {
       if (warp == 4) grad_scores(s);
 #pragma unroll
-      for (int q = 0; q < 4; ++q) state_update_tile(s, 4 * (warp - 4) + q, s.Kh, s.Kl, s.V);
+      for (int q = 0; q < 4; ++q) state_update_tile<true>(s, 4 * (warp - 4) + q, s.Kh, s.Kl, s.Km, s.V);
     }
     __syncthreads();
     float gr_out[4], b_out[4];
@@ -530,10 +576,11 @@ chunk_backward_fwd_kernel(int T, int H, const bf16* __restrict__ r, const bf16* 
       for (int j = 0; j + 1 < t; ++j) acc = fmaf(s.dA[t * PS + j] * s.K[j * PF + ei], __expf(ex - s.Ei[j * PF + ei]), acc);
       const float rt = s.R[o], kt = s.K[o], dtt = s.dA[t * PS + t];
       gu_acc = fmaf(rt * kt, dtt, gu_acc);
-      // t = 0: the pair with the previous chunk's last step is inside the state term and must be subtracted
-      const float adj = t == 0 ? s.X1[ei] * s.dot[0] : s.dA[t * PS + t - 1] * s.K[(t - 1) * PF + ei];
-      const float far = t == 0 ? acc - adj : acc, all = t == 0 ? acc : acc + adj;
-      gr_out[m] = all + s.U[ei] * kt * dtt;
+      // t = 0: the pair with the previous chunk's last step is inside the state term (gr keeps it); b takes
+      // the state term from XS, where it was left out before rounding (e^{Ex_0} = 1, no in-chunk terms)
+      const float adj = t == 0 ? 0.f : s.dA[t * PS + t - 1] * s.K[(t - 1) * PF + ei];
+      const float far = t == 0 ? s.XS[ei] : acc;
+      gr_out[m] = acc + adj + s.U[ei] * kt * dtt;
       b_out[m] = rt * far;
     }
 #pragma unroll
@@ -545,7 +592,7 @@ chunk_backward_fwd_kernel(int T, int H, const bf16* __restrict__ r, const bf16* 
         bscr[g] = b_out[m];
       }
     }
-    if (tid < N) {  // the same thread read X1[tid] above (t = 0); X2 was read before the last barrier
+    if (tid < N) {  // X1, X2 were last read by edge_product, before the first barrier of this chunk
       s.X1[tid] = s.K[(C - 1) * PF + tid];
       s.X2[tid] = __bfloat162float(s.V[(C - 1) * PB + tid]);
     }
@@ -611,12 +658,12 @@ chunk_backward_rev_kernel(int T, int H, const bf16* __restrict__ r, const bf16* 
   for (int c = nch - 1; c >= 0; --c) {
     const bool more = c > 0;  // chunk c-1 is always full
     if (more) pf.load(sl, off(c - 1), true, r, k, v, w, gy, bscr);
+    edge_product(s, tid, s.V + (C - 1) * PB);  // XS = (G - r_next^T gy_next) v_{C-1}, before G decays in place
     cumsum(s, tid);
     __syncthreads();
-    scaled_rk(s, sl, true, true);
+    scaled_rk<3, 2>(s, sl);
     scores(s, tid);
     decay_state(s, tid);  // G <- e^{Et} G; Sh/Sl keep the undecayed G for gv and gk
-    edge_dot(s, tid, s.X2, s.V + (C - 1) * PB);  // gy_next . v_{C-1}
     __syncthreads();
     if (warp < 4) {  // gv tile j = warp: A^T gy + (k e^{Et-Ei}) G
       FragC acc;
@@ -637,23 +684,25 @@ chunk_backward_rev_kernel(int T, int H, const bf16* __restrict__ r, const bf16* 
       rows_times_state_t(acc, s.V, s.Sh, s.Sl, s.Sm, warp - 4);
       wmma::store_matrix_sync(s.O2 + (warp - 4) * 16, acc, PS, wmma::mem_row_major);
 #pragma unroll
-      for (int q = 0; q < 4; ++q) state_update_tile(s, 4 * (warp - 4) + q, s.Rh, s.Rl, s.DY);
+      for (int q = 0; q < 4; ++q) state_update_tile<true>(s, 4 * (warp - 4) + q, s.Rh, s.Rl, s.Rm, s.DY);
     }
     __syncthreads();
     float kd_out[4], gk_out[4], gv_out[4];
 #pragma unroll
     for (int m = 0; m < 4; ++m) {
       const int t = owned_row(eg, m), o = t * PF + ei;  // t plays "s" (the key position) here
-      const float eis = s.Ei[o];
-      const float st = __expf(s.Et[ei] - eis) * s.O2[t * PS + ei];  // through G (the chunk's end state)
-      float acc = st;
+      const float eis = s.Ei[o], fs = __expf(s.Et[ei] - eis);
+      const float st = fs * s.O2[t * PS + ei];  // through G (the chunk's end state)
+      float in = 0.f;
       // q = t+1 (weight exactly 1) summed apart, as in the forward sweep; t = C-1: that pair is inside G
-      for (int q = t + 2; q < C; ++q) acc = fmaf(s.dA[q * PS + t] * s.R[q * PF + ei], __expf(s.Ex[q * PF + ei] - eis), acc);
-      const float adj = t == C - 1 ? s.X1[ei] * s.dot[0] : s.dA[(t + 1) * PS + t] * s.R[(t + 1) * PF + ei];
-      const float far = t == C - 1 ? acc - adj : acc, all = t == C - 1 ? acc : acc + adj;
-      // at T-1 the state part is the pair with the final-state gradient, left out of P too
-      kd_out[m] = s.K[o] * (far - (c * C + t == T - 1 ? st : 0.f));
-      gk_out[m] = all + s.U[ei] * s.R[o] * s.dA[t * PS + t];
+      for (int q = t + 2; q < C; ++q) in = fmaf(s.dA[q * PS + t] * s.R[q * PF + ei], __expf(s.Ex[q * PF + ei] - eis), in);
+      const float adj = t == C - 1 ? 0.f : s.dA[(t + 1) * PS + t] * s.R[(t + 1) * PF + ei];
+      // the state part without the pair (t, t+1): t = C-1 takes it from XS, where the pair with the next chunk's
+      // first step was left out before rounding; at T-1 the whole state part is the pair with the final-state
+      // gradient, left out of P too
+      const float far = c * C + t == T - 1 ? 0.f : t == C - 1 ? fs * s.XS[ei] : st;
+      kd_out[m] = s.K[o] * (far + in);
+      gk_out[m] = st + in + adj + s.U[ei] * s.R[o] * s.dA[t * PS + t];
       gv_out[m] = s.O1[t * PS + ei];
     }
 #pragma unroll
@@ -666,7 +715,7 @@ chunk_backward_rev_kernel(int T, int H, const bf16* __restrict__ r, const bf16* 
         gv[g] = cvt<bf16>(gv_out[m]);
       }
     }
-    if (tid < N) {  // the thread that read X1[ei] for t = C-1 above (group 0 owns row 15); X2 was read before the last barrier
+    if (tid < N) {  // X1, X2 were last read by edge_product, before the first barrier of this chunk
       s.X1[ei] = s.R[ei];
       s.X2[ei] = __bfloat162float(s.DY[ei]);
     }
