@@ -12,7 +12,7 @@ nothing is compiled until the first call. This package never imports dagster.
 from .build import build_extension, toolchain_fingerprint
 from .reference import wkv6_chunked_ref, wkv6_ref
 from .smoke import smoke_test
-from .wkv6 import IMPLS, WKV6Function, check_impl, pick_impl, set_auto_impl, wkv6
+from .wkv6 import IMPLS, WKV6Function, check_impl, pick_impl, resolve_impl, set_auto_impl, wkv6
 
 __all__ = [
     "wkv6",
@@ -21,6 +21,7 @@ __all__ = [
     "WKV6Function",
     "set_auto_impl",
     "pick_impl",
+    "resolve_impl",
     "check_impl",
     "IMPLS",
     "build_extension",

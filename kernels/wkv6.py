@@ -5,7 +5,9 @@ CUDA tensors (float32, bfloat16; float32 state and accumulation) the CUDA one. B
 first use (kernels/build.py). On CUDA two implementations share the extension: the chunked
 tensor-core kernels (csrc/wkv6_chunk.cu: bf16 r, k, v, head size 64) and the sequential ones
 (csrc/wkv6_cuda.cu: every supported dtype and head size, the reference backend). `impl="auto"`
-takes the sequential one unless `set_auto_impl("chunked")` was called (see BENCHMARKS.md for why).
+takes the chunked kernels where they apply (the faster ones at every measured shape, BENCHMARKS.md; their
+gradients meet the sequential kernels' bounds, decay gradient at extreme decays included) and the sequential
+ones elsewhere; `set_auto_impl("sequential")` changes that for a process.
 If a build fails the call raises; it never falls back to the (much slower) references, which stay
 available as `wkv6_ref` / `wkv6_chunked_ref`.
 """
@@ -23,10 +25,9 @@ _CUDA_DTYPES = (torch.float32, torch.bfloat16)
 
 IMPLS = ("auto", "chunked", "sequential")
 CHUNKED_HEAD_SIZE = 64
-# What impl="auto" resolves to. Sequential by default: it is the reference backend, and the chunked kernels'
-# decay gradient is noisier at extreme decays (BENCHMARKS.md), although on the H100 they are now the faster
-# ones at every measured shape. set_auto_impl changes it for a process; models choose per layer (pick_impl).
-_AUTO = {"prefer": "sequential"}
+# What impl="auto" resolves to: the chunked kernels where they apply (chunked_applies), the sequential ones
+# elsewhere. set_auto_impl changes it for a process; models choose per layer (pick_impl).
+_AUTO = {"prefer": "chunked"}
 
 
 def set_auto_impl(prefer: str) -> None:
@@ -225,8 +226,8 @@ def wkv6(
         u: `[H, K]` bonus for the current token (any float dtype).
         initial_state: optional `[B, H, K, V]` state S_{-1}; differentiable.
         output_final_state: also return S_{T-1}.
-        impl: CUDA implementation: "auto" (sequential, or chunked where it applies after
-            `set_auto_impl("chunked")`), "chunked" (CUDA bf16 r, k, v, K = V = 64; ValueError
+        impl: CUDA implementation: "auto" (chunked where it applies, else sequential; see
+            `set_auto_impl`), "chunked" (CUDA bf16 r, k, v, K = V = 64; ValueError
             otherwise) or "sequential" (the only one on CPU).
     dtypes: CPU float32/float64 (all of r, k, v, w alike); CUDA float32 or bfloat16 for r, k, v, and
         w in r's dtype or float32; CUDA needs K = V in (32, 64, 128). Accumulation is float32 (float64

@@ -11,8 +11,8 @@ from .config import BASELINE_NAMES, HYBRID_NAMES, MODEL_NAMES, SIZE_PRESETS, Mod
 from .fusion import RMSNorm, make_fusion
 from .lm import LM, ModelOutput, ModelState
 from .mamba2 import Mamba2, RMSNormGated
-from .registry import (ablate, canonical_name, component_of, force_gate, get_model, list_models, list_sizes,
-                       make_config, no_weight_decay)
+from .registry import (ablate, canonical_name, component_of, describe_paths, force_gate, get_model, list_models,
+                       list_sizes, make_config, no_weight_decay)
 from .rwkv6 import RWKV6ChannelMix, RWKV6TimeMix
 from .ssd import ssd_chunked, ssd_ref
 
@@ -20,5 +20,5 @@ __all__ = [
     "get_model", "list_models", "list_sizes", "make_config", "canonical_name", "ModelConfig", "SIZE_PRESETS",
     "MODEL_NAMES", "HYBRID_NAMES", "BASELINE_NAMES", "LM", "ModelOutput", "ModelState",
     "RWKV6TimeMix", "RWKV6ChannelMix", "Mamba2", "RMSNormGated", "RMSNorm", "make_fusion",
-    "ssd_chunked", "ssd_ref", "component_of", "no_weight_decay", "ablate", "force_gate",
+    "ssd_chunked", "ssd_ref", "component_of", "no_weight_decay", "ablate", "force_gate", "describe_paths",
 ]

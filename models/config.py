@@ -7,12 +7,14 @@ Sizes (shared by every variant; baselines then pick their depth, see `models.reg
     8m    hidden 192 x 12 layers (the seeds' 8M preset as SEEDS.md states it) (~12.9M at vocab 16000)
 Defaults follow the seeds: RWKV-6 head size 64, Mamba-2 d_state 64 / d_conv 4 / expand 2 / headdim 64,
 FFN 4x GELU, RMSNorm eps 1e-6, tied embeddings. `models/PARAMS.md` lists every count.
-`mamba_backend` picks the Mamba-2 SSD path (models/mamba2.py): "auto" (default), "torch", "triton", or "wkv6"
-(the scan through the RWKV-6 kernel; needs d_state == mamba_headdim). It changes numerics, not parameters,
-so a checkpoint loads under any backend; configs saved before the field existed rebuild as "auto".
-`wkv6_impl` picks the wkv6 CUDA kernels: "auto" (default: `kernels.set_auto_impl`'s choice, sequential unless
-changed), "sequential", or "chunked" (the tensor-core kernels where they apply: CUDA, bf16 autocast, head size
-64; the sequential ones elsewhere). Numerics only, like `mamba_backend`.
+`mamba_backend` picks the Mamba-2 SSD path (models/mamba2.py): "auto" (default: the fastest that applies, "wkv6"
+on CUDA where its limits hold, "torch" on CPU), "torch", "triton", or "wkv6" (the scan through the RWKV-6 kernel;
+needs d_state == mamba_headdim). It changes numerics, not parameters, so a checkpoint loads under any backend;
+configs saved before the field existed rebuild as "auto". `mamba_conv` picks the Mamba-2 depthwise conv: "auto"
+(causal_conv1d's CUDA kernel where it applies) or "torch".
+`wkv6_impl` picks the wkv6 CUDA kernels: "auto" (default: `kernels.set_auto_impl`'s choice, the chunked
+tensor-core kernels where they apply: CUDA, bf16 autocast, head size 64), "sequential", or "chunked".
+Numerics only, like `mamba_backend`. `models.describe_paths` reports what a model runs on a device.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 from kernels import IMPLS as WKV6_IMPLS
 
 from .mamba2 import BACKENDS as MAMBA2_BACKENDS
+from .mamba2 import CONV_IMPLS as MAMBA2_CONV_IMPLS
 from .mamba2 import wkv6_backend_problem
 
 __all__ = ["ModelConfig", "SIZE_PRESETS", "HYBRID_NAMES", "BASELINE_NAMES", "MODEL_NAMES"]
@@ -53,6 +56,7 @@ class ModelConfig:
     ngroups: int = 1
     mamba_chunk_size: int = 256     # Triton SSD chunk (the CPU path picks its own, result is the same)
     mamba_backend: str = "auto"     # Mamba-2 SSD path, one of models.mamba2.BACKENDS (module doc above)
+    mamba_conv: str = "auto"        # Mamba-2 depthwise conv, one of models.mamba2.CONV_IMPLS
     wkv6_impl: str = "auto"         # wkv6 kernels of RWKV-6 (and of Mamba-2 on backend "wkv6"), module doc above
     ffn_mult: int = 4               # block FFN width = ffn_mult * hidden (GELU, no bias)
     gate_init: float | None = None  # GF family start gate; None = the variant's own (GF-MH 0.3, GF-RH 0.7)
@@ -85,6 +89,9 @@ class ModelConfig:
                              f"got {self.mamba_backend!r}")
         if self.mamba_backend == "wkv6" and (problem := wkv6_backend_problem(self.d_state, self.mamba_headdim)):
             raise ValueError(f"ModelConfig.mamba_backend: {problem}")
+        if self.mamba_conv not in MAMBA2_CONV_IMPLS:
+            raise ValueError(f"ModelConfig.mamba_conv: must be one of {', '.join(map(repr, MAMBA2_CONV_IMPLS))}, "
+                             f"got {self.mamba_conv!r}")
         if self.wkv6_impl not in WKV6_IMPLS:
             raise ValueError(f"ModelConfig.wkv6_impl: must be one of {', '.join(map(repr, WKV6_IMPLS))}, "
                              f"got {self.wkv6_impl!r}")

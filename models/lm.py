@@ -94,7 +94,8 @@ class FFN(nn.Module):
 def _mamba(cfg: ModelConfig, layer_id: int) -> Mamba2:
     return Mamba2(cfg.hidden_size, d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand,
                   headdim=cfg.mamba_headdim, ngroups=cfg.ngroups, chunk_size=cfg.mamba_chunk_size,
-                  layer_idx=layer_id, backend=cfg.mamba_backend, wkv6_impl=cfg.wkv6_impl)
+                  layer_idx=layer_id, backend=cfg.mamba_backend, wkv6_impl=cfg.wkv6_impl,
+                  conv_impl=cfg.mamba_conv)
 
 
 class HybridBlock(nn.Module):

@@ -15,22 +15,28 @@ mamba_ssm 2.x so a state_dict loads either way:
 Only mamba_ssm's defaults are supported (d_ssm = d_inner, rmsnorm, norm_before_gate False, D per head).
 
 Three SSD paths with the same maths (tested against each other and, on a GPU, against mamba_ssm.Mamba2).
-`backend` "triton" / "torch" / "wkv6" forces one; "auto" (default) takes "triton" where it applies, else "torch":
-  * "triton": CUDA with mamba_ssm importable: mamba_ssm's Triton `mamba_chunk_scan_combined` (and
-    `causal_conv1d_fn` for the convolution when that package is importable and no conv state is carried in);
-  * "torch": `models.ssd.ssd_chunked`, a chunked pure-PyTorch SSD;
-  * "wkv6" (opt-in: 3.2x faster than the Triton SSD forward+backward alone at the 5m shape on an H100, but
-    not yet shown faster for a whole training step, BENCHMARKS.md; traceable by torch.compile): the scan
-    through our RWKV-6 kernel `kernels.wkv6` on CPU or CUDA (mapping in `ssd_wkv6`); the convolution is
-    chosen as for "triton".
-    Needs d_state == headdim (the kernel's K = V; checked at construction), on CUDA also d_state in
-    kernels.build.HEAD_SIZES_CUDA (32, 64, 128) and fp32 or bf16. Under CUDA autocast the kernel gets bf16
-    r/k/v with fp32 decays; on CPU everything is fp32 (fp64 for fp64 modules).
+`backend` "triton" / "torch" / "wkv6" forces one; "auto" (default) takes the fastest measured path that applies:
+"wkv6" on CUDA where its limits hold, else "triton" on CUDA with mamba_ssm importable, else "torch" (the CPU
+default). `ssd_path(u)` says which one a call takes; a CUDA call that cannot take "wkv6" logs it once.
+  * "wkv6": the scan through our RWKV-6 kernel `kernels.wkv6` on CPU or CUDA (mapping in `ssd_wkv6`); 3.2x faster
+    than the Triton SSD forward+backward alone at the 5m shape on an H100, and the fastest whole training step
+    measured (BENCHMARKS.md); traceable by torch.compile. Needs d_state == headdim (the kernel's K = V;
+    checked at construction when forced), on CUDA also d_state in kernels.build.HEAD_SIZES_CUDA (32, 64, 128)
+    and fp32 or bf16. Under CUDA autocast the kernel gets bf16 r/k/v with fp32 decays; on CPU everything is
+    fp32 (fp64 for fp64 modules).
+  * "triton": CUDA with mamba_ssm importable: mamba_ssm's Triton `mamba_chunk_scan_combined`;
+  * "torch": `models.ssd.ssd_chunked`, a chunked pure-PyTorch SSD.
+The depthwise causal conv, `conv_impl` "auto" (default) or "torch": "auto" runs causal_conv1d's CUDA kernel where
+it applies (package importable, CUDA, fp32/fp16/bf16 input, d_conv 2..4, no conv state carried in) and the
+PyTorch conv elsewhere (same maths, tested against each other); `conv_path(x, conv_state)` says which. The
+kernel gets xBC in a layout it accepts (`causal_conv1d_layout`): channel-last copy when conv_dim % 8 == 0, else
+channel-first; a strided view into the in_proj output would be refused for most widths.
 State: conv state = the last d_conv *pre-conv* xBC columns (B, conv_dim, d_conv), as mamba_ssm's inference
 cache; SSM state (B, H, P, N) fp32.
 """
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -42,13 +48,27 @@ from kernels.build import HEAD_SIZES_CUDA
 
 from .ssd import ssd_chunked
 
-__all__ = ["Mamba2", "RMSNormGated", "ssd_wkv6", "BACKENDS"]
+__all__ = ["Mamba2", "RMSNormGated", "ssd_wkv6", "BACKENDS", "CONV_IMPLS", "causal_conv1d_layout"]
 
-BACKENDS = ("auto", "torch", "triton", "wkv6")   # "auto" never picks "wkv6" (module docstring)
+BACKENDS = ("auto", "torch", "triton", "wkv6")   # "auto": the fastest that applies (module docstring)
+CONV_IMPLS = ("auto", "torch")                   # "auto": causal_conv1d where it applies (module docstring)
+# Devices causal_conv1d_fn runs on (its kernels are CUDA only); tests widen this to drive a CPU stand-in.
+CAUSAL_CONV1D_DEVICES = ("cuda",)
+CAUSAL_CONV1D_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # The pure-PyTorch SSD materialises (B, H, T, chunk) decay matrices: a 64-long chunk keeps that small on CPU.
 # The result does not depend on the chunk length (up to rounding), so this is a memory choice only.
 TORCH_SSD_CHUNK = 64   # (short calls, e.g. one-token decoding, use chunk = T: no padding)
+
+
+log = logging.getLogger(__name__)
+_LOGGED: set[str] = set()   # fallbacks already logged in this process (each once)
+
+
+def _log_once(msg: str) -> None:
+    if msg not in _LOGGED:
+        _LOGGED.add(msg)
+        log.warning(msg)
 
 
 _OPS: tuple | None = None   # filled once, eagerly (Mamba2.__init__), so torch.compile reads a constant
@@ -72,6 +92,20 @@ def _import_mamba_ssm_ops():
     except ImportError:
         causal_conv1d_fn = None
     return mamba_chunk_scan_combined, causal_conv1d_fn
+
+
+def causal_conv1d_layout(xBC: torch.Tensor) -> torch.Tensor:
+    """xBC (B, T, D) as the (B, D, T) input causal_conv1d_fn accepts, for any D.
+
+    The kernel takes channel-first (stride(2) == 1) or channel-last (stride(1) == 1) tensors, and channel-last
+    ones only when D and the strides of dims 0 and 2 are multiples of 8. xBC is a column slice of the in_proj
+    output, so its row stride is d_in_proj (644 at the 5m preset): the plain transposed view is refused. A
+    contiguous copy fixes that: channel-last when D % 8 == 0 (strides (T*D, 1, D), and the output comes back
+    channel-last, i.e. contiguous once transposed), channel-first otherwise.
+    """
+    if xBC.shape[-1] % 8 == 0:
+        return xBC.contiguous().transpose(1, 2)        # (B, D, T), strides (T*D, 1, D)
+    return xBC.transpose(1, 2).contiguous()            # (B, D, T), strides (D*T, T, 1)
 
 
 def ssd_wkv6(x, dt, A_log, B, C, D=None, initial_state=None, impl="auto"):
@@ -185,6 +219,7 @@ class Mamba2(nn.Module):
         layer_idx: int | None = None,
         backend: str = "auto",
         wkv6_impl: str = "auto",
+        conv_impl: str = "auto",
     ):
         super().__init__()
         for field, value in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv), ("expand", expand),
@@ -204,7 +239,10 @@ class Mamba2(nn.Module):
         if backend == "wkv6" and (problem := wkv6_backend_problem(d_state, headdim)):
             raise ValueError(f"Mamba2: {problem}")
         kernels.check_impl(wkv6_impl, "Mamba2: wkv6_impl")
+        if conv_impl not in CONV_IMPLS:
+            raise ValueError(f"Mamba2: conv_impl must be one of {', '.join(map(repr, CONV_IMPLS))}, got {conv_impl!r}")
         self.backend = backend   # "auto": see the module docstring
+        self.conv_impl = conv_impl
         self.wkv6_impl = wkv6_impl  # backend "wkv6" only: kernels.pick_impl's choice
         _mamba_ssm_ops()         # probe the optional imports now, outside any traced forward
         self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
@@ -256,22 +294,45 @@ class Mamba2(nn.Module):
         if self.backend == "triton" and not available:
             raise RuntimeError("Mamba2(backend='triton') needs CUDA inputs and an importable mamba_ssm "
                                "(pip install -e '.[cuda]'); use backend='auto' or 'torch' otherwise")
+        if self.backend == "auto" and u.is_cuda:
+            problem = wkv6_backend_problem(self.d_state, self.headdim, "cuda", u.dtype)
+            if problem is None:
+                return "wkv6"
+            fallback = "triton" if available else "torch"
+            _log_once(f"Mamba2 backend 'auto' on CUDA: the fastest SSD path (wkv6) does not apply ({problem}); "
+                      f"using the {fallback} SSD (same maths, tested against it)")
+            return fallback
         return "triton" if available and self.backend != "torch" else "torch"
+
+    def conv_path(self, xBC: torch.Tensor, conv_state: torch.Tensor | None = None) -> str:
+        """The depthwise-conv path this call takes: "causal_conv1d" or "torch" (module docstring)."""
+        if self.conv_impl not in CONV_IMPLS:
+            raise ValueError(f"Mamba2: conv_impl must be one of {', '.join(map(repr, CONV_IMPLS))}, "
+                             f"got {self.conv_impl!r}")
+        if self.conv_impl == "torch" or xBC.device.type not in CAUSAL_CONV1D_DEVICES:
+            return "torch"
+        if _mamba_ssm_ops()[1] is None:
+            _log_once("Mamba2 conv_impl 'auto': causal_conv1d is not importable, so the depthwise conv runs in "
+                      "PyTorch (same maths, tested against it); pip install -e '.[cuda]' for the CUDA kernel")
+            return "torch"
+        if conv_state is not None or xBC.dtype not in CAUSAL_CONV1D_DTYPES or not 2 <= self.d_conv <= 4:
+            return "torch"   # carried conv state (chunked evaluation, decoding), fp64, or widths the kernel lacks
+        return "causal_conv1d"
 
     # ---------------------------------------------------------------------------------------------- forward
     def _conv(self, xBC, conv_state):
         """Depthwise causal conv + SiLU over (B, T, conv_dim), continuing from conv_state (B, conv_dim, d_conv)."""
-        _, causal_conv1d_fn = _mamba_ssm_ops()
         W = self.d_conv
         if conv_state is None:
             prev = xBC.new_zeros(xBC.shape[0], W - 1, self.conv_dim)
         else:
             prev = conv_state[..., 1:].transpose(1, 2).to(xBC.dtype)   # the last W-1 inputs before this chunk
-        full = torch.cat([prev, xBC], dim=1)                                              # (B, W-1+T, conv_dim)
+        full = torch.cat([prev, xBC], dim=-2)                                             # (B, W-1+T, conv_dim)
         new_conv_state = full[:, -W:].transpose(1, 2)                                     # (B, conv_dim, W)
-        if conv_state is None and xBC.is_cuda and causal_conv1d_fn is not None and self.backend != "torch":
-            out = causal_conv1d_fn(xBC.transpose(1, 2), self.conv1d.weight.squeeze(1), bias=self.conv1d.bias,
-                                   activation="silu").transpose(1, 2)
+        if self.conv_path(xBC, conv_state) == "causal_conv1d":
+            causal_conv1d_fn = _mamba_ssm_ops()[1]
+            out = causal_conv1d_fn(causal_conv1d_layout(xBC), self.conv1d.weight.squeeze(1), bias=self.conv1d.bias,
+                                   activation="silu").transpose(1, 2)                      # (B, T, conv_dim)
         else:
             # nn.Conv1d is a cross-correlation: out[t] = b + sum_j w[:, j] * x[t + j - (W-1)]. W shifted
             # multiply-adds in (B, T, C) layout are much faster on CPU than a depthwise conv (no transposes).

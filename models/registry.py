@@ -15,13 +15,18 @@ from __future__ import annotations
 
 import contextlib
 
+import torch
 import torch.nn as nn
+
+import kernels
 
 from .config import BASELINE_NAMES, HYBRID_NAMES, MODEL_NAMES, SIZE_PRESETS, ModelConfig
 from .lm import LM, make_block
+from .mamba2 import Mamba2
+from .rwkv6 import RWKV6TimeMix
 
 __all__ = ["get_model", "list_models", "list_sizes", "canonical_name", "make_config", "component_of",
-           "no_weight_decay", "ablate", "force_gate"]
+           "no_weight_decay", "ablate", "force_gate", "describe_paths"]
 
 _ALIASES = {"MAMBA-2": "MAMBA2", "RWKV-6": "RWKV6", "GPT-2": "GPT", "GPT2": "GPT", "GFMH": "GF-MH", "GFRH": "GF-RH"}
 
@@ -149,3 +154,27 @@ def force_gate(model: LM, value: float, layers=None):
         for fusion, old in saved:
             fusion.forced_gate = old
 
+
+
+# ------------------------------------------------------------------------------------------------ kernel paths
+def describe_paths(model: nn.Module, device: str | torch.device, amp: bool = True) -> dict[str, str]:
+    """Which kernels `model`'s layers take on `device` (CUDA calls under bf16 autocast when `amp`), as they
+    resolve them at run time: `rwkv_wkv6` ("chunked" / "sequential"), `mamba_ssd` ("wkv6" / "triton" / "torch"),
+    `mamba_wkv6` (the wkv6 kernels of the Mamba SSD when it runs on them) and `mamba_conv`
+    ("causal_conv1d" / "torch"); "n/a" where the model has no such layer. A fallback a layer takes is logged
+    by the layer itself (models.mamba2)."""
+    dev = torch.device(device)
+    param_dtype = next(model.parameters()).dtype
+    act = torch.bfloat16 if (amp and dev.type == "cuda") else param_dtype   # what the layers see in training
+    out = dict.fromkeys(("rwkv_wkv6", "mamba_ssd", "mamba_wkv6", "mamba_conv"), "n/a")
+    for m in model.modules():
+        if isinstance(m, RWKV6TimeMix):
+            r = torch.empty(1, 1, m.n_head, m.head_size, device=dev, dtype=act)
+            out["rwkv_wkv6"] = kernels.resolve_impl(kernels.pick_impl(m.wkv6_impl, r), r)
+        elif isinstance(m, Mamba2):
+            out["mamba_ssd"] = m.ssd_path(torch.empty(1, 1, m.d_model, device=dev, dtype=act))
+            out["mamba_conv"] = m.conv_path(torch.empty(1, 1, m.conv_dim, device=dev, dtype=act))
+            if out["mamba_ssd"] == "wkv6":
+                r = torch.empty(1, 1, m.nheads, m.d_state, device=dev, dtype=act)
+                out["mamba_wkv6"] = kernels.resolve_impl(kernels.pick_impl(m.wkv6_impl, r), r)
+    return out

@@ -148,7 +148,7 @@ def test_lm_with_chunked_wkv6_runs_the_chunked_kernels_and_matches_sequential(mo
     real = wkv6_mod.resolve_impl
     monkeypatch.setattr(wkv6_mod, "resolve_impl", lambda impl, r: seen.append(real(impl, r)) or seen[-1])
     torch.manual_seed(0)
-    seq = models.get_model("GF-MH", 1000, size="5m", n_layer=2, mamba_backend="wkv6").cuda()
+    seq = models.get_model("GF-MH", 1000, size="5m", n_layer=2, mamba_backend="wkv6", wkv6_impl="sequential").cuda()
     ch = models.get_model("GF-MH", 1000, size="5m", n_layer=2, mamba_backend="wkv6", wkv6_impl="chunked").cuda()
     ch.load_state_dict(seq.state_dict(), strict=True)
     x = torch.randint(0, 1000, (4, 300), device="cuda")
@@ -163,3 +163,46 @@ def test_lm_with_chunked_wkv6_runs_the_chunked_kernels_and_matches_sequential(mo
     assert abs(out["chunked"][0] - out["sequential"][0]) < 2e-3
     for n, g in out["sequential"][1].items():
         assert_ratio(f"grad {n}: chunked vs sequential", out["chunked"][1][n], g, 3e-2)
+
+
+@pytest.mark.parametrize("size", models.list_sizes())
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16"])
+def test_mamba2_causal_conv1d_every_preset_matches_torch_conv(size, amp, no_tf32):
+    """The real causal_conv1d kernel at every preset's width (d_in_proj 324 / 644 / 644 / 902: the in_proj slice is
+    never a layout the kernel takes as a view) against the PyTorch conv, outputs and gradients."""
+    pytest.importorskip("causal_conv1d", reason="the [cuda] extra's causal_conv1d is what this test exercises")
+    cfg = models.make_config("GF-MH", 97, size=size)
+    torch.manual_seed(0)
+    layer = models.Mamba2(cfg.hidden_size, d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand,
+                          headdim=cfg.mamba_headdim).cuda()
+    u = torch.randn(2, 300, cfg.hidden_size, device="cuda", requires_grad=True)
+    out = {}
+    for impl in ("auto", "torch"):
+        layer.conv_impl = impl
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            y = layer(u)
+            assert layer.conv_path(y.new_empty(1, 1, layer.conv_dim).to(torch.bfloat16 if amp else torch.float32)) == (
+                "causal_conv1d" if impl == "auto" else "torch")
+        (g,) = torch.autograd.grad(y.float().square().sum(), u)
+        out[impl] = (y.float(), g)
+    tol = 2e-2 if amp else 1e-4
+    assert_ratio(f"{size}: causal_conv1d vs torch conv, output", out["auto"][0], out["torch"][0], tol)
+    assert_ratio(f"{size}: causal_conv1d vs torch conv, grad", out["auto"][1], out["torch"][1], tol)
+
+
+def test_default_paths_on_cuda_are_the_fast_ones():
+    """With no overrides a hybrid on CUDA under bf16 autocast runs chunked wkv6 in both branches, the Mamba SSD on
+    wkv6 and, with the [cuda] extra installed, causal_conv1d; and a training step on it runs."""
+    model = models.get_model("GF-MH", 1000, size="5m", n_layer=2).cuda()
+    paths = models.describe_paths(model, "cuda", amp=True)
+    assert paths["rwkv_wkv6"] == "chunked" and paths["mamba_ssd"] == "wkv6" and paths["mamba_wkv6"] == "chunked"
+    try:
+        import causal_conv1d  # noqa: F401
+        assert paths["mamba_conv"] == "causal_conv1d"
+    except ImportError:
+        assert paths["mamba_conv"] == "torch"
+    x = torch.randint(0, 1000, (4, 256), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = torch.nn.functional.cross_entropy(model(x).logits.float().flatten(0, 1), torch.roll(x, -1, 1).flatten())
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -232,21 +232,29 @@ def test_verdict_changes_name_each_changed_check(tmp_path):
 
 
 def test_training_config_maps_compile_mode_and_mamba_backend_and_keeps_defaults_unchanged():
-    """The asset's compile_mode / mamba_backend / wkv6_impl reach TrainConfig; left at their defaults they add nothing
-    to the resolved config (so fingerprints and checkpoints of earlier runs stay valid)."""
+    """The asset's compile / compile_mode / mamba_backend / mamba_conv / wkv6_impl reach TrainConfig; left unset,
+    compile is "auto" (the device's default) and the model config gets no overrides (the layers' own "auto")."""
     from gt_pipeline.assets.training import TrainingConfig
+    from gt_pipeline.engine.train import resolve_compile
     from gt_pipeline.profiles import PROFILES
 
     demo = PROFILES["demo"].train
     base = TrainingConfig().resolve("gf_mh", demo, 512)
-    assert base.compile is False and base.model_overrides == {}
+    assert base.compile == "auto" and base.model_overrides == {}
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_compile("auto", cpu) is False and resolve_compile("auto", cuda) == "reduce-overhead"
+    assert resolve_compile("auto", cuda, grad_accum=2) is True and resolve_compile("auto", cuda, world_size=2) is True
+    assert TrainingConfig(compile=False).resolve("gf_mh", demo, 512).compile is False
     assert TrainingConfig(compile=True).resolve("gf_mh", demo, 512).compile is True
+    assert TrainingConfig(compile_mode="default").resolve("gf_mh", demo, 512).compile is True
     fast = TrainingConfig(compile=True, compile_mode="reduce-overhead", mamba_backend="wkv6").resolve("gf_mh", demo, 512)
     assert fast.compile == "reduce-overhead" and fast.model_overrides == {"mamba_backend": "wkv6"}
     with pytest.raises(ValueError, match="compile"):
         TrainingConfig(compile=True, compile_mode="fastest").resolve("gf_mh", demo, 512)
     with pytest.raises(ValueError, match="mamba_backend"):
         TrainingConfig(mamba_backend="cuda").resolve("gf_mh", demo, 512)
+    with pytest.raises(ValueError, match="mamba_conv"):
+        TrainingConfig(mamba_conv="cuda").resolve("gf_mh", demo, 512)
     fastest = TrainingConfig(mamba_backend="wkv6", wkv6_impl="chunked").resolve("gf_mh", demo, 512)
     assert fastest.model_overrides == {"mamba_backend": "wkv6", "wkv6_impl": "chunked"}
     assert TrainingConfig(wkv6_impl="sequential").resolve("gf_mh", demo, 512).model_overrides == {"wkv6_impl": "sequential"}

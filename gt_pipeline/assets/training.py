@@ -27,7 +27,8 @@ from pydantic import Field
 import data
 from gt_pipeline.assets.common import OWNER, artifact_output, md_table
 from gt_pipeline.engine.artifact import write_training_artifact
-from gt_pipeline.engine.train import TrainConfig, eval_windows, format_log_row, train
+from gt_pipeline.engine.train import (TrainConfig, eval_windows, format_log_row, optional_packages, path_fallbacks,
+                                      run_paths, train)
 from gt_pipeline.engine.worker import read_errors, torchrun_command
 from gt_pipeline.resources import ProfileResource, StoreResource
 from gt_pipeline.store import Artifact, fingerprint
@@ -63,14 +64,17 @@ class TrainingConfig(dg.Config):
     checkpoint_every: int | None = Field(default=None, description="Checkpoint every N steps (resume point)")
     seed: int = Field(default=0, description="Seed of init and data order")
     device: str = Field(default="auto", description="auto (CUDA if present), cuda or cpu")
-    compile: bool = Field(default=False, description="torch.compile the model and its loss")
-    compile_mode: str = Field(default="default", description="torch.compile mode when compile is on: default, "
-                              "reduce-overhead (CUDA graphs: the fastest measured GPU step), max-autotune, "
-                              "max-autotune-no-cudagraphs")
-    mamba_backend: str = Field(default="auto", description="Mamba-2 SSD path: auto (mamba_ssm's Triton SSD on CUDA), "
-                               "torch, triton, or wkv6 (through our wkv6 kernel; with compile, the fast GPU path)")
-    wkv6_impl: str = Field(default="auto", description="wkv6 CUDA kernels: auto (sequential), sequential, or chunked "
-                           "(tensor-core kernels where they apply: bf16, head size 64; the fastest measured on an H100)")
+    compile: bool | None = Field(default=None, description="torch.compile the model and its loss; unset = the device's "
+                                 "default (on for CUDA, off for CPU)")
+    compile_mode: str = Field(default="auto", description="torch.compile mode: auto (reduce-overhead, i.e. CUDA graphs, "
+                              "on CUDA where allowed: the fastest measured step), default, reduce-overhead, "
+                              "max-autotune, max-autotune-no-cudagraphs; a mode other than auto turns compile on")
+    mamba_backend: str = Field(default="auto", description="Mamba-2 SSD path: auto (the fastest that applies: wkv6 on "
+                               "CUDA, torch on CPU), torch, triton (mamba_ssm), or wkv6 (through our wkv6 kernel)")
+    mamba_conv: str = Field(default="auto", description="Mamba-2 depthwise conv: auto (causal_conv1d's CUDA kernel "
+                            "where it applies) or torch")
+    wkv6_impl: str = Field(default="auto", description="wkv6 CUDA kernels: auto (chunked tensor-core kernels where "
+                           "they apply: bf16, head size 64; sequential elsewhere), sequential, or chunked")
     force: bool = Field(default=False, description="Retrain even when a verified cached checkpoint exists")
     nproc_per_node: int = Field(default=1, description="Data-parallel ranks on this machine (one GPU each; gloo "
                                 "processes on CPU); above 1 the asset launches torchrun")
@@ -95,6 +99,14 @@ class TrainingConfig(dg.Config):
                              f"{torch.cuda.device_count()} GPU(s): ask for at most that many (or device=cpu for gloo)")
         return self.nproc_per_node * self.nnodes
 
+    def compile_setting(self) -> bool | str:
+        """TrainConfig.compile from (compile, compile_mode): "auto" (the device default) when both are unset."""
+        if self.compile is False:
+            return False
+        if self.compile_mode == "auto":
+            return True if self.compile else "auto"
+        return True if self.compile_mode == "default" else self.compile_mode
+
     def resolve(self, variant: str, profile_train, vocab_size: int) -> TrainConfig:
         pick = lambda v, d: d if v is None else v  # noqa: E731
         return TrainConfig(
@@ -108,18 +120,20 @@ class TrainingConfig(dg.Config):
             eval_batches=pick(self.eval_batches, profile_train.eval_batches),
             checkpoint_every=pick(self.checkpoint_every, profile_train.checkpoint_every),
             seed=self.seed, device=self.device,
-            compile=(True if self.compile_mode == "default" else self.compile_mode) if self.compile else False,
-            # only non-default choices enter the config, so existing fingerprints and checkpoints stay valid
-            model_overrides={k: v for k, v in (("mamba_backend", self.mamba_backend), ("wkv6_impl", self.wkv6_impl))
-                             if v != "auto"},
+            compile=self.compile_setting(),
+            # only non-default choices enter the model config; what they resolve to on a device is `run_paths`
+            model_overrides={k: v for k, v in (("mamba_backend", self.mamba_backend), ("mamba_conv", self.mamba_conv),
+                                               ("wkv6_impl", self.wkv6_impl)) if v != "auto"},
         )
 
 
-def train_env(cfg: TrainConfig) -> dict[str, Any]:
-    """What else changes a trained model's bits: the torch build and the device kind."""
+def train_env(cfg: TrainConfig, paths: dict[str, str]) -> dict[str, Any]:
+    """What else changes a trained model's bits: the torch build, the device kind, the kernels each layer runs and
+    the compile mode (`run_paths`), and the optional CUDA packages' versions."""
     dev = cfg.resolved_device()
     return {"torch": torch.__version__, "device": dev.type,
-            "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.machine()}
+            "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.machine(),
+            "paths": paths, "packages": optional_packages() if dev.type == "cuda" else {}}
 
 
 def training_fingerprint(name: str, resolved: dict[str, Any], upstream: dict[str, str], env: dict[str, Any],
@@ -188,7 +202,11 @@ def build_trained_asset(variant: str) -> dg.AssetsDefinition:
         world = config.world_size(cfg)
         resolved = dataclasses.asdict(cfg)
         upstream = {"token_shards": token_shards.fingerprint, "wkv6_kernel": wkv6_kernel.fingerprint}
-        fp = training_fingerprint(name, resolved, upstream, train_env(cfg), world)
+        paths = run_paths(cfg, world)
+        context.log.info("paths: " + ", ".join(f"{k} {v}" for k, v in paths.items() if v != "n/a"))
+        for note in path_fallbacks(paths, cfg.resolved_device()):
+            context.log.warning(f"slower path: {note}")
+        fp = training_fingerprint(name, resolved, upstream, train_env(cfg, paths), world)
         st = store.get()
 
         def on_log(row: dict[str, Any]) -> None:
@@ -203,7 +221,9 @@ def build_trained_asset(variant: str) -> dg.AssetsDefinition:
             res = train(cfg, token_shards.path, work, on_log=on_log, progress=True, verify_shards=False)
             if res.resumed_from_step:
                 context.log.info(f"resumed from the checkpoint at step {res.resumed_from_step}")
-            return write_training_artifact(d, cfg, res, token_shards.path)
+            context.log.info(f"steady-state {res.steady_tokens_per_s:,.0f} tok/s (after {res.warmup_steps} warm-up "
+                             f"steps, without evaluation); run average {res.tokens_per_s:,.0f} tok/s")
+            return write_training_artifact(d, cfg, res, token_shards.path, paths)
 
         result = st.build(name, fp, build, inputs={"config": resolved, "world_size": world, **upstream}, force=config.force,
                           on_event=context.log.warning)
@@ -213,6 +233,8 @@ def build_trained_asset(variant: str) -> dg.AssetsDefinition:
             headline={
                 "final_train_loss": m["final_train_loss"], "final_val_loss": m["final_val_loss"],
                 "val_perplexity": m["val_perplexity"], "tokens_per_s": m["tokens_per_s"],
+                **({"steady_tokens_per_s": m["steady_tokens_per_s"]} if m.get("steady_tokens_per_s") else {}),
+                **{f"path_{k}": v for k, v in m.get("paths", {}).items()},
                 "peak_memory_mb": m["peak_memory_mb"], "n_params": m["n_params"], "device": m["device"],
                 "steps": m["steps"], "resumed_from_step": m["resumed_from_step"] if not result.cache_hit else 0,
                 "world_size": m.get("world_size", 1), "global_batch_size": m.get("global_batch_size", cfg.batch_size * cfg.grad_accum),
@@ -226,7 +248,9 @@ def build_trained_asset(variant: str) -> dg.AssetsDefinition:
 def training_markdown(path: Path, m: dict[str, Any]) -> str:
     png = base64.b64encode((path / "loss_curve.png").read_bytes()).decode()
     rows = [{"metric": k, "value": m[k]} for k in ("final_train_loss", "final_val_loss", "val_perplexity",
-                                                     "tokens_per_s", "n_params", "device", "steps")]
+                                                     "steady_tokens_per_s", "tokens_per_s", "n_params", "device",
+                                                     "steps") if k in m]
+    rows += [{"metric": f"path: {k}", "value": v} for k, v in m.get("paths", {}).items()]
     return f"![loss curve](data:image/png;base64,{png})\n\n" + md_table(rows)
 
 

@@ -20,7 +20,8 @@ from gt_pipeline.engine.train import TrainConfig
 from gt_pipeline.store import write_json_atomic
 
 
-def write_training_artifact(d: Path, cfg: TrainConfig, res, shards_dir: Path) -> dict[str, Any]:
+def write_training_artifact(d: Path, cfg: TrainConfig, res, shards_dir: Path,
+                            paths: dict[str, str] | None = None) -> dict[str, Any]:
     """Everything a trained_* directory holds; returns the metadata the store keeps in the manifest."""
     global_batch = cfg.batch_size * cfg.grad_accum * res.world_size  # sequences per optimizer step
     save_model(res.model, d / "model.safetensors")
@@ -30,7 +31,7 @@ def write_training_artifact(d: Path, cfg: TrainConfig, res, shards_dir: Path) ->
         "model": dataclasses.asdict(model_cfg) if dataclasses.is_dataclass(model_cfg) else {},
         "distributed": {"world_size": res.world_size, "global_batch_size": global_batch},
     })
-    cols = list(res.log[0].keys())
+    cols = list(dict.fromkeys(k for r in res.log for k in r))  # rows resumed from a checkpoint may lack new columns
     with open(d / "train_log.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
@@ -44,6 +45,9 @@ def write_training_artifact(d: Path, cfg: TrainConfig, res, shards_dir: Path) ->
         "final_train_loss": res.log[-1]["train_loss"], "final_val_loss": final_val,
         "val_perplexity": math.exp(final_val) if math.isfinite(final_val) else math.nan,
         "tokens_per_s": round(res.tokens_per_s, 1), "peak_memory_mb": round(res.peak_memory_mb, 1),
+        **({"steady_tokens_per_s": round(res.steady_tokens_per_s, 1), "warmup_steps": res.warmup_steps}
+           if math.isfinite(res.steady_tokens_per_s) else {}),
+        "paths": {**(paths or {}), "compile": res.compile},
         "n_params": res.n_params, "device": res.device, "resumed_from_step": res.resumed_from_step,
         "train_seconds": round(res.seconds, 2), "init_entropy_ratio": res.init_entropy_ratio,
         "world_size": res.world_size, "global_batch_size": global_batch,

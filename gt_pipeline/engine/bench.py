@@ -1,10 +1,15 @@
 """Training-step throughput, ours vs a same-size peer in one run. Prints JSON.
 
     python -m gt_pipeline.engine.bench --models GF-MH,GPT --size 5m --vocab 16000 --batch 64 --seq 512
+    python -m gt_pipeline.engine.bench --models GF-MH --shards .gt/token_shards/<fp> --steps 200 --compare
 
 Each model runs the engine's own `train_step` (AdamW with component groups, pre-clip component grad
-norms, clipping; bf16 autocast on CUDA) on random token batches (throughput does not depend on the
-text), `--warmup` untimed steps then `--steps` timed ones; tokens/s counts input tokens per second.
+norms, clipping; bf16 autocast on CUDA) with the pipeline's defaults: the same compile setting
+(`resolve_compile`), the same layer paths (`run_paths`, reported per model), unless flags override them.
+Batches are random tokens (throughput does not depend on the text), or windows of a token_shards
+artifact's train split drawn as training draws them (`--shards`). `--warmup` untimed steps, then
+`--steps` timed ones; tokens/s counts input tokens per second. `--compare` also runs the reference path
+(eager, sequential wkv6, PyTorch SSD and conv) from the same seed and reports both loss curves.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ import time
 import torch
 
 import models
-from gt_pipeline.engine.train import TrainConfig, build_optimizer, step_function, train_step
+import data
+from gt_pipeline.engine.train import (TrainConfig, build_optimizer, compile_label, resolve_compile, step_function,
+                                      train_step)
 
 
 def profile_steps(step, device: torch.device, n: int = 3, top: int = 20) -> dict:
@@ -44,47 +51,64 @@ def profile_steps(step, device: torch.device, n: int = 3, top: int = 20) -> dict
 
 
 def bench_model(name: str, size: str, vocab: int, batch: int, seq: int, steps: int, warmup: int,
-                device: torch.device, compile: bool | str = False, profile: int = 0, overrides: dict | None = None,
-                wkv6_impl: str = "sequential") -> dict:
+                device: torch.device, compile: bool | str = "auto", profile: int = 0, overrides: dict | None = None,
+                shards=None) -> dict:
     torch.manual_seed(0)
-    model = models.get_model(name, vocab, size=size, **{**(overrides or {}), "wkv6_impl": wkv6_impl}).to(device)
-    cfg = TrainConfig(model=name, size=size, vocab_size=vocab, steps=steps + warmup, batch_size=batch, seq_len=seq)
+    model = models.get_model(name, vocab, size=size, **(overrides or {})).to(device)
+    cfg = TrainConfig(model=name, size=size, vocab_size=vocab, steps=steps + warmup, batch_size=batch, seq_len=seq,
+                      compile=compile, model_overrides=overrides or {})
+    resolved = resolve_compile(compile, device)
+    paths = {"compile": compile_label(resolved), **models.describe_paths(model, device, amp=device.type == "cuda")}
     opt = build_optimizer(model, cfg, fused=device.type == "cuda")
-    fwd = step_function(model, compile)
+    fwd = step_function(model, resolved)
 
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     g = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randint(0, vocab, (batch, seq + 1), generator=g).to(device)
-    batches = [(x[:, :-1], x[:, 1:])]
+    if shards is not None:
+        train_tokens = data.TokenShards(shards, verify=False).split("train")
+
+        def next_batches():
+            x, y = data.random_windows(train_tokens, batch, seq, g)
+            return [(x.to(device, non_blocking=True), y.to(device, non_blocking=True))]
+    else:
+        x = torch.randint(0, vocab, (batch, seq + 1), generator=g).to(device)
+        fixed = [(x[:, :-1], x[:, 1:])]
+
+        def next_batches():
+            return fixed
     if device.type == "cuda":
         # peak over warm-up and timed steps: CUDA-graph pools ("reduce-overhead") are allocated in warm-up
         torch.cuda.reset_peak_memory_stats(device)
     t_warm = time.perf_counter()
+    losses = []
     for _ in range(warmup):
-        train_step(model, fwd, opt, batches, 1.0, autocast)
+        losses.append(train_step(model, fwd, opt, next_batches(), 1.0, autocast)[0])
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     warmup_s = time.perf_counter() - t_warm  # includes compilation under --compile
     t0 = time.perf_counter()
-    losses = []
     for _ in range(steps):
-        loss, _ = train_step(model, fwd, opt, batches, 1.0, autocast)
+        loss, _ = train_step(model, fwd, opt, next_batches(), 1.0, autocast)
         losses.append(loss)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     dt = time.perf_counter() - t0
-    prof = profile_steps(lambda: train_step(model, fwd, opt, batches, 1.0, autocast), device, profile) if profile else None
+    prof = profile_steps(lambda: train_step(model, fwd, opt, next_batches(), 1.0, autocast), device, profile) if profile else None
     return {
-        "model": name, "size": size, "overrides": overrides or {}, "wkv6_impl": wkv6_impl, "profile": prof,
+        "model": name, "size": size, "overrides": overrides or {}, "paths": paths, "profile": prof,
+        "data": "token_shards train split" if shards is not None else "random tokens (one fixed batch)",
         "losses": losses, "params": sum(p.numel() for p in model.parameters()),
-        "batch": batch, "seq_len": seq, "vocab": vocab, "steps_timed": steps, "compile": compile,
+        "batch": batch, "seq_len": seq, "vocab": vocab, "steps_timed": steps, "warmup_steps": warmup,
         "warmup_s": warmup_s,
         "ms_per_step": 1000 * dt / steps, "tokens_per_s": batch * seq * steps / dt,
         "peak_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         "final_loss": loss,
     }
+
+
+REFERENCE_PATH = {"mamba_backend": "torch", "mamba_conv": "torch", "wkv6_impl": "sequential"}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -96,13 +120,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--compile", nargs="?", const=True, default=False, metavar="MODE",
-                    help="torch.compile the model and its loss; MODE is a torch.compile mode (default mode if omitted)")
+    ap.add_argument("--compile", nargs="?", const=True, default="auto", metavar="MODE",
+                    help="torch.compile mode of the step: auto (the pipeline's default: reduce-overhead on CUDA, off "
+                         "on CPU), off, or a torch.compile mode (default mode if the flag has no value)")
+    ap.add_argument("--shards", default=None, help="a token_shards artifact directory: train on its windows")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="after timing, profile N more steps and report the top kernels")
-    ap.add_argument("--mamba-backend", default=None, help="Mamba2 SSD path: auto, wkv6, triton or torch")
-    ap.add_argument("--wkv6-impl", default="sequential", choices=["chunked", "sequential"],
-                    help="the models' wkv6 kernels (ModelConfig.wkv6_impl; chunked where it applies)")
+    ap.add_argument("--mamba-backend", default=None, help="Mamba2 SSD path: auto (default), wkv6, triton or torch")
+    ap.add_argument("--mamba-conv", default=None, help="Mamba2 depthwise conv: auto (default) or torch")
+    ap.add_argument("--wkv6-impl", default=None, choices=["auto", "chunked", "sequential"],
+                    help="the models' wkv6 kernels (ModelConfig.wkv6_impl; default auto: chunked where it applies)")
     ap.add_argument("--compare", action="store_true",
                     help="also run each model on the reference path (eager, sequential wkv6, PyTorch SSD) from "
                          "the same seed and report both loss curves and their largest difference")
@@ -111,17 +138,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = ap.parse_args(argv)
     device = torch.device(a.device)
-    over = {k: v for k, v in (("hidden_size", a.hidden), ("n_layer", a.layers),
-                              ("mamba_backend", a.mamba_backend)) if v is not None}
+    over = {k: v for k, v in (("hidden_size", a.hidden), ("n_layer", a.layers), ("mamba_backend", a.mamba_backend),
+                              ("mamba_conv", a.mamba_conv), ("wkv6_impl", a.wkv6_impl)) if v is not None}
+    compile = False if a.compile == "off" else a.compile
     results = []
     for m in a.models.split(","):
-        res = bench_model(m, a.size, a.vocab, a.batch, a.seq, a.steps, a.warmup, device, a.compile, a.profile, over,
-                          a.wkv6_impl)
+        res = bench_model(m, a.size, a.vocab, a.batch, a.seq, a.steps, a.warmup, device, compile, a.profile, over,
+                          a.shards)
         if a.compare:
             ref = bench_model(m, a.size, a.vocab, a.batch, a.seq, a.steps, a.warmup, device, False, 0,
-                              {**over, "mamba_backend": "torch"}, "sequential")
-            res["reference_path"] = {k: ref[k] for k in ("ms_per_step", "tokens_per_s", "losses")}
-            res["max_loss_diff_vs_reference"] = max(abs(x - y) for x, y in zip(res["losses"], ref["losses"]))
+                              {**over, **REFERENCE_PATH}, a.shards)
+            res["reference_path"] = {k: ref[k] for k in ("paths", "ms_per_step", "tokens_per_s", "losses")}
+            diffs = [abs(x - y) for x, y in zip(res["losses"], ref["losses"])]
+            res["max_loss_diff_vs_reference"] = max(diffs)
+            res["mean_loss_diff_vs_reference_last_50"] = sum(diffs[-50:]) / len(diffs[-50:])
         results.append(res)
     base = results[-1]["tokens_per_s"]
     for r in results:

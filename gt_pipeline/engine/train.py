@@ -72,7 +72,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU (fp32)
-    compile: bool | str = False  # True (default mode) or a mode in COMPILE_MODES; see step_function
+    compile: bool | str = "auto"  # "auto" (resolve_compile: CUDA graphs on CUDA, off on CPU), a bool, or a mode
     model_overrides: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -93,7 +93,8 @@ class TrainConfig:
         bad = set(self.lr_mult) - set(COMPONENTS)
         if bad:
             raise ValueError(f"TrainConfig.lr_mult has unknown components {sorted(bad)}; valid: {list(COMPONENTS)}")
-        compile_mode(self.compile, "TrainConfig.compile")
+        if self.compile != "auto":
+            compile_mode(self.compile, "TrainConfig.compile")
         if self.compile in CUDA_GRAPH_MODES and self.grad_accum > 1:
             # CUDA-graph trees hand the first micro-batch's gradient buffer to .grad and overwrite it on the
             # next replay, so accumulated gradients come out wrong or the run stops (pytorch#96693, #169545).
@@ -112,6 +113,62 @@ class TrainConfig:
 
     def resolved_device(self) -> torch.device:
         return resolve_device(self.device, "TrainConfig.device")
+
+
+def resolve_compile(compile: bool | str, device: torch.device, grad_accum: int = 1, world_size: int = 1) -> bool | str:
+    """The compile setting a run uses. "auto": on CUDA "reduce-overhead" (torch.compile with CUDA graphs, the fastest
+    measured step, BENCHMARKS.md), or the default mode where CUDA graphs are not allowed (grad_accum > 1, DDP);
+    on CPU no compile (a compile costs more than the short CPU runs gain). Anything else passes through."""
+    if compile != "auto":
+        return compile
+    if device.type != "cuda":
+        return False
+    return "reduce-overhead" if grad_accum == 1 and world_size == 1 else True
+
+
+def compile_label(compile: bool | str) -> str:
+    """How metadata names a resolved compile setting: "off", "default" or the mode."""
+    return "off" if compile is False else ("default" if compile is True else str(compile))
+
+
+def optional_packages() -> dict[str, str | None]:
+    """Versions of the optional CUDA packages a model may run on (None: not importable)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for dist in ("mamba-ssm", "causal-conv1d"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def run_paths(cfg: "TrainConfig", world_size: int = 1) -> dict[str, str]:
+    """What a run of `cfg` executes on this machine: the resolved compile setting and the kernels each layer takes
+    (models.describe_paths on a one-layer twin of the model; layers resolve per device and dtype)."""
+    device = cfg.resolved_device()
+    probe = models.get_model(cfg.model, cfg.vocab_size, size=cfg.size, **{**cfg.model_overrides, "n_layer": 1})
+    paths = models.describe_paths(probe, device, amp=cfg.amp and device.type == "cuda")
+    return {"compile": compile_label(resolve_compile(cfg.compile, device, cfg.grad_accum, world_size)), **paths}
+
+
+def path_fallbacks(paths: dict[str, str], device: torch.device) -> list[str]:
+    """The slower paths a CUDA run takes instead of the fastest measured ones, each as a sentence (empty on CPU,
+    where the PyTorch paths are the defaults)."""
+    if device.type != "cuda":
+        return []
+    notes = []
+    if paths.get("mamba_conv") == "torch":
+        notes.append("Mamba-2 depthwise conv in PyTorch: causal_conv1d is not importable (pip install -e '.[cuda]')")
+    if paths.get("mamba_ssd") not in ("wkv6", "n/a"):
+        notes.append(f"Mamba-2 SSD on the {paths['mamba_ssd']} path, not wkv6 (d_state != headdim or not a CUDA head size)")
+    for key in ("rwkv_wkv6", "mamba_wkv6"):
+        if paths.get(key) == "sequential":
+            notes.append(f"{key}: sequential wkv6 kernels (the chunked ones need bf16 autocast and head size 64)")
+    if paths.get("compile") == "off":
+        notes.append("training step not compiled (compile off)")
+    return notes
 
 
 def resolve_device(name: str, field: str) -> torch.device:
@@ -138,6 +195,9 @@ class TrainResult:
     init_entropy_ratio: float
     world_size: int = 1  # data-parallel ranks; tokens_per_s counts all of them
     rank: int = 0
+    steady_tokens_per_s: float = math.nan  # steps after the warm-up (compile, CUDA-graph capture), without evaluation
+    warmup_steps: int = 0  # steps of this run left out of steady_tokens_per_s
+    compile: str = "off"  # the resolved compile setting (compile_label)
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -301,6 +361,68 @@ def evaluate(model, x_all, y_all, batch_size, device, autocast, dist_ctx: distri
     return total / y_all.numel()
 
 
+def warmup_steps(steps: int) -> int:
+    """Steps left out of the steady-state throughput: the first 5% (at least 3, at most 50), which hold torch.compile,
+    CUDA-graph capture and allocator growth."""
+    return min(50, max(3, steps // 20))
+
+
+def steady_tokens_per_s(log: list[dict[str, Any]], skip: int) -> float:
+    """Tokens per second over the log rows after the first `skip` of them: total tokens over total step time, where
+    a row's step time excludes evaluation and checkpointing (see `_train`). NaN when no row is left."""
+    rows = [r for r in log[skip:] if r.get("step_seconds", 0) > 0]
+    secs = sum(r["step_seconds"] for r in rows)
+    return sum(r["tokens_per_s"] * r["step_seconds"] for r in rows) / secs if secs > 0 else math.nan
+
+
+class BatchPrefetcher:
+    """Draws each step's micro-batches one step ahead in a background thread (pinned memory on CUDA), so the host
+    gathers the next windows while the GPU runs this step.
+
+    `draw()` uses the data generator `gen`; only this thread calls it, in step order, so the windows are those an
+    inline loop would draw. Each item is (batches, generator state after the draw): a checkpoint written after
+    that step saves that state, and a resumed run continues with the same windows."""
+
+    def __init__(self, draw: Callable[[], list[tuple[torch.Tensor, torch.Tensor]]], gen: torch.Generator, n: int,
+                 pin: bool, depth: int = 2):
+        import queue
+        import threading
+
+        self._q: "queue.Queue" = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+
+        def work() -> None:
+            try:
+                for _ in range(n):
+                    batches = draw()
+                    if pin:
+                        batches = [(x.pin_memory(), y.pin_memory()) for x, y in batches]
+                    item = (batches, gen.get_state())
+                    while not self._stop.is_set():
+                        try:
+                            self._q.put(item, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if self._stop.is_set():
+                        return
+            except BaseException as exc:  # handed to the training loop, which raises it
+                self._q.put(exc)
+
+        self._thread = threading.Thread(target=work, name="gt-batch-prefetch", daemon=True)
+        self._thread.start()
+
+    def next(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+        item = self._q.get()
+        if isinstance(item, BaseException):
+            raise RuntimeError(f"drawing training batches failed: {item}") from item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
 def train(
     cfg: TrainConfig,
     shards_dir: Path,
@@ -328,7 +450,8 @@ def train(
 def _train(cfg, shards_dir, work_dir, device, dist_ctx, *, on_log, on_step_end, log_every_s, progress,
            verify_shards) -> TrainResult:
     W, rank, main = dist_ctx.world_size, dist_ctx.rank, dist_ctx.is_main
-    if dist_ctx.enabled and cfg.compile in CUDA_GRAPH_MODES:
+    compile = resolve_compile(cfg.compile, device, cfg.grad_accum, W)
+    if dist_ctx.enabled and compile in CUDA_GRAPH_MODES:
         raise ValueError(f"TrainConfig.compile={cfg.compile!r} (CUDA graphs) has not been validated under DDP "
                          f"({W} ranks); use compile=True or 'max-autotune-no-cudagraphs' for data-parallel runs")
     shards = data.TokenShards(shards_dir, verify=verify_shards)
@@ -348,7 +471,7 @@ def _train(cfg, shards_dir, work_dir, device, dist_ctx, *, on_log, on_step_end, 
     def autocast():
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
-    fwd = step_function(model, cfg.compile)
+    fwd = step_function(model, compile)
     x_val, y_val = eval_windows(val_tokens, cfg.eval_batches * cfg.batch_size, cfg.seq_len)
     # G2 looks at the freshly initialised model (init is deterministic, so this holds on resume too).
     init_entropy_ratio = metrics.entropy_ratio(model, x_val[: cfg.batch_size].to(device), cfg.vocab_size)
@@ -376,58 +499,72 @@ def _train(cfg, shards_dir, work_dir, device, dist_ctx, *, on_log, on_step_end, 
         # After the resume load: DDP broadcasts rank 0's weights at wrap time (all ranks hold the same anyway).
         ddp = torch.nn.parallel.DistributedDataParallel(TokenLoss(model),
                                                         device_ids=[device.index] if device.type == "cuda" else None)
-        fwd = compiled(ddp, cfg.compile)
+        fwd = compiled(ddp, compile)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     bar = _progress_bar(cfg.steps, start) if progress and main else None
-    t_start, t_last_log, tokens_done = time.perf_counter(), 0.0, 0
-    model.train()
-    for step in range(start, cfg.steps):
-        t0 = time.perf_counter()
-        lr = lr_at(cfg, step)
-        for g in optimizer.param_groups:
-            g["lr"] = lr * g["lr_mult"]
+    B = cfg.batch_size
+
+    def draw() -> list[tuple[torch.Tensor, torch.Tensor]]:
         batches = []
-        B = cfg.batch_size
         for _ in range(cfg.grad_accum):
             # The global micro-batch (W*B windows, same on every rank); this rank keeps its own B rows.
             x, y = data.random_windows(train_tokens, W * B, cfg.seq_len, gen)  # (W*B, T)
-            x, y = x[rank * B : (rank + 1) * B], y[rank * B : (rank + 1) * B]  # (B, T)
-            batches.append((x.to(device, non_blocking=True), y.to(device, non_blocking=True)))
-        loss_sum, norms = train_step(model, fwd, optimizer, batches, cfg.grad_clip, autocast,
-                                     no_sync=ddp.no_sync if ddp is not None else None, dist_ctx=dist_ctx)
-        if norms is None:
-            last = list_checkpoints(ckpt_root)
-            raise TrainingDiverged(
-                f"loss is {loss_sum} at step {step + 1} (lr {lr:.3g}); training stopped. "
-                f"Last good checkpoint: {last[-1] if last else 'none (diverged before the first checkpoint)'}"
-            )
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        dt = time.perf_counter() - t0
-        n_tok = cfg.batch_size * cfg.seq_len * cfg.grad_accum * W  # all ranks
-        tokens_done += n_tok
-        row = {"step": step + 1, "train_loss": loss_sum, "val_loss": math.nan, "lr": lr, **norms,
-               "tokens_per_s": n_tok / dt}
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            row["val_loss"] = evaluate(model, x_val, y_val, cfg.batch_size, device, autocast, dist_ctx)
-        log.append(row)
-        if on_step_end is not None:
-            on_step_end(step + 1, model)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
-        now = time.perf_counter()
-        if main and on_log is not None and (now - t_last_log >= log_every_s or step + 1 == cfg.steps or not math.isnan(row["val_loss"])):
-            on_log(row)
-            t_last_log = now
-        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-            if main:  # the state is identical on every rank; one writer
-                rng = {"data_generator": gen.get_state(), "torch_cpu": torch.get_rng_state()}
-                save_checkpoint(ckpt_root, step + 1, model, optimizer, rng,
-                                {"config": _jsonable(cfg), "log": log, "world_size": W})
-            distributed.barrier(dist_ctx, device)  # no rank runs past a checkpoint that is not on disk yet
+            batches.append((x[rank * B : (rank + 1) * B], y[rank * B : (rank + 1) * B]))  # (B, T)
+        return batches
+
+    # On CUDA the next step's windows are gathered (into pinned memory) while the GPU runs this one.
+    prefetch = BatchPrefetcher(draw, gen, cfg.steps - start, pin=True) if device.type == "cuda" else None
+    skip = warmup_steps(cfg.steps - start)  # this process's own warm-up, also after a resume
+    t_start, t_last_log, tokens_done = time.perf_counter(), 0.0, 0
+    model.train()
+    try:
+        for step in range(start, cfg.steps):
+            t0 = time.perf_counter()
+            lr = lr_at(cfg, step)
+            for g in optimizer.param_groups:
+                g["lr"] = lr * g["lr_mult"]
+            cpu_batches, gen_state = prefetch.next() if prefetch is not None else (draw(), None)
+            batches = [(x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in cpu_batches]
+            loss_sum, norms = train_step(model, fwd, optimizer, batches, cfg.grad_clip, autocast,
+                                         no_sync=ddp.no_sync if ddp is not None else None, dist_ctx=dist_ctx)
+            if norms is None:
+                last = list_checkpoints(ckpt_root)
+                raise TrainingDiverged(
+                    f"loss is {loss_sum} at step {step + 1} (lr {lr:.3g}); training stopped. "
+                    f"Last good checkpoint: {last[-1] if last else 'none (diverged before the first checkpoint)'}"
+                )
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            dt = time.perf_counter() - t0  # the step alone: evaluation and checkpoints come after
+            n_tok = cfg.batch_size * cfg.seq_len * cfg.grad_accum * W  # all ranks
+            tokens_done += n_tok
+            row = {"step": step + 1, "train_loss": loss_sum, "val_loss": math.nan, "lr": lr, **norms,
+                   "tokens_per_s": n_tok / dt, "step_seconds": dt}
+            if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+                row["val_loss"] = evaluate(model, x_val, y_val, cfg.batch_size, device, autocast, dist_ctx)
+            log.append(row)
+            if on_step_end is not None:
+                on_step_end(step + 1, model)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+            now = time.perf_counter()
+            if main and on_log is not None and (now - t_last_log >= log_every_s or step + 1 == cfg.steps
+                                                or not math.isnan(row["val_loss"])):
+                on_log({**row, "steady_tokens_per_s": steady_tokens_per_s(log[start:], skip)})
+                t_last_log = now
+            if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+                if main:  # the state is identical on every rank; one writer
+                    rng = {"data_generator": gen_state if gen_state is not None else gen.get_state(),
+                           "torch_cpu": torch.get_rng_state()}
+                    save_checkpoint(ckpt_root, step + 1, model, optimizer, rng,
+                                    {"config": _jsonable(cfg), "log": log, "world_size": W})
+                distributed.barrier(dist_ctx, device)  # no rank runs past a checkpoint that is not on disk yet
+    finally:
+        if prefetch is not None:
+            prefetch.close()
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - t_start
@@ -437,14 +574,18 @@ def _train(cfg, shards_dir, work_dir, device, dist_ctx, *, on_log, on_step_end, 
         tokens_per_s=tokens_done / seconds if seconds > 0 else 0.0, peak_memory_mb=peak,
         device=str(device) if device.type == "cpu" else torch.cuda.get_device_name(device), n_params=n_params,
         init_entropy_ratio=init_entropy_ratio, world_size=W, rank=rank,
+        steady_tokens_per_s=steady_tokens_per_s(log[start:], skip), warmup_steps=skip,
+        compile=compile_label(compile),
     )
 
 
 def format_log_row(row: dict[str, Any], steps: int) -> str:
     """The progress line of one log row (the asset's run log, in-process or from the torchrun worker)."""
     val = "" if math.isnan(row["val_loss"]) else f" val {row['val_loss']:.4f}"
+    steady = row.get("steady_tokens_per_s", math.nan)
+    steady = "" if not math.isfinite(steady) else f" (steady {steady:,.0f})"
     return (f"step {row['step']}/{steps} loss {row['train_loss']:.4f}{val} lr {row['lr']:.2e} "
-            f"|g| {row['grad_norm']:.3f} {row['tokens_per_s']:,.0f} tok/s")
+            f"|g| {row['grad_norm']:.3f} {row['tokens_per_s']:,.0f} tok/s{steady}")
 
 
 def _jsonable(cfg: TrainConfig) -> dict[str, Any]:

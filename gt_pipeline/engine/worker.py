@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from gt_pipeline.engine.artifact import write_training_artifact
-from gt_pipeline.engine.train import TrainConfig, format_log_row, train
+from gt_pipeline.engine.train import TrainConfig, format_log_row, run_paths, train
 
 
 def torchrun_command(
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace, pipes=None) -> dict[str, Any] | None:
     if res.resumed_from_step:
         say(f"resumed from the checkpoint at step {res.resumed_from_step}")
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = write_training_artifact(args.out, cfg, res, args.shards)
+    meta = write_training_artifact(args.out, cfg, res, args.shards, run_paths(cfg, res.world_size))
     if pipes is not None:
         pipes.report_custom_message({"metadata": meta})
     say(f"rank 0 wrote the artifact into {args.out}: world_size {res.world_size}, "
