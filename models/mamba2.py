@@ -27,8 +27,9 @@ default). `ssd_path(u)` says which one a call takes; a CUDA call that cannot tak
   * "triton": CUDA with mamba_ssm importable: mamba_ssm's Triton `mamba_chunk_scan_combined`;
   * "torch": `models.ssd.ssd_chunked`, a chunked pure-PyTorch SSD.
 The depthwise causal conv, `conv_impl` "auto" (default) or "torch": "auto" runs causal_conv1d's CUDA kernel where
-it applies (package importable, CUDA, fp32/fp16/bf16 input, d_conv 2..4, no conv state carried in) and the
-PyTorch conv elsewhere (same maths, tested against each other); `conv_path(x, conv_state)` says which. The
+it applies (package importable, CUDA, fp32/fp16/bf16 input, d_conv 2..4, no conv state carried in, not under
+torch.compile, where the fused PyTorch conv measured faster) and the PyTorch conv elsewhere (same maths, tested
+against each other); `conv_path(x, conv_state)` says which. The
 kernel gets xBC in a layout it accepts (`causal_conv1d_layout`): channel-last copy when conv_dim % 8 == 0, else
 channel-first; a strided view into the in_proj output would be refused for most widths.
 State: conv state = the last d_conv *pre-conv* xBC columns (B, conv_dim, d_conv), as mamba_ssm's inference
@@ -304,12 +305,16 @@ class Mamba2(nn.Module):
             return fallback
         return "triton" if available and self.backend != "torch" else "torch"
 
-    def conv_path(self, xBC: torch.Tensor, conv_state: torch.Tensor | None = None) -> str:
-        """The depthwise-conv path this call takes: "causal_conv1d" or "torch" (module docstring)."""
+    def conv_path(self, xBC: torch.Tensor, conv_state: torch.Tensor | None = None, compiled: bool | None = None) -> str:
+        """The depthwise-conv path this call takes: "causal_conv1d" or "torch" (module docstring). Under torch.compile
+        (`compiled`, default: whether this call is being traced) it is the PyTorch conv, which Inductor fuses into its
+        neighbours: a compiled GF-MH 5m step ran at 960k tok/s with it and 820k with causal_conv1d (H200, CUDA
+        graphs, BENCHMARKS.md)."""
+        compiling = (lambda: compiled) if compiled is not None else torch.compiler.is_compiling
         if self.conv_impl not in CONV_IMPLS:
             raise ValueError(f"Mamba2: conv_impl must be one of {', '.join(map(repr, CONV_IMPLS))}, "
                              f"got {self.conv_impl!r}")
-        if self.conv_impl == "torch" or xBC.device.type not in CAUSAL_CONV1D_DEVICES:
+        if self.conv_impl == "torch" or xBC.device.type not in CAUSAL_CONV1D_DEVICES or compiling():
             return "torch"
         if _mamba_ssm_ops()[1] is None:
             _log_once("Mamba2 conv_impl 'auto': causal_conv1d is not importable, so the depthwise conv runs in "

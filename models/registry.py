@@ -157,8 +157,10 @@ def force_gate(model: LM, value: float, layers=None):
 
 
 # ------------------------------------------------------------------------------------------------ kernel paths
-def describe_paths(model: nn.Module, device: str | torch.device, amp: bool = True) -> dict[str, str]:
-    """Which kernels `model`'s layers take on `device` (CUDA calls under bf16 autocast when `amp`), as they
+def describe_paths(model: nn.Module, device: str | torch.device, amp: bool = True,
+                   compiled: bool = False) -> dict[str, str]:
+    """Which kernels `model`'s layers take on `device` (CUDA calls under bf16 autocast when `amp`, traced by
+    torch.compile when `compiled`), as they
     resolve them at run time: `rwkv_wkv6` ("chunked" / "sequential"), `mamba_ssd` ("wkv6" / "triton" / "torch"),
     `mamba_wkv6` (the wkv6 kernels of the Mamba SSD when it runs on them) and `mamba_conv`
     ("causal_conv1d" / "torch"); "n/a" where the model has no such layer. A fallback a layer takes is logged
@@ -173,7 +175,7 @@ def describe_paths(model: nn.Module, device: str | torch.device, amp: bool = Tru
             out["rwkv_wkv6"] = kernels.resolve_impl(kernels.pick_impl(m.wkv6_impl, r), r)
         elif isinstance(m, Mamba2):
             out["mamba_ssd"] = m.ssd_path(torch.empty(1, 1, m.d_model, device=dev, dtype=act))
-            out["mamba_conv"] = m.conv_path(torch.empty(1, 1, m.conv_dim, device=dev, dtype=act))
+            out["mamba_conv"] = m.conv_path(torch.empty(1, 1, m.conv_dim, device=dev, dtype=act), compiled=compiled)
             if out["mamba_ssd"] == "wkv6":
                 r = torch.empty(1, 1, m.nheads, m.d_state, device=dev, dtype=act)
                 out["mamba_wkv6"] = kernels.resolve_impl(kernels.pick_impl(m.wkv6_impl, r), r)

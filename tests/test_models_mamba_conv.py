@@ -123,6 +123,12 @@ def test_torch_conv_where_causal_conv1d_does_not_apply(standin):
     assert standin.calls == []
 
 
+def test_compiled_calls_take_the_torch_conv(standin):
+    layer = _mamba_of(CASES["5m"])
+    xbc = torch.empty(1, 1, layer.conv_dim)
+    assert layer.conv_path(xbc) == "causal_conv1d" and layer.conv_path(xbc, compiled=True) == "torch"
+
+
 def test_conv_falls_back_to_torch_when_package_missing(monkeypatch, caplog):
     monkeypatch.setattr(m2, "_OPS", (None, None))
     monkeypatch.setattr(m2, "CAUSAL_CONV1D_DEVICES", ("cuda", "cpu"))

@@ -58,7 +58,8 @@ def bench_model(name: str, size: str, vocab: int, batch: int, seq: int, steps: i
     cfg = TrainConfig(model=name, size=size, vocab_size=vocab, steps=steps + warmup, batch_size=batch, seq_len=seq,
                       compile=compile, model_overrides=overrides or {})
     resolved = resolve_compile(compile, device)
-    paths = {"compile": compile_label(resolved), **models.describe_paths(model, device, amp=device.type == "cuda")}
+    paths = {"compile": compile_label(resolved),
+             **models.describe_paths(model, device, amp=device.type == "cuda", compiled=resolved is not False)}
     opt = build_optimizer(model, cfg, fused=device.type == "cuda")
     fwd = step_function(model, resolved)
 

@@ -149,8 +149,9 @@ def run_paths(cfg: "TrainConfig", world_size: int = 1) -> dict[str, str]:
     (models.describe_paths on a one-layer twin of the model; layers resolve per device and dtype)."""
     device = cfg.resolved_device()
     probe = models.get_model(cfg.model, cfg.vocab_size, size=cfg.size, **{**cfg.model_overrides, "n_layer": 1})
-    paths = models.describe_paths(probe, device, amp=cfg.amp and device.type == "cuda")
-    return {"compile": compile_label(resolve_compile(cfg.compile, device, cfg.grad_accum, world_size)), **paths}
+    compile = resolve_compile(cfg.compile, device, cfg.grad_accum, world_size)
+    paths = models.describe_paths(probe, device, amp=cfg.amp and device.type == "cuda", compiled=compile is not False)
+    return {"compile": compile_label(compile), **paths}
 
 
 def path_fallbacks(paths: dict[str, str], device: torch.device) -> list[str]:
@@ -159,8 +160,8 @@ def path_fallbacks(paths: dict[str, str], device: torch.device) -> list[str]:
     if device.type != "cuda":
         return []
     notes = []
-    if paths.get("mamba_conv") == "torch":
-        notes.append("Mamba-2 depthwise conv in PyTorch: causal_conv1d is not importable (pip install -e '.[cuda]')")
+    if paths.get("mamba_conv") == "torch" and paths.get("compile") == "off":
+        notes.append("Mamba-2 depthwise conv in PyTorch, not causal_conv1d (not importable: pip install -e '.[cuda]')")
     if paths.get("mamba_ssd") not in ("wkv6", "n/a"):
         notes.append(f"Mamba-2 SSD on the {paths['mamba_ssd']} path, not wkv6 (d_state != headdim or not a CUDA head size)")
     for key in ("rwkv_wkv6", "mamba_wkv6"):
@@ -375,54 +376,6 @@ def steady_tokens_per_s(log: list[dict[str, Any]], skip: int) -> float:
     return sum(r["tokens_per_s"] * r["step_seconds"] for r in rows) / secs if secs > 0 else math.nan
 
 
-class BatchPrefetcher:
-    """Draws each step's micro-batches one step ahead in a background thread (pinned memory on CUDA), so the host
-    gathers the next windows while the GPU runs this step.
-
-    `draw()` uses the data generator `gen`; only this thread calls it, in step order, so the windows are those an
-    inline loop would draw. Each item is (batches, generator state after the draw): a checkpoint written after
-    that step saves that state, and a resumed run continues with the same windows."""
-
-    def __init__(self, draw: Callable[[], list[tuple[torch.Tensor, torch.Tensor]]], gen: torch.Generator, n: int,
-                 pin: bool, depth: int = 2):
-        import queue
-        import threading
-
-        self._q: "queue.Queue" = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-
-        def work() -> None:
-            try:
-                for _ in range(n):
-                    batches = draw()
-                    if pin:
-                        batches = [(x.pin_memory(), y.pin_memory()) for x, y in batches]
-                    item = (batches, gen.get_state())
-                    while not self._stop.is_set():
-                        try:
-                            self._q.put(item, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                    if self._stop.is_set():
-                        return
-            except BaseException as exc:  # handed to the training loop, which raises it
-                self._q.put(exc)
-
-        self._thread = threading.Thread(target=work, name="gt-batch-prefetch", daemon=True)
-        self._thread.start()
-
-    def next(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
-        item = self._q.get()
-        if isinstance(item, BaseException):
-            raise RuntimeError(f"drawing training batches failed: {item}") from item
-        return item
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-
 def train(
     cfg: TrainConfig,
     shards_dir: Path,
@@ -514,57 +467,50 @@ def _train(cfg, shards_dir, work_dir, device, dist_ctx, *, on_log, on_step_end, 
             batches.append((x[rank * B : (rank + 1) * B], y[rank * B : (rank + 1) * B]))  # (B, T)
         return batches
 
-    # On CUDA the next step's windows are gathered (into pinned memory) while the GPU runs this one.
-    prefetch = BatchPrefetcher(draw, gen, cfg.steps - start, pin=True) if device.type == "cuda" else None
     skip = warmup_steps(cfg.steps - start)  # this process's own warm-up, also after a resume
     t_start, t_last_log, tokens_done = time.perf_counter(), 0.0, 0
     model.train()
-    try:
-        for step in range(start, cfg.steps):
-            t0 = time.perf_counter()
-            lr = lr_at(cfg, step)
-            for g in optimizer.param_groups:
-                g["lr"] = lr * g["lr_mult"]
-            cpu_batches, gen_state = prefetch.next() if prefetch is not None else (draw(), None)
-            batches = [(x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in cpu_batches]
-            loss_sum, norms = train_step(model, fwd, optimizer, batches, cfg.grad_clip, autocast,
-                                         no_sync=ddp.no_sync if ddp is not None else None, dist_ctx=dist_ctx)
-            if norms is None:
-                last = list_checkpoints(ckpt_root)
-                raise TrainingDiverged(
-                    f"loss is {loss_sum} at step {step + 1} (lr {lr:.3g}); training stopped. "
-                    f"Last good checkpoint: {last[-1] if last else 'none (diverged before the first checkpoint)'}"
-                )
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            dt = time.perf_counter() - t0  # the step alone: evaluation and checkpoints come after
-            n_tok = cfg.batch_size * cfg.seq_len * cfg.grad_accum * W  # all ranks
-            tokens_done += n_tok
-            row = {"step": step + 1, "train_loss": loss_sum, "val_loss": math.nan, "lr": lr, **norms,
-                   "tokens_per_s": n_tok / dt, "step_seconds": dt}
-            if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-                row["val_loss"] = evaluate(model, x_val, y_val, cfg.batch_size, device, autocast, dist_ctx)
-            log.append(row)
-            if on_step_end is not None:
-                on_step_end(step + 1, model)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
-            now = time.perf_counter()
-            if main and on_log is not None and (now - t_last_log >= log_every_s or step + 1 == cfg.steps
-                                                or not math.isnan(row["val_loss"])):
-                on_log({**row, "steady_tokens_per_s": steady_tokens_per_s(log[start:], skip)})
-                t_last_log = now
-            if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-                if main:  # the state is identical on every rank; one writer
-                    rng = {"data_generator": gen_state if gen_state is not None else gen.get_state(),
-                           "torch_cpu": torch.get_rng_state()}
-                    save_checkpoint(ckpt_root, step + 1, model, optimizer, rng,
-                                    {"config": _jsonable(cfg), "log": log, "world_size": W})
-                distributed.barrier(dist_ctx, device)  # no rank runs past a checkpoint that is not on disk yet
-    finally:
-        if prefetch is not None:
-            prefetch.close()
+    for step in range(start, cfg.steps):
+        t0 = time.perf_counter()
+        lr = lr_at(cfg, step)
+        for g in optimizer.param_groups:
+            g["lr"] = lr * g["lr_mult"]
+        batches = [(x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in draw()]
+        loss_sum, norms = train_step(model, fwd, optimizer, batches, cfg.grad_clip, autocast,
+                                     no_sync=ddp.no_sync if ddp is not None else None, dist_ctx=dist_ctx)
+        if norms is None:
+            last = list_checkpoints(ckpt_root)
+            raise TrainingDiverged(
+                f"loss is {loss_sum} at step {step + 1} (lr {lr:.3g}); training stopped. "
+                f"Last good checkpoint: {last[-1] if last else 'none (diverged before the first checkpoint)'}"
+            )
+        # No device sync here: train_step's loss read waits for this step's forward and backward, and the optimizer
+        # kernels it leaves queued overlap the next step's host work; summed over steps, the step times add up to
+        # the GPU time (steady_tokens_per_s). Evaluation and checkpoints come after dt.
+        dt = time.perf_counter() - t0
+        n_tok = cfg.batch_size * cfg.seq_len * cfg.grad_accum * W  # all ranks
+        tokens_done += n_tok
+        row = {"step": step + 1, "train_loss": loss_sum, "val_loss": math.nan, "lr": lr, **norms,
+               "tokens_per_s": n_tok / dt, "step_seconds": dt}
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            row["val_loss"] = evaluate(model, x_val, y_val, cfg.batch_size, device, autocast, dist_ctx)
+        log.append(row)
+        if on_step_end is not None:
+            on_step_end(step + 1, model)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+        now = time.perf_counter()
+        if main and on_log is not None and (now - t_last_log >= log_every_s or step + 1 == cfg.steps
+                                            or not math.isnan(row["val_loss"])):
+            on_log({**row, "steady_tokens_per_s": steady_tokens_per_s(log[start:], skip)})
+            t_last_log = now
+        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+            if main:  # the state is identical on every rank; one writer
+                rng = {"data_generator": gen.get_state(), "torch_cpu": torch.get_rng_state()}
+                save_checkpoint(ckpt_root, step + 1, model, optimizer, rng,
+                                {"config": _jsonable(cfg), "log": log, "world_size": W})
+            distributed.barrier(dist_ctx, device)  # no rank runs past a checkpoint that is not on disk yet
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - t_start
