@@ -17,6 +17,7 @@ export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 export DAGSTER_MODULE_NAME := gt_pipeline.definitions
 
 DEMO_SELECT ?= *gate_report,*ablation_report,*long_context_report
+DEV_PORT ?= 3000
 
 .PHONY: demo test dev clean-artifacts
 
@@ -50,7 +51,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
 dev: $(VENV)/.installed $(DAGSTER_HOME)/dagster.yaml
-	env -u DAGSTER_MODULE_NAME $(VENV)/bin/dagster dev -h 127.0.0.1
+	env -u DAGSTER_MODULE_NAME $(VENV)/bin/dagster dev -h 127.0.0.1 -p $(DEV_PORT)
 
 clean-artifacts:
 	rm -rf $(GT_HOME)
