@@ -1,5 +1,6 @@
 # GroundThink pipeline. Each target creates .venv and installs what it needs on a fresh machine.
-#   make demo   the main chain on the embedded demo profile (CPU, minutes; seconds when nothing changed)
+#   make demo   the main chain on the embedded demo profile (CPU, minutes; seconds when nothing changed);
+#               DEMO_ARGS="-c file.yaml" passes run config (e.g. configs/demo_short.yaml)
 #   make test   the test suite (GPU tests skip without CUDA)
 #   make dev    the Dagster UI on http://127.0.0.1:3000, on the profile the store was last built with
 #               ($(GT_HOME)/PROFILE; GT_PROFILE=... overrides), so after `make demo` it shows demo
@@ -17,6 +18,7 @@ export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 export DAGSTER_MODULE_NAME := gt_pipeline.definitions
 
 DEMO_SELECT ?= *gate_report,*ablation_report,*long_context_report
+DEMO_ARGS ?=
 DEV_PORT ?= 3000
 
 .PHONY: demo test dev clean-artifacts
@@ -43,7 +45,7 @@ $(DAGSTER_HOME)/dagster.yaml:
 
 demo: $(VENV)/.installed $(DAGSTER_HOME)/dagster.yaml
 	@start=$$(date +%s.%N); \
-	GT_PROFILE=demo $(VENV)/bin/dagster asset materialize --select '$(DEMO_SELECT)' && \
+	GT_PROFILE=demo $(VENV)/bin/dagster asset materialize --select '$(DEMO_SELECT)' $(DEMO_ARGS) && \
 	$(PY) -m gt_pipeline.runinfo && \
 	echo "demo finished in $$($(PY) -c 'import sys, time; print(f"{time.time() - float(sys.argv[1]):.1f}")' $$start)s wall; artifacts under $(GT_HOME) (LATEST.json in each asset's folder)"
 
