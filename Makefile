@@ -1,7 +1,9 @@
 # GroundThink pipeline. Each target creates .venv and installs what it needs on a fresh machine.
-#   make demo   the main chain on the embedded demo profile (CPU, minutes)
+#   make demo   the main chain on the embedded demo profile (CPU, minutes; seconds when nothing changed);
+#               DEMO_ARGS="-c file.yaml" passes run config (e.g. configs/demo_short.yaml)
 #   make test   the test suite (GPU tests skip without CUDA)
-#   make dev    the Dagster UI on http://127.0.0.1:3000
+#   make dev    the Dagster UI on http://127.0.0.1:3000, on the profile the store was last built with
+#               ($(GT_HOME)/PROFILE; GT_PROFILE=... overrides), so after `make demo` it shows demo
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -16,6 +18,8 @@ export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 export DAGSTER_MODULE_NAME := gt_pipeline.definitions
 
 DEMO_SELECT ?= *gate_report,*ablation_report,*long_context_report
+DEMO_ARGS ?=
+DEV_PORT ?= 3000
 
 .PHONY: demo test dev clean-artifacts
 
@@ -40,15 +44,16 @@ $(DAGSTER_HOME)/dagster.yaml:
 	printf 'telemetry:\n  enabled: false\n' > $@
 
 demo: $(VENV)/.installed $(DAGSTER_HOME)/dagster.yaml
-	@start=$$(date +%s); \
-	GT_PROFILE=demo $(VENV)/bin/dagster asset materialize --select '$(DEMO_SELECT)' && \
-	echo "demo finished in $$(( $$(date +%s) - start ))s; artifacts under $(GT_HOME) (LATEST.json in each asset's folder)"
+	@start=$$(date +%s.%N); \
+	GT_PROFILE=demo $(VENV)/bin/dagster asset materialize --select '$(DEMO_SELECT)' $(DEMO_ARGS) && \
+	$(PY) -m gt_pipeline.runinfo && \
+	echo "demo finished in $$($(PY) -c 'import sys, time; print(f"{time.time() - float(sys.argv[1]):.1f}")' $$start)s wall; artifacts under $(GT_HOME) (LATEST.json in each asset's folder)"
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
 dev: $(VENV)/.installed $(DAGSTER_HOME)/dagster.yaml
-	env -u DAGSTER_MODULE_NAME $(VENV)/bin/dagster dev -h 127.0.0.1
+	env -u DAGSTER_MODULE_NAME $(VENV)/bin/dagster dev -h 127.0.0.1 -p $(DEV_PORT)
 
 clean-artifacts:
 	rm -rf $(GT_HOME)

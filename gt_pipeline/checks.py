@@ -1,24 +1,35 @@
 """Gate checks on every `trained_*` asset: g1_forward, g2_init_entropy, g3_training_health,
-g3_5_state_health, g4_component_balance.
+g3_5_state_health, g4_component_balance; and `gate_report_no_failures` on gate_report.
 
-One multi-asset check per trained asset runs all five in one step, reading the latest published
-checkpoint (so a scheduled re-validation re-evaluates them without retraining). Thresholds come from
-`gt_pipeline.gates` only. G1 and G3 are blocking: an ERROR there stops every downstream report.
-Verdicts map to Dagster as pass -> passed, warn -> failed with WARN severity, fail -> failed with
-ERROR severity; G4 on a single-mixer baseline is not applicable and emits no result.
+Every gate is its own `@asset_check`, so it runs with the asset or alone (UI: the check's "Execute";
+CLI: `dagster job execute -j gate_checks_only`) against the stored checkpoint of the materialization
+it is attached to (resolved by the IO manager through the recorded data version),
+never retraining. The five gates are measured together once per checkpoint and check code: the
+results are stored in the artifact store (`gate_checks/<fingerprint>`) keyed by the checkpoint's
+fingerprint and the checks' derived code version, so the other four checks of a run, and later runs,
+re-emit them (metadata `reused: true`). `force: true` re-measures (once per run; the re-validation
+schedule sets it). Thresholds come from `gt_pipeline.gates` only. G1 and G3 are blocking: an ERROR
+there stops every downstream report. Verdicts map to Dagster as pass -> passed, warn -> failed with
+WARN severity, fail -> failed with ERROR severity; G4 exists only on hybrids.
 """
 
+import json
 import math
-from typing import Any, Iterator
+from typing import Any, Callable
 
 import dagster as dg
+from pydantic import Field
 
 from gt_pipeline import gates
 from gt_pipeline.assets.training import HYBRIDS, VARIANTS, load_trained, validation_batch
 from gt_pipeline.engine import metrics
 from gt_pipeline.gates import Band, GateResult, Verdict
 from gt_pipeline.resources import StoreResource
-from gt_pipeline.store import Artifact, ArtifactStore
+from gt_pipeline.store import Artifact, ArtifactStore, fingerprint, write_json_atomic
+from gt_pipeline.versions import code_version
+
+CHECKS_VERSION = code_version("gate_checks")
+
 
 CHECKS = {
     "g1_forward": ("G1: a forward pass on a real validation batch gives finite logits of the right shape", True),
@@ -76,32 +87,91 @@ def g35(model, shards: Artifact, device: str) -> GateResult:
     return GateResult("g3_5_state_health", Verdict.worst(verdicts), h["state_cosine"], detail)
 
 
-def to_check_result(asset_key: dg.AssetKey, r: GateResult) -> dg.AssetCheckResult:
+def _result_to_json(r: GateResult) -> dict[str, Any]:
+    return {"gate": r.gate, "verdict": r.verdict.value, "value": r.value, "detail": r.detail}
+
+
+def _result_from_json(d: dict[str, Any]) -> GateResult:
+    return GateResult(d["gate"], Verdict(d["verdict"]), d["value"], d["detail"])
+
+
+def gate_results(store: ArtifactStore, art: Artifact, variant: str, *, device: str = "cpu", force: bool = False,
+                 run_id: str | None = None, say: Callable[[str], None] | None = None) -> tuple[list[GateResult], dict]:
+    """The five gates of one checkpoint, measured once per (checkpoint, check code, device) and stored.
+
+    Returns (results, provenance) where provenance says whether they were reused and which run measured
+    them. `force` re-measures unless this same run (`run_id`) already did: one measurement serves every
+    check of a forced run.
+    """
+    fp = fingerprint("gate_checks", CHECKS_VERSION, {"variant": variant, "device": device}, {art.asset: art.fingerprint})
+    existing = store.get("gate_checks", fp)
+    same_run = existing is not None and run_id is not None and existing.metadata.get("run_id") == run_id
+
+    def build(d):
+        results = evaluate_gates(store, art, variant, device=device)
+        write_json_atomic(d / "results.json", [_result_to_json(r) for r in results])
+        return {"run_id": run_id, "checkpoint": art.asset, "checkpoint_fingerprint": art.fingerprint,
+                "check_code_version": CHECKS_VERSION}
+
+    res = store.build("gate_checks", fp, build, inputs={art.asset: art.fingerprint}, force=force and not same_run,
+                      on_event=say)
+    results = [_result_from_json(d) for d in json.loads(res.artifact.file("results.json").read_text())]
+    prov = {"reused": res.cache_hit, "measured_in_run": str(res.artifact.metadata.get("run_id")),
+            "check_code_version": CHECKS_VERSION, "checkpoint_fingerprint": art.fingerprint}
+    return results, prov
+
+
+def to_check_result(asset_key: dg.AssetKey, r: GateResult, extra: dict[str, Any] | None = None) -> dg.AssetCheckResult:
     meta = {k: (v if isinstance(v, (int, float, str, bool)) else dg.MetadataValue.json(v))
-            for k, v in r.as_metadata().items() if v is not None}
+            for k, v in {**r.as_metadata(), **(extra or {})}.items() if v is not None}
     if r.verdict is Verdict.PASS:
         return dg.AssetCheckResult(asset_key=asset_key, check_name=r.gate, passed=True, metadata=meta)
     severity = dg.AssetCheckSeverity.WARN if r.verdict is Verdict.WARN else dg.AssetCheckSeverity.ERROR
     return dg.AssetCheckResult(asset_key=asset_key, check_name=r.gate, passed=False, severity=severity, metadata=meta)
 
 
-def build_gate_checks(variant: str) -> dg.AssetChecksDefinition:
+class GateCheckConfig(dg.Config):
+    force: bool = Field(default=False, description="Re-measure even when results for this checkpoint and check "
+                        "code are stored (the re-validation schedule sets it)")
+
+
+def build_gate_check(variant: str, name: str) -> dg.AssetChecksDefinition:
     key = dg.AssetKey(f"trained_{variant}")
-    specs = [dg.AssetCheckSpec(name, asset=key, description=desc, blocking=blocking)
-             for name, (desc, blocking) in CHECKS.items()
-             if name != "g4_component_balance" or variant in HYBRIDS]
+    desc, blocking = CHECKS[name]
 
-    @dg.multi_asset_check(specs=specs, name=f"gates_trained_{variant}")
-    def _gates(context: dg.AssetCheckExecutionContext, store: StoreResource) -> Iterator[dg.AssetCheckResult]:
-        st = store.get()
-        art = st.latest(key.path[-1])
-        context.log.info(f"evaluating gates on {art.asset} {art.fingerprint}")
-        for r in evaluate_gates(st, art, variant):
-            if r.verdict is Verdict.NOT_APPLICABLE and r.gate == "g4_component_balance":
-                continue
-            yield to_check_result(key, r)
+    @dg.asset_check(asset=key, name=name, description=desc, blocking=blocking)
+    def _check(context: dg.AssetCheckExecutionContext, config: GateCheckConfig, store: StoreResource,
+               checkpoint: Artifact) -> dg.AssetCheckResult:
+        results, prov = gate_results(store.get(), checkpoint, variant, force=config.force, run_id=context.run.run_id,
+                                     say=context.log.warning)
+        context.log.info(f"{name} on {checkpoint.asset} {checkpoint.fingerprint}: "
+                         + ("reused stored results" if prov["reused"] else "measured"))
+        (r,) = [r for r in results if r.gate == name]
+        return to_check_result(key, r, {"fingerprint": checkpoint.fingerprint, **prov})
 
-    return _gates
+    return _check
 
 
-gate_checks = [build_gate_checks(v) for v in VARIANTS]
+def check_names(variant: str) -> list[str]:
+    return [n for n in CHECKS if n != "g4_component_balance" or variant in HYBRIDS]
+
+
+gate_checks = [build_gate_check(v, n) for v in VARIANTS for n in check_names(v)]
+
+
+@dg.asset_check(asset="gate_report", name="gate_report_no_failures",
+                description="Every row of gate_report (gates, S-tests, graduation) passes or warns; a `fail` row "
+                "fails this check with ERROR severity and names the rows.")
+def gate_report_no_failures(gate_report: Artifact) -> dg.AssetCheckResult:
+    rows = json.loads(gate_report.file("report.json").read_text())["rows"]
+    failing = [r["check"] for r in rows if r["verdict"] == "fail"]
+    warning = [r["check"] for r in rows if r["verdict"] == "warn"]
+    meta = {"fingerprint": gate_report.fingerprint, "checks_fail": len(failing), "checks_warn": len(warning),
+            "failing": ", ".join(failing) or "none", "warning": ", ".join(warning) or "none"}
+    if failing:
+        return dg.AssetCheckResult(passed=False, severity=dg.AssetCheckSeverity.ERROR, metadata=meta,
+                                   description=f"failing rows: {', '.join(failing)}")
+    return dg.AssetCheckResult(passed=True, metadata=meta)
+
+
+report_checks = [gate_report_no_failures]

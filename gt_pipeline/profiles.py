@@ -1,17 +1,27 @@
 """Run profiles: the one place where `full` and `demo` differ.
 
-`GT_PROFILE` picks one (read once, in `gt_pipeline.definitions`); every asset config field left unset
-takes its value from the profile, and run config (`-c configs/*.yaml`) overrides single fields.
+The active profile is resolved once, when the definitions load (`active_profile`): `GT_PROFILE` if set,
+else the profile the artifact store was last materialized with (`$GT_HOME/PROFILE`, written by every
+asset), else `full`. So `make demo` followed by `make dev` (or a bare `dagster asset materialize`)
+on the same store stays on `demo` without anyone repeating it, and the UI, the Launchpad defaults
+and the CLI agree. Every asset config field left unset takes its value from the profile; run config
+overrides single fields, or the whole profile (`resources: {profile: {config: {name: full}}}`).
 """
 
 from __future__ import annotations
 
+import os
+import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
 
 PROFILE_ENV = "GT_PROFILE"
 SOURCE_ENV = "GT_DATA_SOURCE"
 WIKITEXT_DIR_ENV = "GT_WIKITEXT_DIR"
 HOME_ENV = "GT_HOME"
+PROFILE_FILE = "PROFILE"  # in the store root: the profile its artifacts were last materialized with
+DEFAULT_PROFILE = "full"
 
 
 @dataclass(frozen=True)
@@ -96,3 +106,33 @@ def get_profile(name: str) -> Profile:
         raise ValueError(
             f"{PROFILE_ENV}={name!r} is not a profile; choose one of {sorted(PROFILES)}"
         ) from None
+
+
+def stored_profile(home: str | os.PathLike[str]) -> str | None:
+    """The profile recorded in the store at `home`, None if it has none (a new store)."""
+    p = Path(home) / PROFILE_FILE
+    if not p.is_file():
+        return None
+    name = p.read_text().strip()
+    get_profile(name)  # a hand-edited file with a bad name fails here, naming the choices
+    return name
+
+
+def active_profile(environ: Mapping[str, str], home: str | os.PathLike[str]) -> tuple[Profile, str]:
+    """(profile, why): GT_PROFILE, else the store's recorded profile, else `full`."""
+    if environ.get(PROFILE_ENV):
+        return get_profile(environ[PROFILE_ENV]), f"{PROFILE_ENV}={environ[PROFILE_ENV]}"
+    stored = stored_profile(home)
+    if stored is not None:
+        return get_profile(stored), f"the store's profile ({Path(home) / PROFILE_FILE})"
+    return get_profile(DEFAULT_PROFILE), f"default ({PROFILE_ENV} unset, no {PROFILE_FILE} in {home})"
+
+
+def record_store_profile(home: str | os.PathLike[str], name: str) -> None:
+    """Remember `name` as the store's profile (atomic; a no-op when it is already recorded)."""
+    p = Path(home) / PROFILE_FILE
+    if p.is_file() and p.read_text().strip() == name:
+        return
+    tmp = p.with_name(f".{PROFILE_FILE}.{uuid.uuid4().hex[:8]}")
+    tmp.write_text(name + "\n")
+    os.replace(tmp, p)

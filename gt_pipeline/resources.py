@@ -15,7 +15,7 @@ import dagster as dg
 from pydantic import Field
 
 import data
-from gt_pipeline.profiles import HOME_ENV, PROFILE_ENV, SOURCE_ENV, WIKITEXT_DIR_ENV, Profile, get_profile
+from gt_pipeline.profiles import HOME_ENV, SOURCE_ENV, WIKITEXT_DIR_ENV, Profile, active_profile, get_profile
 from gt_pipeline.store import Artifact, ArtifactStore
 
 DEFAULT_HOME = ".gt"
@@ -34,7 +34,8 @@ class StoreResource(dg.ConfigurableResource):
 class ProfileResource(dg.ConfigurableResource):
     """The run profile (`GT_PROFILE`): defaults for every config field left unset."""
 
-    name: str = Field(default="full", description="`full` (WikiText-103, 5M models) or `demo` (tiny, CPU)")
+    name: str = Field(default="full", description="`full` (WikiText-103, 5M models) or `demo` (tiny, CPU); the "
+                      "default shown is the profile active when the code location loaded")
 
     def get(self) -> Profile:
         return get_profile(self.name)
@@ -102,12 +103,51 @@ class DemoWikiTextSource(WikiTextSource):
         return data.write_raw_corpus("demo", out_dir, demo_seed=self.seed, demo_size_mb=self.size_mb)
 
 
-class ArtifactIOManager(dg.ConfigurableIOManager):
-    """Passes `Artifact` handles between assets through the store's LATEST pointers.
+def recorded_fingerprint(instance: dg.DagsterInstance, run_id: str | None, key: dg.AssetKey,
+                         step_context: Any = None) -> tuple[str | None, str]:
+    """The fingerprint (data version) of `key` that a step of run `run_id` belongs to, and where it came from.
 
-    Outputs are already published by the store when the asset returns, so storing is a no-op; loading
-    follows `<asset>/LATEST.json`, which works without the Dagster database (a CLI run without
-    DAGSTER_HOME uses a throw-away instance).
+    In order: the materialization of `key` in this run (a chain run binds every step to what it built);
+    else the input data version Dagster records for this step's provenance (the latest materialization
+    when the step started; for a check, the materialization it is attached to); else None (an instance
+    that never saw `key`, e.g. a CLI run without DAGSTER_HOME).
+    """
+    if run_id is not None:
+        conn = instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION, ascending=False)
+        for rec in conn.records:
+            ev = rec.event_log_entry.dagster_event
+            if ev is not None and ev.asset_key == key:
+                fp = _data_version(rec.event_log_entry)
+                if fp:
+                    return fp, f"materialized in this run ({run_id[:8]})"
+    info = None
+    if step_context is not None:
+        info = step_context.maybe_fetch_and_get_input_asset_version_info(key)
+    if info is not None and info.data_version is not None:
+        return info.data_version.value, f"recorded materialization of run {info.run_id[:8]}"
+    entry = instance.get_latest_materialization_event(key)
+    if entry is not None and _data_version(entry):
+        return _data_version(entry), f"latest materialization (run {entry.run_id[:8]})"
+    return None, "no materialization recorded in this Dagster instance"
+
+
+def _data_version(entry) -> str | None:
+    mat = entry.asset_materialization
+    if mat is None:
+        return None
+    fp = mat.tags.get("dagster/data_version") if mat.tags else None
+    if not fp and "fingerprint" in mat.metadata:
+        fp = mat.metadata["fingerprint"].value
+    return fp
+
+
+class ArtifactIOManager(dg.ConfigurableIOManager):
+    """Passes `Artifact` handles between assets and checks, resolved through lineage.
+
+    Outputs are already published by the store when the asset returns, so storing only validates.
+    Loading an input binds the step to the exact upstream fingerprint it belongs to (see
+    `recorded_fingerprint`). Only when the Dagster instance has no record of the upstream (a CLI run
+    without DAGSTER_HOME uses a throw-away instance) does it follow `<asset>/LATEST.json`, and it says so.
     """
 
     root: str = Field(description="Artifact store root (same as the `store` resource)")
@@ -117,8 +157,29 @@ class ArtifactIOManager(dg.ConfigurableIOManager):
             raise TypeError(f"{context.asset_key.to_user_string()} returned {type(obj).__name__}, expected an Artifact")
 
     def load_input(self, context: dg.InputContext) -> Artifact:
-        asset = context.upstream_output.asset_key.path[-1]
-        return ArtifactStore(self.root).latest(asset)
+        key = context.asset_key
+        asset = key.path[-1]
+        store = ArtifactStore(self.root)
+        instance = step = None
+        try:  # both are absent when the context was built outside a run (build_input_context)
+            instance = context.instance
+            step = context.step_context
+        except dg.DagsterInvariantViolationError:
+            pass
+        fp, how = (None, "no Dagster instance") if instance is None else \
+            recorded_fingerprint(instance, step.run_id if step is not None else None, key, step)
+        if fp is None:
+            art = store.latest(asset)
+            context.log.info(f"{asset}: {how}; following LATEST.json -> {art.fingerprint}")
+            return art
+        art = store.get(asset, fp)
+        if art is None:
+            raise FileNotFoundError(
+                f"{asset} {fp} ({how}) is not in the artifact store {store.root}: it was removed, or this run "
+                f"uses another GT_HOME than the one that built it; re-materialize {asset} (e.g. `--select +{asset}`)"
+            )
+        context.log.info(f"{asset}: {fp} ({how})")
+        return art
 
 
 def make_source(name: str, profile: Profile, environ: Mapping[str, str]) -> WikiTextSource:
@@ -132,10 +193,11 @@ def make_source(name: str, profile: Profile, environ: Mapping[str, str]) -> Wiki
 
 
 def resources_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """Build every resource from the environment (GT_PROFILE, GT_DATA_SOURCE, GT_WIKITEXT_DIR, GT_HOME)."""
+    """Build every resource from the environment (GT_PROFILE, GT_DATA_SOURCE, GT_WIKITEXT_DIR, GT_HOME) and the
+    store's recorded profile (see `gt_pipeline.profiles.active_profile`)."""
     env = os.environ if environ is None else environ
-    profile = get_profile(env.get(PROFILE_ENV, "full"))
     root = str(Path(env.get(HOME_ENV, DEFAULT_HOME)).expanduser().resolve())
+    profile, _ = active_profile(env, root)
     return {
         "store": StoreResource(root=root),
         "profile": ProfileResource(name=profile.name),

@@ -7,7 +7,12 @@ Layout under the store root (``$GT_HOME``, default ``./.gt``)::
     <asset>/<fingerprint>.work/       scratch that survives a crash (training checkpoints), for resume
     <asset>/.tmp-<fingerprint>-<id>/  a build in progress; never read, removed by the next builder
     <asset>/.quarantine/              corrupt directories moved aside (kept for inspection, never used)
-    <asset>/LATEST.json               pointer to the newest published fingerprint
+    <asset>/LATEST.json               pointer to the fingerprint of the newest successful build
+
+LATEST is a convenience for people and for runs that have no lineage to follow (a CLI run without
+DAGSTER_HOME): it moves when a build publishes a directory, never on a cache hit, so a run that hits
+an older fingerprint cannot move it back. Runs with a Dagster instance resolve their inputs through
+the recorded data versions instead (`gt_pipeline.resources.ArtifactIOManager`).
 
 A directory counts only if its ``manifest.json`` lists the sha256 and size of every file in it and the
 files match. The fingerprint is a hash of the asset's code version, its resolved config, its upstream
@@ -17,8 +22,12 @@ data version. This module knows nothing about Dagster.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
 import socket
@@ -32,6 +41,27 @@ from filelock import FileLock
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
+log = logging.getLogger(__name__)
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def exchange_dirs(a: Path, b: Path) -> bool:
+    """Atomically swap two paths with renameat2(RENAME_EXCHANGE); False where the OS or filesystem lacks it."""
+    libc_name = ctypes.util.find_library("c")
+    if libc_name is None:
+        return False
+    libc = ctypes.CDLL(libc_name, use_errno=True)
+    fn = getattr(libc, "renameat2", None)
+    if fn is None:
+        return False
+    rc = fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, f"renameat2({a}, {b}, RENAME_EXCHANGE): {os.strerror(err)}")
 
 
 def sha256_file(path: Path) -> str:
@@ -166,7 +196,11 @@ class ArtifactStore:
         """The verified artifact, None if absent; raises CorruptArtifactError if present but broken."""
         path = self.path_for(asset, fp)
         if not path.exists():
-            return None
+            # A forced rebuild on a filesystem without RENAME_EXCHANGE replaces the directory with two
+            # renames; a reader landing between them looks again once.
+            time.sleep(0.05)
+            if not path.exists():
+                return None
         return Artifact(asset, fp, path, verify_dir(path))
 
     def latest(self, asset: str) -> Artifact:
@@ -211,14 +245,16 @@ class ArtifactStore:
         quarantined = None
         with self.lock(asset, fp):
             final = self.path_for(asset, fp)
+            replacing = False
             if final.exists():
                 if force:
-                    quarantined = self._quarantine(final, "force=True rebuild")
-                    say(f"force rebuild: moved the existing {asset}/{fp} to {quarantined}")
+                    replacing = True
+                    say(f"force rebuild of {asset}/{fp}: the published copy stays in place until the new one is built")
                 else:
                     try:
                         art = Artifact(asset, fp, final, verify_dir(final))
-                        self.set_latest(art)
+                        if not (self.asset_dir(asset) / "LATEST.json").is_file():
+                            self.set_latest(art)  # a store without a pointer gets one; a hit never moves it
                         return BuildResult(art, True, time.perf_counter() - t0)
                     except CorruptArtifactError as exc:
                         quarantined = self._quarantine(final, str(exc))
@@ -231,9 +267,16 @@ class ArtifactStore:
                 metadata = dict(builder(tmp) or {})
                 metadata.setdefault("build_s", round(time.perf_counter() - t_build, 3))
                 manifest = self._write_manifest(tmp, asset, fp, metadata, inputs or {})
-                os.replace(tmp, final)
-            except BaseException:
+                if replacing:
+                    quarantined = self._replace(tmp, final, say)
+                else:
+                    os.replace(tmp, final)
+            except BaseException as exc:
                 shutil.rmtree(tmp, ignore_errors=True)
+                if replacing and final.exists():
+                    note = f"the rebuild of {asset}/{fp} failed; the published copy at {final} is unchanged"
+                    exc.add_note(note)
+                    say(note)
                 raise
             art = Artifact(asset, fp, final, manifest)
             self.set_latest(art)
@@ -241,6 +284,20 @@ class ArtifactStore:
         if work.exists():
             shutil.rmtree(work, ignore_errors=True)
         return BuildResult(art, False, time.perf_counter() - t0, quarantined)
+
+    def _replace(self, new: Path, final: Path, say: Callable[[str], None]) -> Path:
+        """Publish `new` at `final` (which exists) and return where the replaced copy was kept."""
+        if exchange_dirs(new, final):  # one atomic step: readers see the old or the new directory
+            old = new
+        else:
+            msg = (f"renameat2(RENAME_EXCHANGE) unavailable under {final.parent}: replacing {final.name} with two "
+                   "renames (readers retry once across the gap)")
+            log.warning(msg)
+            say(msg)
+            old = final.with_name(f".old-{final.name}-{uuid.uuid4().hex[:8]}")
+            os.replace(final, old)
+            os.replace(new, final)
+        return self._quarantine(old, "replaced by a forced rebuild", name=final.name)
 
     def _write_manifest(self, d: Path, asset: str, fp: str, metadata: dict, inputs: dict) -> dict:
         files = {}
@@ -260,10 +317,10 @@ class ArtifactStore:
         write_json_atomic(d / MANIFEST, manifest)  # last: the directory counts only from here on
         return manifest
 
-    def _quarantine(self, path: Path, reason: str) -> Path:
+    def _quarantine(self, path: Path, reason: str, name: str | None = None) -> Path:
         qdir = path.parent / ".quarantine"
         qdir.mkdir(exist_ok=True)
-        dest = qdir / f"{path.name}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:4]}"
+        dest = qdir / f"{name or path.name}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:4]}"
         os.replace(path, dest)
         (dest.parent / f"{dest.name}.reason.txt").write_text(reason + "\n")
         return dest

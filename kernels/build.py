@@ -2,8 +2,12 @@
 
 Build directory: `${GT_KERNEL_CACHE:-~/.cache/groundthink/kernels}/<backend>-<key>/`, where key hashes
 the sources and build flags, the torch version, the CUDA version torch was built with, the Python
-ABI and the target arch (GPU compute capability, or the CPU's instruction-set flags since the CPU
-build uses -march=native). A rebuild happens only when one of those changes. A file lock beside the
+ABI, the target arch (GPU compute capability, or the CPU's instruction-set flags since the CPU
+build uses -march=native) and the directory of the torch install whose headers it compiles against.
+The sources are copied into `<build dir>/src/` and compiled from there, so the build files name
+only paths inside the build directory: two checkouts with the same sources (and venvs with the
+same torch install) share one build and never recompile each other's. A rebuild happens only when
+one of those inputs changes. A file lock beside the
 directory keeps two processes from compiling into it at once; `build_info.json` is written last,
 so its presence means "this directory holds a finished build".
 
@@ -167,10 +171,31 @@ def _env(**kv: str):
                 os.environ[k] = v
 
 
+def _stage_sources(backend: str, src_dir: Path) -> None:
+    """Copy the backend's sources into the build directory, rewriting only files whose bytes differ
+    (an unchanged mtime keeps ninja from rebuilding)."""
+    src_dir.mkdir(parents=True, exist_ok=True)
+    for name in SOURCES[backend]:
+        data = (CSRC / name).read_bytes()
+        dest = src_dir / name
+        if dest.is_file() and dest.read_bytes() == data:
+            continue
+        tmp = dest.with_name(f".{name}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, dest)
+
+
+def _build_key(fp: dict) -> str:
+    """The build directory's key: the toolchain fingerprint plus the torch install compiled against."""
+    return _fingerprint_key({**fp, "torch_dir": str(Path(torch.__file__).resolve().parent)})
+
+
 def _load(backend: str, name: str, build_dir: Path):
     from torch.utils.cpp_extension import load
 
-    sources = [str(CSRC / s) for s in SOURCES[backend]]
+    src_dir = build_dir / "src"
+    _stage_sources(backend, src_dir)
+    sources = [str(src_dir / s) for s in SOURCES[backend]]
     if backend == "cpu":
         return load(name=name, sources=sources, build_directory=str(build_dir),
                     extra_cflags=list(CPU_CFLAGS), extra_ldflags=list(CPU_LDFLAGS), verbose=False)
@@ -191,7 +216,7 @@ def build_extension(device: str = "auto") -> dict:
 
     backend = resolve_backend(device)
     fp = toolchain_fingerprint(backend)
-    key = _fingerprint_key(fp)
+    key = _build_key(fp)
     root = cache_root()
     build_dir = root / f"{backend}-{key}"
     build_dir.mkdir(parents=True, exist_ok=True)

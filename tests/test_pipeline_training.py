@@ -25,7 +25,7 @@ from gt_pipeline.schedules import make_revalidation_schedule
 REPO = Path(__file__).resolve().parents[1]
 ALL = [data_assets.wikitext103_raw, data_assets.bpe_tokenizer, data_assets.token_shards, kernel_assets.wkv6_kernel,
        *trained_assets, report_assets.gate_report, report_assets.ablation_report, report_assets.long_context_report,
-       *checks.gate_checks]
+       *checks.gate_checks, *checks.report_checks]
 TRAIN = {"steps": 24, "eval_every": 8, "checkpoint_every": 8, "batch_size": 4}
 TRAIN_CONFIG = {"ops": {"bpe_tokenizer": {"config": {"vocab_size": 1024}}, "trained_gf_mh": {"config": TRAIN}}}
 RUN_CONFIG = {"ops": {**TRAIN_CONFIG["ops"], "gate_report": {"config": {"overfit_steps": 40}}}}
@@ -92,8 +92,9 @@ def test_cached_rematerialization_does_not_train_again(chain):
 def test_blocking_g3_failure_stops_the_reports(chain, monkeypatch):
     home, _ = chain
     monkeypatch.setattr(checks.gates, "g3_verdict", lambda *a: (Verdict.FAIL, {"loss_down": False}))
-    res = materialize(home, ["gate_report"], run_config={"ops": {**TRAIN_CONFIG["ops"],
-                                                                 "gate_report": {"config": {"force": True}}}})
+    res = materialize(home, ["gate_report"], run_config={"ops": {
+        **TRAIN_CONFIG["ops"], "gate_report": {"config": {"force": True}},
+        "trained_gf_mh_g3_training_health": {"config": {"force": True}}}})
     assert not res.success
     (g3,) = [e for e in res.get_asset_check_evaluations()
              if e.check_name == "g3_training_health" and e.asset_key.to_user_string() == "trained_gf_mh"]
@@ -113,7 +114,8 @@ def test_verdicts_map_to_check_results(verdict, passed, severity):
 
 
 def test_g4_is_not_applicable_for_single_mixer_baselines():
-    spec_names = lambda v: {s.name for s in checks.build_gate_checks(v).check_specs}  # noqa: E731
+    spec_names = lambda v: {c.check_key.name for c in checks.gate_checks  # noqa: E731
+                            if c.check_key.asset_key.to_user_string() == f"trained_{v}"}
     assert "g4_component_balance" in spec_names("gf_mh")
     assert "g4_component_balance" not in spec_names("gpt")
     assert "g1_forward" in spec_names("gpt")
@@ -158,7 +160,7 @@ def test_revalidation_rerun_recomputes_reports_without_training(chain):
     home, first = chain
     from gt_pipeline.schedules import REPORTS, revalidation_run_config
 
-    rc = revalidation_run_config().to_config_dict()
+    rc = revalidation_run_config(["gf_mh"]).to_config_dict()
     rc["ops"]["gate_report"]["config"]["overfit_steps"] = 40
     sel = dg.AssetSelection.assets(*REPORTS) | dg.AssetSelection.checks_for_assets("trained_gf_mh")
     res = dg.materialize(ALL, selection=sel, resources=resources(home), run_config=rc,
@@ -260,3 +262,119 @@ def test_training_config_maps_compile_mode_and_mamba_backend_and_keeps_defaults_
     assert TrainingConfig(wkv6_impl="sequential").resolve("gf_mh", demo, 512).model_overrides == {"wkv6_impl": "sequential"}
     with pytest.raises(ValueError, match="wkv6_impl"):
         TrainingConfig(wkv6_impl="fastest").resolve("gf_mh", demo, 512)
+
+
+def test_cached_chain_run_trains_compiles_and_measures_nothing(chain):
+    """Issue 20: the same chain again, read back from the run's own events: every asset a cache hit, the
+    wkv6 extension neither compiled nor loaded, every gate check re-emitted from the stored results."""
+    from gt_pipeline.runinfo import summarize_run
+
+    home, first = chain
+    instance = dg.DagsterInstance.ephemeral()
+    sel = dg.AssetSelection.assets("trained_gf_mh", "gate_report").upstream()
+    res = dg.materialize(ALL, selection=sel, resources=resources(home), run_config=RUN_CONFIG, instance=instance,
+                         raise_on_error=False)
+    assert res.success
+    s = summarize_run(instance, res.run_id)
+    assert set(s.cache_hit) >= {"wikitext103_raw", "bpe_tokenizer", "token_shards", "wkv6_kernel", "trained_gf_mh",
+                                "gate_report"}
+    assert not s.built, s.built  # no training, no report recomputed
+    assert s.extension_loaded == {"wkv6_kernel": False}  # no compile, no load
+    assert len(s.check_reused) == 5 and not s.measured, s.check_reused  # the five gates, re-emitted
+    assert "gate_report:gate_report_no_failures" in s.check_fingerprint  # reads the stored report.json
+    assert s.everything_cached
+    assert s.fingerprints["trained_gf_mh"] == meta(first, "trained_gf_mh")["fingerprint"]
+    assert set(s.check_fingerprint.values()) >= {s.fingerprints["trained_gf_mh"]}
+
+
+def test_checks_run_alone_against_the_attached_materialization(chain):
+    """Issue 15 item 5: the gate checks execute without materializing anything and evaluate the checkpoint
+    of the materialization they are attached to (the instance's record), not LATEST."""
+    from gt_pipeline.store import ArtifactStore
+
+    home, first = chain
+    fp = meta(first, "trained_gf_mh")["fingerprint"]
+    instance = dg.DagsterInstance.ephemeral()
+    instance.report_runless_asset_event(dg.AssetMaterialization("trained_gf_mh", tags={"dagster/data_version": fp}))
+    latest = home / "trained_gf_mh" / "LATEST.json"
+    saved = latest.read_text()
+    latest.write_text(json.dumps({"asset": "trained_gf_mh", "fingerprint": "0000000000000000"}))  # a decoy
+    try:
+        res = dg.materialize(ALL, selection=dg.AssetSelection.checks_for_assets("trained_gf_mh"),
+                             resources=resources(home), instance=instance, raise_on_error=False)
+    finally:
+        latest.write_text(saved)
+    assert res.success and not res.get_asset_materialization_events()
+    evals = res.get_asset_check_evaluations()
+    assert {e.check_name for e in evals} == set(checks.check_names("gf_mh"))
+    assert {e.metadata["fingerprint"].value for e in evals} == {fp}
+    assert ArtifactStore(home).get("trained_gf_mh", fp) is not None
+
+
+def test_gate_report_failures_show_as_a_failing_check(tmp_path):
+    from gt_pipeline.store import ArtifactStore, write_json_atomic
+
+    rows = [{"check": "g1_forward", "verdict": "pass"}, {"check": "S2", "verdict": "fail"},
+            {"check": "S4", "verdict": "fail"}, {"check": "g4_component_balance", "verdict": "warn"}]
+    art = ArtifactStore(tmp_path).build("gate_report", "fp", lambda d: write_json_atomic(d / "report.json",
+                                                                                      {"rows": rows}) or {}).artifact
+    r = checks.gate_report_no_failures(art)
+    assert r.passed is False and r.severity == dg.AssetCheckSeverity.ERROR
+    assert r.metadata["failing"].value == "S2, S4" and r.metadata["checks_fail"].value == 2
+    rows = [r for r in rows if r["verdict"] != "fail"]
+    art = ArtifactStore(tmp_path).build("gate_report", "fp2", lambda d: write_json_atomic(d / "report.json",
+                                                                                       {"rows": rows}) or {}).artifact
+    assert checks.gate_report_no_failures(art).passed
+
+
+@pytest.mark.slow
+def test_concurrent_cli_materializations_are_each_bound_to_their_own_checkpoint(chain, tmp_path):
+    """Issue 15 item 6: two `dagster asset materialize` processes on one store and one Dagster instance at
+    once, with different training settings (seed). No torn directory; every check and gate_report of a
+    run evaluates that run's own checkpoint, although both materialize trained_gf_mh at the same time.
+    (Same settings at once: one builds, the other waits on the lock and hits; test_store covers it.)"""
+    from gt_pipeline.runinfo import summarize_run
+    from gt_pipeline.store import verify_dir
+
+    home, _ = chain
+    dhome = tmp_path / "dagster_home"
+    dhome.mkdir()
+    instance = dg.DagsterInstance.local_temp(str(dhome))
+    # record the data chain's materializations (all cache hits) so the CLI runs resolve them by lineage
+    pre = dg.materialize(ALL, selection=dg.AssetSelection.assets("token_shards", "wkv6_kernel").upstream(),
+                         resources=resources(home), run_config={"ops": {"bpe_tokenizer": TRAIN_CONFIG["ops"]["bpe_tokenizer"]}},
+                         instance=instance)
+    assert pre.success
+    dagster = str(Path(sys.executable).with_name("dagster"))
+    procs = []
+    for i, seed in enumerate((11, 12)):
+        cfg = tmp_path / f"cfg{i}.yaml"
+        small = {**TRAIN, "steps": 8, "eval_every": 4, "checkpoint_every": 4, "batch_size": 2, "seed": seed}
+        cfg.write_text(json.dumps({"ops": {"trained_gf_mh": {"config": small},
+                                           "gate_report": {"config": {"overfit_steps": 10}}}}))
+        env = {**os.environ, "GT_PROFILE": "demo", "GT_HOME": str(home), "DAGSTER_HOME": str(dhome),
+               "PYTHONPATH": str(REPO), "DAGSTER_MODULE_NAME": "gt_pipeline.definitions"}
+        procs.append(subprocess.Popen([dagster, "asset", "materialize", "--select", "trained_gf_mh,gate_report",
+                                       "-c", str(cfg)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=1500)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-4000:]
+    runs = [r for r in instance.get_runs() if "trained_gf_mh" in r.run_config.get("ops", {})]
+    assert len(runs) == 2
+    by_seed: dict[int, list] = {}
+    for run in runs:
+        s = summarize_run(instance, run.run_id)
+        fp = s.fingerprints["trained_gf_mh"]
+        by_seed.setdefault(run.run_config["ops"]["trained_gf_mh"]["config"]["seed"], []).append((s, fp))
+        assert len(s.check_fingerprint) == 6
+        gate_checks = {k: v for k, v in s.check_fingerprint.items() if k.startswith("trained_gf_mh:")}
+        assert set(gate_checks.values()) == {fp}, (fp, gate_checks)
+        report = json.loads((home / "gate_report" / s.fingerprints["gate_report"] / "report.json").read_text())
+        assert report["provenance"]["checkpoint_fingerprint"] == fp
+        assert s.check_fingerprint["gate_report:gate_report_no_failures"] == s.fingerprints["gate_report"]
+        verify_dir(home / "trained_gf_mh" / fp)
+    ((a, fa),), ((b, fb),) = by_seed[11], by_seed[12]
+    assert fa != fb and a.fingerprints["gate_report"] != b.fingerprints["gate_report"]
+    assert not a.cache_hit["trained_gf_mh"] and not b.cache_hit["trained_gf_mh"]  # both trained, at once
+    assert not list((home / "trained_gf_mh").glob(".tmp-*"))

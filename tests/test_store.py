@@ -103,12 +103,58 @@ def test_half_written_temp_dir_from_a_crash_is_ignored_and_cleaned(tmp_path):
     assert not r.cache_hit and not crashed.exists()
 
 
-def test_force_rebuilds_and_keeps_old_copy(tmp_path):
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two_renames"])
+def test_force_rebuilds_and_keeps_old_copy(tmp_path, monkeypatch, exchange):
+    import gt_pipeline.store as store_mod
+
+    if not exchange:  # a filesystem without RENAME_EXCHANGE: the two-rename path must give the same result
+        monkeypatch.setattr(store_mod, "exchange_dirs", lambda a, b: False)
     store = ArtifactStore(tmp_path)
     store.build("asset", "fp1", write_payload)
-    r = store.build("asset", "fp1", lambda d: write_payload(d, "again"), force=True)
+    seen = []
+
+    def rebuild(d):
+        # while the new copy is being built, the published one is still there and verifies
+        seen.append((tmp_path / "asset" / "fp1" / "a.txt").read_text())
+        verify_dir(tmp_path / "asset" / "fp1")
+        return write_payload(d, "again")
+
+    r = store.build("asset", "fp1", rebuild, force=True)
+    assert seen == ["hello"]
     assert not r.cache_hit and (r.artifact.path / "a.txt").read_text() == "again"
+    verify_dir(r.artifact.path)
     assert r.quarantined is not None and (r.quarantined / "a.txt").read_text() == "hello"
+    assert not list((tmp_path / "asset").glob(".tmp-*")) and not list((tmp_path / "asset").glob(".old-*"))
+
+
+def test_failed_forced_rebuild_keeps_the_published_copy_and_says_so(tmp_path):
+    store = ArtifactStore(tmp_path)
+    good = store.build("asset", "fp1", write_payload).artifact
+    events = []
+
+    def broken(d):
+        (d / "a.txt").write_text("half")
+        raise RuntimeError("evaluation crashed")
+
+    with pytest.raises(RuntimeError, match="evaluation crashed") as info:
+        store.build("asset", "fp1", broken, force=True, on_event=events.append)
+    assert any("published copy" in n and "unchanged" in n for n in info.value.__notes__)
+    assert any("unchanged" in e for e in events)
+    assert (good.path / "a.txt").read_text() == "hello"
+    verify_dir(good.path)
+    assert store.latest("asset").fingerprint == "fp1"
+
+
+def test_latest_moves_only_on_a_build_never_back_on_a_cache_hit(tmp_path):
+    store = ArtifactStore(tmp_path)
+    store.build("asset", "old", write_payload)
+    store.build("asset", "new", lambda d: write_payload(d, "new"))
+    assert store.latest("asset").fingerprint == "new"
+    r = store.build("asset", "old", write_payload)  # e.g. a sweep re-running an older setting
+    assert r.cache_hit and store.latest("asset").fingerprint == "new"
+    (tmp_path / "asset" / "LATEST.json").unlink()  # a store without a pointer gets one from a hit
+    store.build("asset", "old", write_payload)
+    assert store.latest("asset").fingerprint == "old"
 
 
 def test_latest_without_materialization_names_the_fix(tmp_path):

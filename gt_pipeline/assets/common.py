@@ -1,7 +1,8 @@
 """What every cached asset does at the end: turn a store BuildResult into a Dagster Output.
 
 The fingerprint is the Dagster data version (so the UI's staleness follows the cache key), and the
-builder's metrics are emitted again on cache hits so plots and checks stay populated.
+builder's metrics are emitted again on cache hits so plots and checks stay populated. The profile
+the run used is shown in the metadata and recorded as the store's profile ($GT_HOME/PROFILE).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any
 
 import dagster as dg
 
+from gt_pipeline.profiles import record_store_profile
 from gt_pipeline.store import Artifact, BuildResult
 
 OWNER = "team:groundthink"
@@ -28,6 +30,7 @@ def artifact_output(
     context: dg.AssetExecutionContext,
     result: BuildResult,
     *,
+    profile: str,
     headline: dict[str, Any] | None = None,
     preview_md: str | None = None,
 ) -> dg.Output[Artifact]:
@@ -44,7 +47,9 @@ def artifact_output(
         "path": dg.MetadataValue.path(str(art.path)),
         "wall_s": round(result.seconds, 3),
         "build_s": float(art.metadata.get("build_s", result.seconds)),
+        "profile": profile,
     }
+    record_store_profile(art.path.parents[1], profile)
     for k, v in (headline or {}).items():
         meta[k] = to_metadata_value(v)
     if preview_md:

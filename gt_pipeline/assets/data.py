@@ -15,11 +15,13 @@ import data
 from gt_pipeline.assets.common import OWNER, artifact_output, md_table
 from gt_pipeline.resources import ProfileResource, StoreResource, WikiTextSource
 from gt_pipeline.store import Artifact, fingerprint
+from gt_pipeline.versions import code_version
 
 GROUP = "data"
-RAW_VERSION = "raw-v1"
-BPE_VERSION = "bpe-v1"
-SHARDS_VERSION = "shards-v1"
+# Derived from the data library's sources (gt_pipeline.versions.DEPENDS)
+RAW_VERSION = code_version("wikitext103_raw")
+BPE_VERSION = code_version("bpe_tokenizer")
+SHARDS_VERSION = code_version("token_shards")
 
 
 class RawCorpusConfig(dg.Config):
@@ -46,7 +48,8 @@ class TokenShardsConfig(dg.Config):
     code_version=RAW_VERSION,
 )
 def wikitext103_raw(
-    context: dg.AssetExecutionContext, config: RawCorpusConfig, store: StoreResource, source: WikiTextSource
+    context: dg.AssetExecutionContext, config: RawCorpusConfig, profile: ProfileResource, store: StoreResource,
+    source: WikiTextSource,
 ) -> dg.Output[Artifact]:
     """Raw WikiText-103 text per split (train/validation/test) in the official wiki.*.raw format,
     from the configured source (GT_DATA_SOURCE = hf | local | demo). Articles keep their boundaries."""
@@ -62,7 +65,7 @@ def wikitext103_raw(
     sample = _first_lines(result.artifact.path / "train.txt", 12)
     preview = md_table(rows) + "\n\n**train.txt, first lines**\n\n```\n" + sample + "\n```"
     return artifact_output(
-        context, result,
+        context, result, profile=profile.name,
         headline={
             "bytes": sum(v["bytes"] for v in splits.values()),
             "documents": sum(v["documents"] for v in splits.values()),
@@ -108,7 +111,7 @@ def bpe_tokenizer(
     )
     meta = result.artifact.metadata
     return artifact_output(
-        context, result,
+        context, result, profile=prof.name,
         headline={"vocab_size": int(meta["vocab_size"]), "train_bytes": int(meta.get("train_bytes", 0)),
                   "eot_id": int(meta["eot_id"])},
         preview_md=_tokenizer_preview(result.artifact.path / "tokenizer.json", wikitext103_raw.path / "validation.txt"),
@@ -125,6 +128,7 @@ def bpe_tokenizer(
 def token_shards(
     context: dg.AssetExecutionContext,
     config: TokenShardsConfig,
+    profile: ProfileResource,
     store: StoreResource,
     wikitext103_raw: Artifact,
     bpe_tokenizer: Artifact,
@@ -157,7 +161,7 @@ def token_shards(
     total_tokens = sum(v["tokens"] for v in splits.values())
     total_bytes = sum(v["bytes"] for v in splits.values())
     return artifact_output(
-        context, result,
+        context, result, profile=profile.name,
         headline={
             "tokens": total_tokens,
             "train_tokens": splits["train"]["tokens"],

@@ -24,14 +24,15 @@ import models
 from gt_pipeline import gates
 from gt_pipeline.assets.common import OWNER, artifact_output, md_table
 from gt_pipeline.assets.training import VARIANTS, load_trained
-from gt_pipeline.checks import evaluate_gates
+from gt_pipeline.checks import gate_results
 from gt_pipeline.engine import evaluate
 from gt_pipeline.engine.train import resolve_device
 from gt_pipeline.resources import ProfileResource, StoreResource
 from gt_pipeline.store import Artifact, ArtifactStore, BuildResult, fingerprint, write_json_atomic
+from gt_pipeline.versions import code_version
 
 GROUP = "reports"
-REPORT_VERSION = "reports-v1"
+REPORT_VERSION = code_version("reports")  # evaluation, metrics, gates, this module, models
 SUBJECT = "trained_gf_mh"
 
 
@@ -62,6 +63,14 @@ def verdict_changes(before: dict[str, str], rows: list[dict[str, Any]]) -> list[
             if r["check"] in before and before[r["check"]] != r["verdict"]]
 
 
+def _short(v: Any, width: int = 48) -> Any:
+    """Keep a markdown cell narrow (the full value is in report.json / gate_report.csv)."""
+    if isinstance(v, float):
+        return v
+    text = str(v)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def _png_md(png: bytes, alt: str) -> str:
     return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"
 
@@ -87,8 +96,9 @@ def _build_report(context, name: str, cfg: ReportConfig, prof, st: ArtifactStore
                     force=cfg.force, on_event=context.log.warning)
 
 
-def _report_output(context, result: BuildResult, headline: dict[str, Any]) -> dg.Output[Artifact]:
-    return artifact_output(context, result, headline=headline, preview_md=result.artifact.file("report.md").read_text())
+def _report_output(context, result: BuildResult, headline: dict[str, Any], profile: str) -> dg.Output[Artifact]:
+    return artifact_output(context, result, profile=profile, headline=headline,
+                           preview_md=result.artifact.file("report.md").read_text())
 
 
 def _shards_of(store: ArtifactStore, ckpt: Artifact) -> Artifact:
@@ -97,6 +107,15 @@ def _shards_of(store: ArtifactStore, ckpt: Artifact) -> Artifact:
         raise FileNotFoundError(f"the token_shards {ckpt.inputs['token_shards']} that trained {ckpt.asset} are gone; "
                                 "re-materialize token_shards")
     return shards
+
+
+def _tokenizer_of(store: ArtifactStore, shards: Artifact) -> Artifact:
+    """The tokenizer that encoded `shards` (its manifest's inputs), whatever bpe_tokenizer is latest now."""
+    tok = store.get("bpe_tokenizer", shards.inputs["bpe_tokenizer"])
+    if tok is None:
+        raise FileNotFoundError(f"the bpe_tokenizer {shards.inputs['bpe_tokenizer']} that encoded token_shards "
+                                f"{shards.fingerprint} is gone; re-materialize bpe_tokenizer")
+    return tok
 
 
 REPORT_KW = dict(group_name=GROUP, kinds={"pandas", "pytorch"}, owners=[OWNER], tags={"stage": "reports"},
@@ -114,7 +133,8 @@ def gate_report(context: dg.AssetExecutionContext, config: ReportConfig, profile
 
     def build(d: Path) -> dict[str, Any]:
         rows = []
-        for r in evaluate_gates(st, ckpt, "gf_mh", device=str(dev)):
+        for r in gate_results(st, ckpt, "gf_mh", device=str(dev), run_id=context.run.run_id, force=config.force,
+                              say=context.log.warning)[0]:
             band = {k.removeprefix("band_"): v for k, v in r.detail.items() if k.startswith("band_")}
             rows.append({"check": r.gate, "value": r.value, "band": json.dumps(band) if band else "",
                          "verdict": r.verdict.value})
@@ -145,7 +165,8 @@ def gate_report(context: dg.AssetExecutionContext, config: ReportConfig, profile
         report = {"provenance": provenance(ckpt, wkv6_kernel), "rows": rows, "verdict_changes": changes}
         write_json_atomic(d / "report.json", report)
         _write_rows(d, "gate_report", rows)
-        md = md_table(rows)
+        md = md_table([{"verdict": r["verdict"].upper() if r["verdict"] == "fail" else r["verdict"], "check": r["check"],
+                        "value": _short(r["value"]), "band": _short(r["band"])} for r in rows])
         if changes:
             md = "**Verdict changed since the previous report:** " + "; ".join(changes) + "\n\n" + md
         (d / "report.md").write_text(md)
@@ -157,7 +178,7 @@ def gate_report(context: dg.AssetExecutionContext, config: ReportConfig, profile
     return _report_output(context, result, {
         "checks_pass": m["counts"]["pass"], "checks_warn": m["counts"]["warn"], "checks_fail": m["counts"]["fail"],
         "verdict_changed": bool(m["verdict_changes"]), "checkpoint_fingerprint": ckpt.fingerprint,
-    })
+    }, profile.name)
 
 
 @dg.asset(**REPORT_KW)
@@ -189,7 +210,7 @@ def ablation_report(context: dg.AssetExecutionContext, config: ReportConfig, pro
         return summary
 
     result = _build_report(context, "ablation_report", config, prof, st, ckpt, wkv6_kernel, build)
-    return _report_output(context, result, {k: float(v) for k, v in result.artifact.metadata.items()})
+    return _report_output(context, result, {k: float(v) for k, v in result.artifact.metadata.items()}, profile.name)
 
 
 @dg.asset(**REPORT_KW)
@@ -204,7 +225,8 @@ def long_context_report(context: dg.AssetExecutionContext, config: ReportConfig,
 
     def build(d: Path) -> dict[str, Any]:
         model, _ = load_trained(ckpt, str(dev))
-        val = data.TokenShards(_shards_of(st, ckpt).path, verify=False).split("validation")
+        shards = _shards_of(st, ckpt)
+        val = data.TokenShards(shards.path, verify=False).split("validation")
         fits = [n for n in rp.lc_lengths if rp.lc_seqs * (n + 1) <= len(val)]
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
@@ -212,7 +234,7 @@ def long_context_report(context: dg.AssetExecutionContext, config: ReportConfig,
         curve = evaluate.long_context_curve(model, val, fits, rp.lc_seqs, device=dev)
         peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else math.nan
         context.log.info(f"long-context curve up to {fits[-1]} tokens in {time.perf_counter() - t0:.1f}s")
-        tok = data.load_tokenizer(bpe_tokenizer.file("tokenizer.json"))
+        tok = data.load_tokenizer(_tokenizer_of(st, shards).file("tokenizer.json"))
         eot = tok.token_to_id(data.EOT_TOKEN)
         niah = evaluate.niah_grid(model, tok, val, data.demo.facts(), [n for n in rp.niah_lengths if n < len(val)],
                                   list(rp.niah_depths), rp.niah_trials, dev, eot)
@@ -238,7 +260,8 @@ def long_context_report(context: dg.AssetExecutionContext, config: ReportConfig,
         return summary
 
     result = _build_report(context, "long_context_report", config, prof, st, ckpt, wkv6_kernel, build)
-    return _report_output(context, result, {k: float(v) for k, v in result.artifact.metadata.items()})
+    return _report_output(context, result, {k: float(v) for k, v in result.artifact.metadata.items()}, profile.name)
+
 
 
 def variant_ranking(store: ArtifactStore) -> list[dict[str, Any]]:

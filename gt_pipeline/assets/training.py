@@ -32,9 +32,10 @@ from gt_pipeline.engine.train import (TrainConfig, eval_windows, format_log_row,
 from gt_pipeline.engine.worker import read_errors, torchrun_command
 from gt_pipeline.resources import ProfileResource, StoreResource
 from gt_pipeline.store import Artifact, fingerprint
+from gt_pipeline.versions import code_version
 
 GROUP = "training"
-TRAIN_VERSION = "train-v1"
+TRAIN_VERSION = code_version("trained")  # models/, the wkv6 wrapper, shard reading, the training engine
 
 # asset suffix -> registry name. Hybrids first; the last three are single-mixer baselines.
 VARIANTS: dict[str, str] = {
@@ -229,7 +230,7 @@ def build_trained_asset(variant: str) -> dg.AssetsDefinition:
                           on_event=context.log.warning)
         m = result.artifact.metadata
         return artifact_output(
-            context, result,
+            context, result, profile=profile.name,
             headline={
                 "final_train_loss": m["final_train_loss"], "final_val_loss": m["final_val_loss"],
                 "val_perplexity": m["val_perplexity"], "tokens_per_s": m["tokens_per_s"],
