@@ -225,7 +225,7 @@ def build_trained_asset(variant: str) -> dg.AssetsDefinition:
                 tracking.append(TrainingTracking(
                     context, st.root, config.experiment, config.run_name or f"{name}-{fp[:8]}",
                     params={**resolved, "world_size": world, "fingerprint": fp, **upstream},
-                    tags={"asset": name, "fingerprint": fp, "dagster_run_id": context.run_id},
+                    tags={"asset": name, "fingerprint": fp, "dagster_run_id": context.run.run_id},
                     probe=probe_batch(token_shards, cfg.seq_len), eval_every=cfg.eval_every, steps=cfg.steps))
             try:
                 out = build(d)
