@@ -79,7 +79,7 @@ def trained(tmp_path_factory):
 @pytest.mark.slow
 def test_materialization_shows_samples_of_held_out_prompts(trained):
     _, m = trained
-    md = m["preview"]
+    md = m["samples"]
     assert "**Samples** (held-out validation prompts; top-k 20, temperature 1.0, seed 0; stateful" in md
     assert md.count("\n> **") == 3
 

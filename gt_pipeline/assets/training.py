@@ -250,8 +250,9 @@ def build_trained_asset(variant: str) -> dg.AssetsDefinition:
                 "peak_memory_mb": m["peak_memory_mb"], "n_params": m["n_params"], "device": m["device"],
                 "steps": m["steps"], "resumed_from_step": m["resumed_from_step"] if not result.cache_hit else 0,
                 "world_size": m.get("world_size", 1), "global_batch_size": m.get("global_batch_size", cfg.batch_size * cfg.grad_accum),
+                "samples": dg.MetadataValue.md(samples_markdown(st, result.artifact, token_shards)),
             },
-            preview_md=training_markdown(result.artifact.path, m) + "\n\n" + samples_markdown(st, result.artifact, token_shards),
+            preview_md=training_markdown(result.artifact.path, m),
         )
 
     return _asset
