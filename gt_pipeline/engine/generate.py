@@ -159,7 +159,8 @@ def samples_markdown(rows: list[dict[str, str]], *, top_k: int, temperature: flo
                      stateful: bool) -> str:
     how = ("stateful, one token per call" if stateful else "full-context recompute per token (GPT has no state)")
     head = f"**Samples** (held-out validation prompts; top-k {top_k}, temperature {temperature}, seed {seed}; {how})\n\n"
-    body = "\n\n".join(f"> **{_md_escape(r['prompt'])}**{_md_escape(r['continuation'])}" for r in rows)
+    # the prompt in bold (markdown needs no space just inside the ** markers), then the continuation
+    body = "\n\n".join(f"> **{_md_escape(r['prompt']).strip()}** {_md_escape(r['continuation']).strip()}" for r in rows)
     return head + body
 
 
