@@ -28,14 +28,16 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e '.[dev]'
-	@# The project's environment: activating the venv exports what the dagster CLI needs. dagster 1.13's
-	@# `dagster dev` breaks when DAGSTER_MODULE_NAME is set (its webserver gets the variable and a
-	@# --workspace and refuses both), so `dagster dev` runs without it.
-	@grep -q 'groundthink-env-v2' $(VENV)/bin/activate || printf '%s\n' \
-	  '# groundthink-env-v2: dagster CLI settings' \
+	@# The project's environment: activating the venv exports what `dagster asset materialize` needs
+	@# (dg needs nothing: it reads pyproject.toml). dagster 1.13's webserver never comes up when
+	@# DAGSTER_MODULE_NAME is set next to the workspace that `dagster dev` and `dg dev` hand it (checked
+	@# with dg 1.13.27), so both dev commands run without the variable.
+	@grep -q 'groundthink-env-v3' $(VENV)/bin/activate || printf '%s\n' \
+	  '# groundthink-env-v3: dagster CLI settings' \
 	  'export DAGSTER_MODULE_NAME=gt_pipeline.definitions' \
 	  'export DAGSTER_HOME="$(CURDIR)/.dagster_home"' \
 	  'dagster() { if [ "$${1:-}" = dev ]; then env -u DAGSTER_MODULE_NAME dagster "$$@"; else command dagster "$$@"; fi; }' \
+	  'dg() { if [ "$${1:-}" = dev ]; then env -u DAGSTER_MODULE_NAME dg "$$@"; else command dg "$$@"; fi; }' \
 	  >> $(VENV)/bin/activate
 	touch $@
 

@@ -24,7 +24,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from data import EOT_TOKEN
 # Token ids are stored as uint16 in the shards. The project caps the vocabulary at 65535 (the same
@@ -97,7 +97,8 @@ def new_trainer(vocab_size: int, min_frequency: int):
 
 
 def train_bpe(text_files: list[Path], out_path: Path, *, vocab_size: int = 16000, min_frequency: int = 2,
-              chunk_bytes: int = 1 << 16, max_train_bytes: int | None = None) -> dict:
+              chunk_bytes: int = 1 << 16, max_train_bytes: int | None = None,
+              progress: Callable[[int, int], None] | None = None) -> dict:
     """Train a byte-level BPE on text_files (streamed in chunks) and write tokenizer.json atomically.
 
     Args:
@@ -108,6 +109,8 @@ def train_bpe(text_files: list[Path], out_path: Path, *, vocab_size: int = 16000
         chunk_bytes: size of the text pieces handed to the trainer (x 256 = text in flight).
         max_train_bytes: train on a sample of at most this many bytes, spread evenly over the text
             (None: everything). Bounds the trainer's memory, which grows with the distinct words seen.
+        progress: called as progress(bytes_read, bytes_to_read) as the text is streamed into the trainer
+            (the merge phase that follows reading is not metered).
     Returns {"vocab_size", "train_bytes", "seconds", "eot_id", "corpus_bytes"}.
     """
     check_vocab_size(vocab_size)
@@ -123,11 +126,15 @@ def train_bpe(text_files: list[Path], out_path: Path, *, vocab_size: int = 16000
             raise ValueError(f"training text {p} does not exist: expected a {{split}}.txt from write_raw_corpus")
     t0 = time.perf_counter()
     seen = 0
+    corpus = sum(p.stat().st_size for p in files)
+    to_read = corpus if max_train_bytes is None else min(corpus, max_train_bytes)
 
     def chunks() -> Iterator[str]:
         nonlocal seen
         for c in iter_text_chunks(files, chunk_bytes, max_train_bytes):
             seen += len(c.encode("utf-8"))
+            if progress is not None and to_read > 0:
+                progress(min(seen, to_read), to_read)
             yield c
 
     tok = new_tokenizer()

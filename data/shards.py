@@ -26,7 +26,7 @@ import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -99,10 +99,12 @@ class _SplitWriter:
 
 
 def _encode_split(tok, src: Path, writer: _SplitWriter, pool: ThreadPoolExecutor, in_flight: int,
-                  batch_docs: int, batch_bytes: int) -> None:
+                  batch_docs: int, batch_bytes: int, on_batch: Callable[[int], None] | None = None) -> None:
     pending: deque[Future] = deque()
     for batch in _batches(iter_documents(src), batch_docs, batch_bytes):
         pending.append(pool.submit(_encode_docs, tok, batch))
+        if on_batch is not None:
+            on_batch(sum(len(d.encode("utf-8")) for d in batch))
         while len(pending) >= in_flight:
             writer.add(pending.popleft().result())
     while pending:
@@ -110,7 +112,8 @@ def _encode_split(tok, src: Path, writer: _SplitWriter, pool: ThreadPoolExecutor
 
 
 def write_token_shards(tokenizer_path: Path, raw_dir: Path, out_dir: Path, *, num_workers: int = 2,
-                       batch_docs: int = 1000, batch_bytes: int = 1 << 20) -> dict:
+                       batch_docs: int = 1000, batch_bytes: int = 1 << 20,
+                       progress: Callable[[int, int], None] | None = None) -> dict:
     """Encode raw_dir/{split}.txt with the tokenizer into out_dir/{split}.bin + {split}.docs.npy + shards.json.
 
     Args:
@@ -122,6 +125,8 @@ def write_token_shards(tokenizer_path: Path, raw_dir: Path, out_dir: Path, *, nu
         batch_docs, batch_bytes: bounds of one encoding batch. At most 2 * num_workers batches are in
             flight, and a batch's Encoding objects cost ~70 bytes per token (~15 MB per 1 MiB of text),
             so memory stays around 60 MB whatever the corpus size.
+        progress: called as progress(bytes_done, bytes_total) over all splits' raw text as batches are
+            handed to the encoder, and with each split's end offset when it is written.
     Returns the manifest written to shards.json:
         {"format", "format_version", "dtype", "vocab_size", "eot_id", "eot_token", "tokenizer_sha256",
          "splits": {split: {"tokens", "documents", "bytes", "tokens_per_byte", "file", "docs_file"}},
@@ -145,11 +150,20 @@ def write_token_shards(tokenizer_path: Path, raw_dir: Path, out_dir: Path, *, nu
     tok.encode_special_tokens = True  # document text that spells <|endoftext|> stays text
     pool = ThreadPoolExecutor(num_workers, thread_name_prefix="gt-encode")
     splits, files = {}, {}
+    total_bytes, done_bytes = sum(p.stat().st_size for p in sources.values()), 0
+
+    def on_batch(n: int) -> None:
+        nonlocal done_bytes
+        done_bytes += n
+        progress(min(done_bytes, total_bytes), total_bytes)
+
     try:
         for s, src in sources.items():
             writer = _SplitWriter(out_dir / f"{s}.bin")
+            split_end = done_bytes + src.stat().st_size
             try:
-                _encode_split(tok, src, writer, pool, 2 * num_workers, batch_docs, batch_bytes)
+                _encode_split(tok, src, writer, pool, 2 * num_workers, batch_docs, batch_bytes,
+                              on_batch if progress is not None else None)
             except BaseException:
                 writer.abort()
                 raise
@@ -167,6 +181,9 @@ def write_token_shards(tokenizer_path: Path, raw_dir: Path, out_dir: Path, *, nu
             os.replace(tmp, docs_path)
             files[docs_path.name] = {"bytes": docs_path.stat().st_size, "sha256": sha256_file(docs_path)}
             n_bytes = src.stat().st_size
+            if progress is not None:
+                done_bytes = split_end  # documents drop separators: count the whole file as done
+                progress(done_bytes, total_bytes)
             splits[s] = {"tokens": writer.tokens, "documents": int(len(starts)), "bytes": n_bytes,
                          "tokens_per_byte": round(writer.tokens / max(n_bytes, 1), 4),
                          "file": writer.path.name, "docs_file": docs_path.name}

@@ -13,6 +13,7 @@ from pydantic import Field
 
 import data
 from gt_pipeline.assets.common import OWNER, artifact_output, md_table
+from gt_pipeline.engine.progress import Progress
 from gt_pipeline.resources import ProfileResource, StoreResource, WikiTextSource
 from gt_pipeline.store import Artifact, fingerprint
 from gt_pipeline.versions import code_version
@@ -103,7 +104,10 @@ def bpe_tokenizer(
 
     def build(d: Path) -> dict:
         context.log.info(f"training BPE vocab {resolved['vocab_size']} on {wikitext103_raw.path / 'train.txt'}")
-        return data.train_bpe([wikitext103_raw.file("train.txt")], d / "tokenizer.json", **resolved)
+        p = Progress("bpe: reading text", 1, context.log.info, unit="B")
+        out = data.train_bpe([wikitext103_raw.file("train.txt")], d / "tokenizer.json", **resolved, progress=p)
+        p.finish()
+        return out
 
     result = store.get().build(
         "bpe_tokenizer", fp, build, inputs={"config": resolved, "wikitext103_raw": wikitext103_raw.fingerprint},
@@ -143,9 +147,11 @@ def token_shards(
 
     def build(d: Path) -> dict:
         t0 = time.perf_counter()
+        p = Progress("tokenize", 1, context.log.info, unit="B")
         manifest = data.write_token_shards(
-            bpe_tokenizer.file("tokenizer.json"), wikitext103_raw.path, d, num_workers=config.num_workers
+            bpe_tokenizer.file("tokenizer.json"), wikitext103_raw.path, d, num_workers=config.num_workers, progress=p
         )
+        p.finish()
         context.log.info(f"sharded in {time.perf_counter() - t0:.1f}s")
         return {"shards": manifest}
 

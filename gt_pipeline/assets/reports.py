@@ -26,6 +26,7 @@ from gt_pipeline.assets.common import OWNER, artifact_output, md_table
 from gt_pipeline.assets.training import VARIANTS, load_trained
 from gt_pipeline.checks import gate_results
 from gt_pipeline.engine import evaluate
+from gt_pipeline.engine.progress import Progress
 from gt_pipeline.engine.train import resolve_device
 from gt_pipeline.resources import ProfileResource, StoreResource
 from gt_pipeline.store import Artifact, ArtifactStore, BuildResult, fingerprint, write_json_atomic
@@ -149,7 +150,9 @@ def gate_report(context: dg.AssetExecutionContext, config: ReportConfig, profile
         factory = lambda: models.get_model(cfg["model"], cfg["vocab_size"], size=cfg["size"], **cfg["model_overrides"]).to(dev)  # noqa: E731
         xo, yo = evaluate.windows(val, 10, 64)
         budget = config.overfit_steps or prof.reports.overfit_steps
-        ov = evaluate.overfit_test(factory, xo.to(dev), yo.to(dev), budget, gates.OVERFIT_TARGET_LOSS)
+        p = Progress("gate_report: overfit 10 sequences", budget, context.log.info, unit="steps")
+        ov = evaluate.overfit_test(factory, xo.to(dev), yo.to(dev), budget, gates.OVERFIT_TARGET_LOSS, progress=p)
+        p.finish()
         rows.append({"check": "grad_overfit_10", "value": ov["value"],
                      "band": f"loss < {gates.OVERFIT_TARGET_LOSS} within {budget} steps",
                      "verdict": ov["verdict"]})
@@ -193,7 +196,9 @@ def ablation_report(context: dg.AssetExecutionContext, config: ReportConfig, pro
         model, _ = load_trained(ckpt, str(dev))
         val = data.TokenShards(_shards_of(st, ckpt).path, verify=False).split("validation")
         x, y = evaluate.windows(val, prof.reports.eval_seqs, prof.reports.eval_len)
-        res = evaluate.ablation_study(model, x.to(dev), y.to(dev))
+        p = Progress("ablation_report", 1, context.log.info, unit="evals")
+        res = evaluate.ablation_study(model, x.to(dev), y.to(dev), progress=p)
+        p.finish()
         runs = [{"ablation": r.label, "layers": r.layers, "val_loss": r.loss, "delta_loss": r.delta} for r in res["runs"]]
         _write_rows(d, "ablation", runs)
         _write_rows(d, "balance", res["balance"])
@@ -231,13 +236,18 @@ def long_context_report(context: dg.AssetExecutionContext, config: ReportConfig,
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         t0 = time.perf_counter()
-        curve = evaluate.long_context_curve(model, val, fits, rp.lc_seqs, device=dev)
-        peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else math.nan
+        p = Progress("long context", 1, context.log.info, unit="tokens")
+        curve = evaluate.long_context_curve(model, val, fits, rp.lc_seqs, device=dev, progress=p)
+        p.finish()
+        # GPU: the allocator's peak during the curve; on CPU there is no per-step figure, so none is reported
+        peak = {"peak_memory_mb": torch.cuda.max_memory_allocated(dev) / 2**20} if dev.type == "cuda" else {}
         context.log.info(f"long-context curve up to {fits[-1]} tokens in {time.perf_counter() - t0:.1f}s")
         tok = data.load_tokenizer(_tokenizer_of(st, shards).file("tokenizer.json"))
         eot = tok.token_to_id(data.EOT_TOKEN)
+        p = Progress("niah", 1, context.log.info, unit="trials")
         niah = evaluate.niah_grid(model, tok, val, data.demo.facts(), [n for n in rp.niah_lengths if n < len(val)],
-                                  list(rp.niah_depths), rp.niah_trials, dev, eot)
+                                  list(rp.niah_depths), rp.niah_trials, dev, eot, progress=p)
+        p.finish()
         ranking = variant_ranking(st)
         _write_rows(d, "by_length", curve["by_length"])
         _write_rows(d, "buckets", curve["buckets"])
@@ -246,8 +256,7 @@ def long_context_report(context: dg.AssetExecutionContext, config: ReportConfig,
             _write_rows(d, "ranking", ranking)
         (d / "niah.png").write_bytes(_heatmap_png(niah))
         summary = {"max_context": fits[-1], "degradation_ppl_512_over_64": curve["degradation_ppl_512_over_64"],
-                   "niah_accuracy": float(sum(r["accuracy"] for r in niah) / max(len(niah), 1)),
-                   "peak_memory_mb": peak}
+                   "niah_accuracy": float(sum(r["accuracy"] for r in niah) / max(len(niah), 1)), **peak}
         write_json_atomic(d / "report.json", {"provenance": provenance(ckpt, wkv6_kernel), "summary": summary,
                                               "curve": curve, "niah": niah, "ranking": ranking})
         md = (f"Loss vs context (stateful, {rp.lc_seqs} windows), degradation ppl(512)/ppl(64) = "

@@ -26,6 +26,7 @@ from pydantic import Field
 
 import data
 from gt_pipeline.assets.common import OWNER, artifact_output, md_table
+from gt_pipeline.assets.training_extras import TrainingTracking, probe_batch, samples_markdown
 from gt_pipeline.engine.artifact import write_training_artifact
 from gt_pipeline.engine.train import (TrainConfig, eval_windows, format_log_row, optional_packages, path_fallbacks,
                                       run_paths, train)
@@ -82,6 +83,11 @@ class TrainingConfig(dg.Config):
     nnodes: int = Field(default=1, description="Machines in the torchrun job; this one is node 0 (holds rank 0)")
     rdzv_endpoint: str | None = Field(default=None, description="host:port of this node that the other nodes join "
                                       "(nnodes > 1); not part of the fingerprint")
+    # experiment tracking (MLflow; MLFLOW_TRACKING_URI or $GT_HOME/mlflow.db); not part of the fingerprint
+    track: bool = Field(default=True, description="Log params, per-step metrics and the checkpoint path to MLflow")
+    experiment: str = Field(default="groundthink", description="MLflow experiment: runs of one sweep share it, "
+                            "so their curves overlay")
+    run_name: str | None = Field(default=None, description="MLflow run name (default: <asset>-<fingerprint>)")
 
     def world_size(self, cfg: TrainConfig) -> int:
         """Validate the launch fields (before any compute) and return the data-parallel world size."""
@@ -210,8 +216,16 @@ def build_trained_asset(variant: str) -> dg.AssetsDefinition:
         fp = training_fingerprint(name, resolved, upstream, train_env(cfg, paths), world)
         st = store.get()
 
+        tracking: list[TrainingTracking] = []  # opened when a build (not a cache hit) starts
+
         def on_log(row: dict[str, Any]) -> None:
             context.log.info(format_log_row(row, cfg.steps))
+            for t in tracking:
+                t.on_log(row)
+
+        def on_step_end(step: int, model: torch.nn.Module) -> None:
+            for t in tracking:
+                t.on_step_end(step, model)
 
         def build(d: Path) -> dict[str, Any]:
             work = st.work_dir(name, fp)
@@ -219,15 +233,35 @@ def build_trained_asset(variant: str) -> dg.AssetsDefinition:
                 return train_with_torchrun(context, config, cfg, token_shards.path, work, d, world)
             context.log.info(f"training {model_name} ({cfg.size}) for {cfg.steps} steps; checkpoints in {work}")
             # The store verified token_shards' sha256 manifest when it handed us the Artifact.
-            res = train(cfg, token_shards.path, work, on_log=on_log, progress=True, verify_shards=False)
+            res = train(cfg, token_shards.path, work, on_log=on_log, on_step_end=on_step_end, progress=True,
+                        verify_shards=False)
             if res.resumed_from_step:
                 context.log.info(f"resumed from the checkpoint at step {res.resumed_from_step}")
             context.log.info(f"steady-state {res.steady_tokens_per_s:,.0f} tok/s (after {res.warmup_steps} warm-up "
                              f"steps, without evaluation); run average {res.tokens_per_s:,.0f} tok/s")
             return write_training_artifact(d, cfg, res, token_shards.path, paths)
 
-        result = st.build(name, fp, build, inputs={"config": resolved, "world_size": world, **upstream}, force=config.force,
-                          on_event=context.log.warning)
+        def tracked_build(d: Path) -> dict[str, Any]:
+            if config.track:
+                tracking.append(TrainingTracking(
+                    context, st.root, config.experiment, config.run_name or f"{name}-{fp[:8]}",
+                    params={**resolved, "world_size": world, "fingerprint": fp, **upstream},
+                    tags={"asset": name, "fingerprint": fp, "dagster_run_id": context.run.run_id},
+                    probe=probe_batch(token_shards, cfg.seq_len), eval_every=cfg.eval_every, steps=cfg.steps))
+            try:
+                out = build(d)
+                for t in tracking:
+                    t.built(d)
+            except BaseException:
+                for t in tracking:
+                    t.failed()
+                raise
+            return out
+
+        result = st.build(name, fp, tracked_build, inputs={"config": resolved, "world_size": world, **upstream},
+                          force=config.force, on_event=context.log.warning)
+        for t in tracking:
+            t.finish(result.artifact.path)
         m = result.artifact.metadata
         return artifact_output(
             context, result, profile=profile.name,
@@ -239,6 +273,7 @@ def build_trained_asset(variant: str) -> dg.AssetsDefinition:
                 "peak_memory_mb": m["peak_memory_mb"], "n_params": m["n_params"], "device": m["device"],
                 "steps": m["steps"], "resumed_from_step": m["resumed_from_step"] if not result.cache_hit else 0,
                 "world_size": m.get("world_size", 1), "global_batch_size": m.get("global_batch_size", cfg.batch_size * cfg.grad_accum),
+                "samples": dg.MetadataValue.md(samples_markdown(st, result.artifact, token_shards)),
             },
             preview_md=training_markdown(result.artifact.path, m),
         )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -23,10 +23,15 @@ def _at_least_f32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
+Progress = Callable[[int, int], None]  # progress(done, total): gt_pipeline.engine.progress.Progress or any callable
+
+
 @torch.no_grad()
-def stateful_token_losses(model, x: torch.Tensor, y: torch.Tensor, chunk: int = 512) -> torch.Tensor:
+def stateful_token_losses(model, x: torch.Tensor, y: torch.Tensor, chunk: int = 512,
+                          progress: Progress | None = None) -> torch.Tensor:
     """Per-token cross-entropy (B, T) of `model` on x -> y, fed `chunk` tokens at a time with the state
-    carried between chunks. Non-recurrent models (GPT) get the whole sequence in one call."""
+    carried between chunks. Non-recurrent models (GPT) get the whole sequence in one call.
+    `progress(tokens_done, tokens_total)` after each chunk."""
     model.eval()
     if not model.is_recurrent:
         logits = _at_least_f32(model(x).logits)
@@ -36,6 +41,8 @@ def stateful_token_losses(model, x: torch.Tensor, y: torch.Tensor, chunk: int = 
         o = model(x[:, s : s + chunk], state=state)
         state = o.state
         out.append(F.cross_entropy(_at_least_f32(o.logits).transpose(1, 2), y[:, s : s + chunk], reduction="none"))
+        if progress is not None:
+            progress(x.shape[0] * min(s + chunk, x.shape[1]), x.numel())
     return torch.cat(out, dim=1)
 
 
@@ -77,12 +84,24 @@ def branch_balance(model, x: torch.Tensor) -> list[dict[str, float]]:
     return rows
 
 
-def ablation_study(model, x: torch.Tensor, y: torch.Tensor, chunk: int = 512) -> dict[str, Any]:
+def ablation_study(model, x: torch.Tensor, y: torch.Tensor, chunk: int = 512,
+                   progress: Progress | None = None) -> dict[str, Any]:
     """Validation loss with each branch zeroed (all layers and layer by layer) and, for gated
-    variants, with the gate forced to 1 (RWKV path only) and 0 (Mamba path only)."""
-    base = float(stateful_token_losses(model, x, y, chunk).mean())
-    runs: list[Ablation] = []
+    variants, with the gate forced to 1 (RWKV path only) and 0 (Mamba path only).
+    `progress(evaluations_done, evaluations_at_most)` after each evaluation (those that do not apply to
+    the model are skipped, so the count may end below the total)."""
     n_layer = len(model.blocks)
+    at_most, done = 1 + 2 * (1 + n_layer) + 2, 0
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, at_most)
+
+    base = float(stateful_token_losses(model, x, y, chunk).mean())
+    tick()
+    runs: list[Ablation] = []
     for branch in ("rwkv", "mamba"):
         try:
             with models.ablate(model, branch):
@@ -90,10 +109,12 @@ def ablation_study(model, x: torch.Tensor, y: torch.Tensor, chunk: int = 512) ->
         except ValueError:
             continue  # the model has no such branch
         runs.append(Ablation(f"zero {branch}", "all", loss, loss - base))
+        tick()
         for layer in range(n_layer):
             with models.ablate(model, branch, layers=[layer]):
                 loss = float(stateful_token_losses(model, x, y, chunk).mean())
             runs.append(Ablation(f"zero {branch}", str(layer), loss, loss - base))
+            tick()
     for value, label in ((1.0, "gate=1 (RWKV path only)"), (0.0, "gate=0 (Mamba path only)")):
         try:
             with models.force_gate(model, value):
@@ -101,6 +122,7 @@ def ablation_study(model, x: torch.Tensor, y: torch.Tensor, chunk: int = 512) ->
         except ValueError:
             break  # not a gated variant
         runs.append(Ablation(label, "all", loss, loss - base))
+        tick()
     overall = {r.label: r.delta for r in runs if r.layers == "all"}
     dr, dm = max(overall.get("zero rwkv", 0.0), 0.0), max(overall.get("zero mamba", 0.0), 0.0)
     shares = {"rwkv_share": dr / (dr + dm), "mamba_share": dm / (dr + dm)} if dr + dm > 0 else {}
@@ -109,14 +131,14 @@ def ablation_study(model, x: torch.Tensor, y: torch.Tensor, chunk: int = 512) ->
 
 # -------------------------------------------------------------------------------------- long context
 def long_context_curve(model, tokens: np.ndarray, lengths: Iterable[int], n_seq: int, chunk: int = 512,
-                       device: str | torch.device = "cpu") -> dict[str, Any]:
+                       device: str | torch.device = "cpu", progress: Progress | None = None) -> dict[str, Any]:
     """Loss vs context: for the longest length L that fits, run n_seq windows of L tokens statefully and
     report (a) mean loss per position bucket [2^k, 2^(k+1)), (b) for each length l the mean loss of
     windows of l tokens (the first l positions), (c) degradation ratio ppl(512)/ppl(64) as in the seeds."""
     lengths = sorted(lengths)
     longest = lengths[-1]
     x, y = windows(tokens, n_seq, longest)
-    losses = stateful_token_losses(model, x.to(device), y.to(device), chunk).cpu()  # (n_seq, L)
+    losses = stateful_token_losses(model, x.to(device), y.to(device), chunk, progress).cpu()  # (n_seq, L)
     per_pos = losses.mean(0)
     buckets = []
     lo = 1
@@ -173,13 +195,14 @@ def niah_trial(model, tok, haystack_ids: list[int], needle: str, prompt: str, an
 
 
 def niah_grid(model, tok, tokens: np.ndarray, facts, lengths: list[int], depths: list[float], trials: int,
-              device, eot_id: int) -> list[dict[str, Any]]:
+              device, eot_id: int, progress: Progress | None = None) -> list[dict[str, Any]]:
     """Accuracy (answer ranked first) and mean rank per (haystack length, depth).
 
     Needles are counterfactual: each states a distractor as the answer ("The capital of X is <wrong>"),
     and the true corpus answer joins the distractors. A model that answers from memory ranks the
-    corpus answer first and scores 0; only retrieval from the context scores."""
-    rows = []
+    corpus answer first and scores 0; only retrieval from the context scores.
+    `progress(trials_done, trials_total)` after each trial."""
+    rows, done, total = [], 0, len(lengths) * len(depths) * trials
     for length in lengths:
         for depth in depths:
             results = []
@@ -191,6 +214,9 @@ def niah_grid(model, tok, tokens: np.ndarray, facts, lengths: list[int], depths:
                 hay = [int(v) for v in tokens[start : start + length]]
                 needle = f"{f.prompt} {fake} ."
                 results.append(niah_trial(model, tok, hay, needle, f.prompt, fake, others, depth, device, eot_id))
+                done += 1
+                if progress is not None:
+                    progress(done, total)
             rows.append({"haystack_tokens": length, "depth": depth,
                          "accuracy": float(np.mean([r["correct"] for r in results])),
                          "mean_rank": float(np.mean([r["rank"] for r in results])),
@@ -238,8 +264,9 @@ def _worst_verdict(band, values: list[float]) -> str:
 
 
 def overfit_test(model_factory, x: torch.Tensor, y: torch.Tensor, max_steps: int, target: float,
-                 lr: float = 1e-3) -> dict[str, Any]:
-    """Graduation: a fresh model must fit a handful of real sequences below `target` loss."""
+                 lr: float = 1e-3, progress: Progress | None = None) -> dict[str, Any]:
+    """Graduation: a fresh model must fit a handful of real sequences below `target` loss.
+    `progress(steps_done, max_steps)` after each step (it stops early once the target is reached)."""
     torch.manual_seed(0)
     model = model_factory().train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
@@ -251,6 +278,8 @@ def overfit_test(model_factory, x: torch.Tensor, y: torch.Tensor, max_steps: int
         loss.backward()
         opt.step()
         loss_v = float(loss.detach())
+        if progress is not None:
+            progress(step, max_steps)
         if step == 1:
             first = loss_v
         if loss_v < target:
