@@ -11,6 +11,7 @@ import dagster as dg
 from gt_pipeline.assets import data as data_assets
 from gt_pipeline.assets import kernels as kernel_assets
 from gt_pipeline.assets import reports as report_assets
+from gt_pipeline.assets import sweep as sweep_assets
 from gt_pipeline.assets.training import trained_assets
 from gt_pipeline.checks import gate_checks
 from gt_pipeline.resources import resources_from_env
@@ -23,9 +24,9 @@ main_job = dg.define_asset_job(
 )
 
 defs = dg.Definitions(
-    assets=[*dg.load_assets_from_modules([data_assets, kernel_assets, report_assets]), *trained_assets],
+    assets=[*dg.load_assets_from_modules([data_assets, kernel_assets, report_assets, sweep_assets]), *trained_assets],
     asset_checks=gate_checks,
-    jobs=[main_job, revalidation_job],
+    jobs=[main_job, revalidation_job, sweep_assets.sweep_job],
     schedules=[make_revalidation_schedule(os.environ.get("GT_REVALIDATION_CRON", DEFAULT_CRON))],
     resources=resources_from_env(),
 )

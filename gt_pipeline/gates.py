@@ -1,5 +1,10 @@
 """Validation gates G1-G4 and G3.5: the single source of truth for every threshold (DESIGN.md section 6).
 
+G2, S1 and S4 differ from DESIGN.md section 6 / the seeds: G2 bands the initial loss against ln(V)
+(an entropy ratio alone passed a confidently wrong init), S1 the per-element RMS of a state and S4 a
+ratio of relative state changes (raw norms and variances failed one recurrence by construction); each
+band's comment says why.
+
 Each metric has a two-sided band: a pass interval, warn intervals, and everything else (NaN included)
 fails. Checks, reports and tests all read the bands from here; nothing else holds a threshold.
 This module knows nothing about Dagster.

@@ -18,7 +18,7 @@ import platform
 import shlex
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import dagster as dg
 import torch
@@ -183,44 +183,62 @@ def build_trained_asset(variant: str) -> dg.AssetsDefinition:
         token_shards: Artifact,
         wkv6_kernel: Artifact,
     ) -> dg.Output[Artifact]:
-        vocab = int(token_shards.metadata["shards"]["vocab_size"])
-        cfg = config.resolve(variant, profile.get().train, vocab)  # validates every field before compute
-        world = config.world_size(cfg)
-        resolved = dataclasses.asdict(cfg)
-        upstream = {"token_shards": token_shards.fingerprint, "wkv6_kernel": wkv6_kernel.fingerprint}
-        fp = training_fingerprint(name, resolved, upstream, train_env(cfg), world)
-        st = store.get()
+        return train_variant(context, name, variant, config, profile, store, token_shards, wkv6_kernel)
 
-        def on_log(row: dict[str, Any]) -> None:
-            context.log.info(format_log_row(row, cfg.steps))
+    return _asset
 
-        def build(d: Path) -> dict[str, Any]:
-            work = st.work_dir(name, fp)
-            if world > 1:
-                return train_with_torchrun(context, config, cfg, token_shards.path, work, d, world)
+
+def train_variant(context: dg.AssetExecutionContext, name: str, variant: str, config: TrainingConfig,
+                  profile: ProfileResource, store: StoreResource, token_shards: Artifact, wkv6_kernel: Artifact, *,
+                  seed: int | None = None, key_extra: dict[str, Any] | None = None,
+                  after: Callable[[Path, TrainConfig], dict[str, Any]] | None = None) -> dg.Output[Artifact]:
+    """The body of every training asset: resolve the config, train (in-process or torchrun) unless the store
+    holds this fingerprint, publish under `name`. `seed` overrides config.seed (the sweep's partition);
+    `key_extra` enters the fingerprint; `after(dir, cfg)` runs on the published files before the manifest is
+    written and its dict joins the metadata (the sweep's held-out evaluation)."""
+    model_name = VARIANTS[variant]
+    vocab = int(token_shards.metadata["shards"]["vocab_size"])
+    if seed is not None:
+        config = config.model_copy(update={"seed": seed})
+    cfg = config.resolve(variant, profile.get().train, vocab)  # validates every field before compute
+    world = config.world_size(cfg)
+    resolved = dataclasses.asdict(cfg)
+    upstream = {"token_shards": token_shards.fingerprint, "wkv6_kernel": wkv6_kernel.fingerprint}
+    keyed = resolved if not key_extra else {**resolved, **key_extra}
+    fp = training_fingerprint(name, keyed, upstream, train_env(cfg), world)
+    st = store.get()
+
+    def on_log(row: dict[str, Any]) -> None:
+        context.log.info(format_log_row(row, cfg.steps))
+
+    def build(d: Path) -> dict[str, Any]:
+        work = st.work_dir(name, fp)
+        if world > 1:
+            meta = train_with_torchrun(context, config, cfg, token_shards.path, work, d, world)
+        else:
             context.log.info(f"training {model_name} ({cfg.size}) for {cfg.steps} steps; checkpoints in {work}")
             # The store verified token_shards' sha256 manifest when it handed us the Artifact.
             res = train(cfg, token_shards.path, work, on_log=on_log, progress=True, verify_shards=False)
             if res.resumed_from_step:
                 context.log.info(f"resumed from the checkpoint at step {res.resumed_from_step}")
-            return write_training_artifact(d, cfg, res, token_shards.path)
+            meta = write_training_artifact(d, cfg, res, token_shards.path)
+        return {**meta, **(after(d, cfg) if after is not None else {})}
 
-        result = st.build(name, fp, build, inputs={"config": resolved, "world_size": world, **upstream}, force=config.force,
-                          on_event=context.log.warning)
-        m = result.artifact.metadata
-        return artifact_output(
-            context, result,
-            headline={
-                "final_train_loss": m["final_train_loss"], "final_val_loss": m["final_val_loss"],
-                "val_perplexity": m["val_perplexity"], "tokens_per_s": m["tokens_per_s"],
-                "peak_memory_mb": m["peak_memory_mb"], "n_params": m["n_params"], "device": m["device"],
-                "steps": m["steps"], "resumed_from_step": m["resumed_from_step"] if not result.cache_hit else 0,
-                "world_size": m.get("world_size", 1), "global_batch_size": m.get("global_batch_size", cfg.batch_size * cfg.grad_accum),
-            },
-            preview_md=training_markdown(result.artifact.path, m),
-        )
-
-    return _asset
+    inputs = {"config": resolved, "world_size": world, **upstream, **({"key_extra": key_extra} if key_extra else {})}
+    result = st.build(name, fp, build, inputs=inputs, force=config.force, on_event=context.log.warning)
+    m = result.artifact.metadata
+    return artifact_output(
+        context, result,
+        headline={
+            "final_train_loss": m["final_train_loss"], "final_val_loss": m["final_val_loss"],
+            "val_perplexity": m["val_perplexity"], "tokens_per_s": m["tokens_per_s"],
+            "peak_memory_mb": m["peak_memory_mb"], "n_params": m["n_params"], "device": m["device"],
+            "steps": m["steps"], "resumed_from_step": m["resumed_from_step"] if not result.cache_hit else 0,
+            "world_size": m.get("world_size", 1), "global_batch_size": m.get("global_batch_size", cfg.batch_size * cfg.grad_accum),
+            **{k: m[k] for k in ("seed", "eval_val_loss", "eval_val_loss_lo", "eval_val_loss_hi") if k in m},
+        },
+        preview_md=training_markdown(result.artifact.path, m),
+    )
 
 
 def training_markdown(path: Path, m: dict[str, Any]) -> str:
