@@ -52,6 +52,12 @@ def test_compare_reports_t_cis_over_seeds_and_paired_differences():
     assert gpt["diff_lo"] == pytest.approx(0.316667 - stats.t_quantile(0.975, 2) * 0.076376 / math.sqrt(3), abs=1e-4)
     assert gpt["verdict"].startswith("higher")
     assert d[("HY", "GF-MH")]["verdict"].startswith("unknown") and d[("GF-MH", "GPT")]["diff"] < 0
+    for r, dz in zip(runs[:3], (0.2, 0.25, 0.15)):  # mean .2, s = .05
+        r.ablation = {"zero_mamba": dz}
+    (ab,) = compare.compare(runs)["ablation"]
+    assert (ab["model"], ab["ablation"], ab["branch"], ab["seeds"]) == ("GF-MH", "zero", "mamba", 3)
+    assert ab["delta_loss"] == pytest.approx(0.2) and ab["delta_lo"] == pytest.approx(0.2 - half / 2)
+    assert ab["verdict"].startswith("loss higher without it")
 
 
 TINY = {"steps": 6, "batch_size": 2, "seq_len": 32, "eval_every": 3, "eval_batches": 1, "checkpoint_every": 6,
@@ -89,6 +95,10 @@ def test_tiny_demo_sweep_reports_every_variant_over_seeds_and_names_a_mismatched
     rows = {v["model"]: v for v in report["result"]["variants"]}
     assert set(rows) == {"GF-MH", "GPT"} and all(v["seeds"] == 2 for v in rows.values())
     assert all(v["val_loss_lo"] < v["val_loss"] < v["val_loss_hi"] for v in rows.values())
+    abl = {(a["ablation"], a["branch"]): a for a in report["result"]["ablation"] if a["model"] == "GF-MH"}
+    assert set(abl) == {("zero", "rwkv"), ("zero", "mamba"), ("mean", "rwkv"), ("mean", "mamba")}
+    assert all(a["seeds"] == 2 for a in abl.values())
+    assert not any(a["model"] == "GPT" for a in report["result"]["ablation"])  # no branches to ablate
     diffs = {(d["model"], d["vs"]) for d in report["result"]["differences"]}
     assert diffs == {("GPT", "GF-MH"), ("GF-MH", "GPT")}
     md = m["preview"]

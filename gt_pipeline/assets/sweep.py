@@ -30,6 +30,7 @@ import torch
 from pydantic import Field
 
 import data
+import models
 from gt_pipeline.assets.common import OWNER, artifact_output, md_table
 from gt_pipeline.assets.training import VARIANTS, TrainingConfig, load_trained, train_variant
 from gt_pipeline.engine import compare, evaluate, stats
@@ -59,15 +60,33 @@ class SweepConfig(TrainingConfig):
 
 
 def held_out_eval(d: Path, cfg: TrainConfig, shards: Path, n_windows: int) -> dict[str, Any]:
-    """Loss of the model published in `d` on `n_windows` fixed spread windows of cfg.seq_len tokens."""
-    val = data.TokenShards(shards, verify=False).split("validation")
+    """Loss of the model published in `d` on `n_windows` fixed spread windows of cfg.seq_len tokens (bootstrap
+    CI); for a hybrid also the loss increase with each branch zero- and mean-ablated in all layers, paired by
+    window (branch means from the test split)."""
+    sh = data.TokenShards(shards, verify=False)
+    val = sh.split("validation")
     n = min(n_windows, len(val) // (cfg.seq_len + 1))
     x, y = evaluate.spread_windows(val, n, cfg.seq_len, seed=EVAL_SEED)
-    art = Artifact("sweep_run", "building", d)
-    model, _ = load_trained(art, str(cfg.resolved_device()))
-    ci = stats.bootstrap_mean_ci(evaluate.window_losses(model, x, y, batch=min(cfg.batch_size, 16)), seed=EVAL_SEED)
-    return {"seed": cfg.seed, "eval_val_loss": ci.mean, "eval_val_loss_lo": ci.lo, "eval_val_loss_hi": ci.hi,
-            "eval_windows": ci.n, "eval_tokens": ci.n * cfg.seq_len}
+    model, _ = load_trained(Artifact(SWEEP_ASSET, "building", d), str(cfg.resolved_device()))
+    batch = min(cfg.batch_size, 16)
+    base = evaluate.window_losses(model, x, y, batch=batch)
+    ci = stats.bootstrap_mean_ci(base, seed=EVAL_SEED)
+    out: dict[str, Any] = {"seed": cfg.seed, "eval_val_loss": ci.mean, "eval_val_loss_lo": ci.lo,
+                           "eval_val_loss_hi": ci.hi, "eval_windows": ci.n, "eval_tokens": ci.n * cfg.seq_len}
+    if all(("rwkv" in b.branches and "mamba" in b.branches) for b in model.blocks):
+        test = sh.split("test") if "test" in sh.splits else val
+        held, _ = evaluate.spread_windows(test, min(n, len(test) // (cfg.seq_len + 1)), cfg.seq_len, seed=EVAL_SEED)
+        means = evaluate.branch_means(model, held, batch=batch)
+        for branch in ("rwkv", "mamba"):
+            for kind in ("zero", "mean"):
+                cm = (models.ablate(model, branch) if kind == "zero"
+                      else models.mean_ablate(model, branch, means[branch]))
+                with cm:
+                    dci = stats.paired_bootstrap_diff(evaluate.window_losses(model, x, y, batch=batch), base,
+                                                      seed=EVAL_SEED)
+                out[f"ablate_{kind}_{branch}"] = dci.mean
+                out[f"ablate_{kind}_{branch}_lo"], out[f"ablate_{kind}_{branch}_hi"] = dci.lo, dci.hi
+    return out
 
 
 @dg.asset(
@@ -127,6 +146,8 @@ def to_run(art: Artifact) -> compare.Run:
         config=art.inputs["config"], data=art.inputs["token_shards"], val_loss=float(m["eval_val_loss"]),
         n_params=int(m["n_params"]), tokens_per_s=float(m[tps_field]), tokens_per_s_field=tps_field, curve=curve,
         created=art.path.stat().st_mtime,  # when the store renamed it into place
+        ablation={k.removeprefix("ablate_"): float(v) for k, v in m.items()
+                  if k.startswith("ablate_") and not k.endswith(("_lo", "_hi"))},
     )
 
 
@@ -148,6 +169,10 @@ def comparison_markdown(result: dict[str, Any], excluded: list[dict[str, Any]], 
     lines += ["", f"![comparison](data:image/png;base64,{base64.b64encode(png).decode()})", "",
               "**Per variant**", "", md_table(result["variants"]), "", "**Paired differences of val loss** (model - reference)",
               "", md_table(result["differences"]) or "(no reference model among the runs)", ""]
+    if result["ablation"]:
+        lines += ["**Branch ablation per hybrid** (val loss increase when a branch's output is replaced by 0 or by its "
+                  f"held-out mean in all layers; mean and {lvl} t-CI over seeds; a CI containing 0 = that branch's "
+                  "removal is inside the noise)", "", md_table(result["ablation"]), ""]
     recipe = {k: v for k, v in ref.items() if k in ("data", "size", "steps", "vocab_size", "batch_size", "seq_len", "lr")}
     lines += ["**Recipe of the compared runs**: " + ", ".join(f"{k}={v}" for k, v in recipe.items()), ""]
     if excluded:
@@ -176,7 +201,8 @@ def fusion_comparison_report(context: dg.AssetExecutionContext, store: StoreReso
         result = compare.compare(matched)
         png = compare.chart_png(result, matched)
         (d / "comparison.png").write_bytes(png)
-        for name, rows in (("variants", result["variants"]), ("differences", result["differences"]), ("excluded", excluded)):
+        for name, rows in (("variants", result["variants"]), ("differences", result["differences"]),
+                           ("ablation", result["ablation"]), ("excluded", excluded)):
             if rows:
                 with open(d / f"{name}.csv", "w", newline="") as f:
                     w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))

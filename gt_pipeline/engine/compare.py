@@ -41,6 +41,7 @@ class Run:
     tokens_per_s_field: str = "tokens_per_s"
     curve: list[tuple[int, float]] = field(default_factory=list)
     created: float = 0.0
+    ablation: dict[str, float] = field(default_factory=dict)  # e.g. {"zero_mamba": loss increase}, hybrids only
 
     def key(self) -> dict[str, Any]:
         return {"data": self.data, **{k: v for k, v in sorted(self.config.items()) if k not in NOT_RECIPE}}
@@ -84,7 +85,8 @@ def match_runs(runs: list[Run]) -> tuple[list[Run], list[dict[str, Any]], dict[s
 
 def compare(runs: list[Run], level: float = stats.DEFAULT_LEVEL) -> dict[str, Any]:
     """Per model: seeds, mean and t CI over seeds of val loss, perplexity at the mean and CI ends, parameters,
-    mean tokens/s; paired (by seed) differences of val loss against each reference model present.
+    mean tokens/s; paired (by seed) differences of val loss against each reference model present; for
+    hybrids, each branch ablation's loss increase, mean and t CI over seeds.
     Everything below comes from the matched runs only (call match_runs first)."""
     by_model: dict[str, dict[int, Run]] = {}
     for r in runs:
@@ -113,7 +115,18 @@ def compare(runs: list[Run], level: float = stats.DEFAULT_LEVEL) -> dict[str, An
             d = stats.paired_diff(vals, base, level=level)
             diffs.append({"model": model, "vs": ref, "seeds_paired": d.n, "diff": d.mean, "diff_lo": d.lo,
                           "diff_hi": d.hi, "verdict": stats.verdict_of_difference(d)})
-    return {"variants": rows, "differences": diffs, "level": level}
+    ablation = []
+    for model, seeds in sorted(by_model.items()):
+        keys = sorted(set().union(*(r.ablation for r in seeds.values())))
+        for k in keys:
+            vals = [r.ablation[k] for r in seeds.values() if k in r.ablation]
+            ci = stats.t_ci(vals, level=level)
+            kind, branch = k.split("_", 1)
+            ablation.append({"model": model, "ablation": kind, "branch": branch, "seeds": ci.n, "delta_loss": ci.mean,
+                             "delta_lo": ci.lo, "delta_hi": ci.hi,
+                             "verdict": stats.verdict_of_difference(ci).replace("lower", "loss lower without it")
+                             .replace("higher", "loss higher without it")})
+    return {"variants": rows, "differences": diffs, "ablation": ablation, "level": level}
 
 
 def chart_png(result: dict[str, Any], runs: list[Run]) -> bytes:
