@@ -108,3 +108,16 @@ def test_tiny_demo_sweep_reports_every_variant_over_seeds_and_names_a_mismatched
     losses = sorted(a.metadata["eval_val_loss"] for a in sweep.published_runs(sweep.ArtifactStore(tmp_path))
                     if a.inputs["config"]["model"] == "GF-MH")
     assert rows["GF-MH"]["val_loss"] == pytest.approx(sum(losses) / 2)
+
+
+def test_sweep_is_registered_partitioned_by_seed_and_variant_in_its_pool():
+    from gt_pipeline.assets.training import VARIANTS
+    from gt_pipeline.definitions import defs
+
+    graph = defs.resolve_asset_graph()
+    node = graph.get(dg.AssetKey("sweep_run"))
+    assert node.group_name == "sweep" and node.pools == {"sweep_gpu"}
+    keys = node.partitions_def.get_partition_keys()
+    assert len(keys) == len(VARIANTS) * len(sweep.SEEDS) and "0|gf_mh" in keys and "4|mamba2" in keys
+    assert graph.get(dg.AssetKey("fusion_comparison_report")).group_name == "reports"
+    assert {k.to_user_string() for k in defs.resolve_job_def("sweep").asset_layer.selected_asset_keys} == {"sweep_run"}
