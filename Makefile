@@ -21,7 +21,7 @@ DEMO_SELECT ?= *gate_report,*ablation_report,*long_context_report
 DEMO_ARGS ?=
 DEV_PORT ?= 3000
 
-.PHONY: demo test dev clean-artifacts
+.PHONY: demo test dev clean-artifacts sweep
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -59,6 +59,29 @@ dev: $(VENV)/.installed $(DAGSTER_HOME)/dagster.yaml
 
 clean-artifacts:
 	rm -rf $(GT_HOME)
+
+# The research sweep (README "Research sweep"): data + kernel once, then every SWEEP_VARIANTS x SWEEP_SEEDS
+# partition of sweep_run as its own `dagster asset materialize` process, SWEEP_K at once, then
+# fusion_comparison_report. Each process gets a throw-away Dagster instance (SQLite is not made for K
+# concurrent writers); the artifacts and the report live in the store ($$GT_HOME).
+SWEEP_VARIANTS ?= gf_mh gf gf_rh hy ws rf cp gpt rwkv6 mamba2
+SWEEP_SEEDS ?= 0 1
+SWEEP_K ?= 4
+SWEEP_CONFIG ?= configs/sweep_h200.yaml
+SWEEP_PROFILE ?= full
+SWEEP_SOURCE ?= demo
+sweep: $(VENV)/.installed
+	@set -euo pipefail; export GT_PROFILE=$(SWEEP_PROFILE) GT_DATA_SOURCE=$(SWEEP_SOURCE); unset DAGSTER_HOME; \
+	D=$(abspath $(VENV))/bin/dagster; \
+	$$D asset materialize --select '+token_shards,wkv6_kernel'; \
+	mkdir -p "$(GT_HOME)/sweep_logs"; start=$$(date +%s); \
+	for s in $(SWEEP_SEEDS); do for v in $(SWEEP_VARIANTS); do echo "$$s|$$v"; done; done | \
+	  xargs -P $(SWEEP_K) -I{} sh -c '"$$0" asset materialize --select sweep_run --partition "{}" -c $(SWEEP_CONFIG) \
+	    > "$(GT_HOME)/sweep_logs/$$(echo "{}" | tr "|" _).log" 2>&1 && echo "done {}" || { echo "FAILED {} (log in $(GT_HOME)/sweep_logs)"; exit 1; }' $$D \
+	  || echo "some partitions failed; the report compares the runs that finished"; \
+	echo "sweep: $$(( $$(date +%s) - start ))s wall for $(words $(SWEEP_VARIANTS)) variants x $(words $(SWEEP_SEEDS)) seeds, K=$(SWEEP_K)"; \
+	$$D asset materialize --select fusion_comparison_report; \
+	echo "report: $(GT_HOME)/fusion_comparison_report/$$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["fingerprint"])' $(GT_HOME)/fusion_comparison_report/LATEST.json)/report.md"
 
 # On a CUDA machine: the GPU-marked tests and the three benchmarks, logs and JSON into $(GPU_OUT).
 # GPU_PY defaults to the venv's python; on a machine set up by hand pass GPU_PY=python3.

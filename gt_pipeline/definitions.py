@@ -21,6 +21,7 @@ import dagster as dg
 from gt_pipeline.assets import data as data_assets
 from gt_pipeline.assets import kernels as kernel_assets
 from gt_pipeline.assets import reports as report_assets
+from gt_pipeline.assets import sweep as sweep_assets
 from gt_pipeline.assets.training import VARIANTS, trained_assets
 from gt_pipeline.checks import gate_checks, report_checks
 from gt_pipeline.profiles import active_profile
@@ -54,12 +55,13 @@ def with_profile(spec: dg.AssetSpec) -> dg.AssetSpec:
 with warnings.catch_warnings():  # AssetsDefinition.map_asset_specs is "preview" in dagster 1.13
     warnings.simplefilter("ignore", dg.PreviewWarning)
     ASSETS = [a.map_asset_specs(with_profile)
-              for a in [*dg.load_assets_from_modules([data_assets, kernel_assets, report_assets]), *trained_assets]]
+              for a in [*dg.load_assets_from_modules([data_assets, kernel_assets, report_assets, sweep_assets]),
+                        *trained_assets]]
 
 defs = dg.Definitions(
     assets=ASSETS,
     asset_checks=[*gate_checks, *report_checks],
-    jobs=[main_job, revalidation_job, gate_checks_job],
+    jobs=[main_job, revalidation_job, gate_checks_job, sweep_assets.sweep_job],
     schedules=[make_revalidation_schedule(os.environ.get("GT_REVALIDATION_CRON", DEFAULT_CRON))],
     resources=RESOURCES,
     executor=dg.in_process_executor,

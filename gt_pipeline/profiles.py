@@ -40,13 +40,13 @@ class TrainDefaults:
 
 @dataclass(frozen=True)
 class ReportDefaults:
-    eval_seqs: int  # validation windows for ablation / state tests
+    eval_seqs: int  # validation windows (spread over the split) for ablation / state tests; units of the CIs
     eval_len: int  # tokens per window for ablation
     lc_lengths: tuple[int, ...]  # long-context curve: context lengths
     lc_seqs: int
     niah_lengths: tuple[int, ...]
     niah_depths: tuple[float, ...]
-    niah_trials: int
+    niah_trials: int  # per (length, depth) cell and for the no-needle control; >= 20 for a usable CI
     overfit_steps: int
 
 
@@ -74,8 +74,8 @@ PROFILES: dict[str, Profile] = {
             eval_every=100, eval_batches=20, checkpoint_every=500,
         ),
         reports=ReportDefaults(
-            eval_seqs=16, eval_len=512, lc_lengths=(64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384), lc_seqs=4,
-            niah_lengths=(1024, 2048, 4096, 8192, 16384), niah_depths=(0.0, 0.25, 0.5, 0.75, 1.0), niah_trials=5,
+            eval_seqs=64, eval_len=512, lc_lengths=(64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384), lc_seqs=8,
+            niah_lengths=(1024, 2048, 4096, 8192, 16384), niah_depths=(0.0, 0.25, 0.5, 0.75, 1.0), niah_trials=20,
             overfit_steps=500,
         ),
         description="the seeds' setup: WikiText-103, BPE 16K, 5M-class models, GPU if present",
@@ -91,8 +91,8 @@ PROFILES: dict[str, Profile] = {
             eval_every=50, eval_batches=4, checkpoint_every=100,
         ),
         reports=ReportDefaults(
-            eval_seqs=8, eval_len=128, lc_lengths=(64, 128, 256, 512, 1024), lc_seqs=2,
-            niah_lengths=(128, 256, 512), niah_depths=(0.0, 0.5, 1.0), niah_trials=2, overfit_steps=300,
+            eval_seqs=16, eval_len=128, lc_lengths=(64, 128, 256, 512, 1024), lc_seqs=4,
+            niah_lengths=(128, 512), niah_depths=(0.0, 0.5, 1.0), niah_trials=20, overfit_steps=300,
         ),
         description="embedded corpus, tiny models; the whole chain finishes on 2 CPU cores in minutes",
     ),

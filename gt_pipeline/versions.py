@@ -38,8 +38,12 @@ DEPENDS: dict[str, tuple[str, ...]] = {
     "gate_checks": ("gt_pipeline/checks.py", "gt_pipeline/gates.py", "gt_pipeline/engine/metrics.py", "models",
                     "kernels/wkv6.py"),
     "reports": ("gt_pipeline/assets/reports.py", "gt_pipeline/engine/evaluate.py", "gt_pipeline/engine/metrics.py",
-                "gt_pipeline/checks.py", "gt_pipeline/gates.py", "models", "kernels/wkv6.py", "data/shards.py",
-                "data/demo.py"),
+                "gt_pipeline/engine/stats.py", "gt_pipeline/checks.py", "gt_pipeline/gates.py", "models",
+                "kernels/wkv6.py", "data/shards.py", "data/demo.py"),
+    # The sweep's runs (training + the held-out evaluation every run shares) and their comparison report.
+    "sweep": ("gt_pipeline/assets/sweep.py", "gt_pipeline/engine/evaluate.py", "gt_pipeline/engine/stats.py",
+              "gt_pipeline/engine/compare.py", "models", "kernels/wkv6.py", "kernels/reference.py", "data/shards.py",
+              "data/batching.py", *_TRAIN_ENGINE),
 }
 
 _SOURCE_SUFFIXES = {".py", ".cpp", ".cu", ".cuh", ".h", ".hpp"}

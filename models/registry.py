@@ -1,9 +1,10 @@
 """Model registry and the helpers trainers and reports use: get_model, list_models, list_sizes,
-component_of, no_weight_decay, ablate, force_gate.
+component_of, no_weight_decay, ablate, mean_ablate, force_gate.
 
     model = get_model("gf_mh", vocab_size=16000, size="5m", d_state=32)   # names are case-insensitive
     for n, p in model.named_parameters(): component_of(n), no_weight_decay(n, p)
     with ablate(model, "mamba"): loss_without_mamba = ...
+    with mean_ablate(model, "mamba", means): ...          # means: one (C,) tensor per layer
     with force_gate(model, 1.0, layers=[0]): ...
 
 Baseline sizing rule (GPT, RWKV6, MAMBA2): same hidden size, vocab and tied embedding as the hybrids at the same
@@ -26,7 +27,7 @@ from .mamba2 import Mamba2
 from .rwkv6 import RWKV6TimeMix
 
 __all__ = ["get_model", "list_models", "list_sizes", "canonical_name", "make_config", "component_of",
-           "no_weight_decay", "ablate", "force_gate", "describe_paths"]
+           "no_weight_decay", "ablate", "mean_ablate", "force_gate", "describe_paths"]
 
 _ALIASES = {"MAMBA-2": "MAMBA2", "RWKV-6": "RWKV6", "GPT-2": "GPT", "GPT2": "GPT", "GFMH": "GF-MH", "GFRH": "GF-RH"}
 
@@ -154,6 +155,50 @@ def force_gate(model: LM, value: float, layers=None):
         for fusion, old in saved:
             fusion.forced_gate = old
 
+
+
+@contextlib.contextmanager
+def mean_ablate(model: LM, branch: str, means, layers=None):
+    """Replace `branch`'s output ('rwkv' or 'mamba'), before fusion, by a constant vector per layer while
+    inside the block: its mean activation over held-out text, so the fusion still sees a typical input
+    and only the token-dependent information is removed (zero-ablation also removes the offset).
+
+    means: one (C,) tensor per layer of the model (a list of n_layer, or a dict layer -> (C,)), e.g. from
+    `gt_pipeline.engine.evaluate.branch_means`; layers None = all. The branch still runs, so its
+    recurrent state evolves as usual; only what it hands to the fusion changes."""
+    if branch not in ("rwkv", "mamba"):
+        raise ValueError(f"mean_ablate: branch must be 'rwkv' or 'mamba', got {branch!r}")
+    blocks = _select_blocks(model, layers)
+    if not all(branch in b.branches for b in blocks):
+        raise ValueError(f"mean_ablate: model {model.config.name} has no {branch!r} branch "
+                         f"(hybrids: {', '.join(HYBRID_NAMES)}; also RWKV6 for 'rwkv', MAMBA2 for 'mamba')")
+    index = {id(b): i for i, b in enumerate(model.blocks)}
+    C = model.config.hidden_size
+    handles = []
+
+    def vector(i: int):
+        try:
+            v = means[i]
+        except (KeyError, IndexError):
+            raise ValueError(f"mean_ablate: means has no vector for layer {i} (give one (C,) tensor per layer)") from None
+        if tuple(v.shape) != (C,):
+            raise ValueError(f"mean_ablate: the mean of layer {i} has shape {tuple(v.shape)}, expected ({C},)")
+        return v
+
+    def hook(vec):
+        def replace(module, args, out):
+            y, rest = (out[0], out[1:]) if isinstance(out, tuple) else (out, None)
+            y = vec.to(device=y.device, dtype=y.dtype).expand_as(y)  # (B, T, C)
+            return y if rest is None else (y, *rest)
+        return replace
+
+    try:
+        for b in blocks:
+            handles.append(getattr(b, branch).register_forward_hook(hook(vector(index[id(b)]))))
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
 
 
 # ------------------------------------------------------------------------------------------------ kernel paths

@@ -1,7 +1,6 @@
 """Training and evaluation engines (no Dagster): resume, divergence, schedule, metrics, NIAH scoring."""
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -157,11 +156,17 @@ class CopyModel(torch.nn.Module):
         return type("Out", (), {"logits": logits})
 
 
-@dataclass
-class _Fact:
-    prompt: str
-    answer: str
-    distractors: tuple
+class UniformModel(torch.nn.Module):
+    """Every token equally likely everywhere: every NIAH choice gets exactly the same score (a tie)."""
+
+    is_recurrent = False
+
+    def __init__(self, vocab):
+        super().__init__()
+        self.vocab = vocab
+
+    def forward(self, idx, state=None):
+        return type("Out", (), {"logits": torch.zeros(*idx.shape, self.vocab, dtype=torch.float64)})
 
 
 def test_niah_scoring_ranks_the_needle_answer_first_for_a_retrieving_model(shards):
@@ -170,13 +175,184 @@ def test_niah_scoring_ranks_the_needle_answer_first_for_a_retrieving_model(shard
     hay = [int(t) for t in data.TokenShards(shards).split("validation")[:200]]
     eot = tok.token_to_id(data.EOT_TOKEN)
     model = CopyModel(vocab)
-    res = evaluate.niah_trial(model, tok, hay, "The capital of Veltria is Drask .", "The capital of Veltria is",
-                              "Drask", ["Orsk", "Pelln", "Vamo"], 0.5, "cpu", eot)
-    assert res["rank"] == 1 and res["correct"] and res["n_choices"] == 4
-    # A needle stating another answer moves the ranking with it: the scorer follows the context.
-    other = evaluate.niah_trial(model, tok, hay, "The capital of Veltria is Orsk .", "The capital of Veltria is",
-                                "Drask", ["Orsk", "Pelln", "Vamo"], 0.5, "cpu", eot)
-    assert other["rank"] > 1 and max(other["scores"], key=other["scores"].get) == "Orsk"
+    (nd,) = evaluate.synthetic_needles(tok, 1, n_distractors=5, seed=1)
+    res = evaluate.niah_trial(model, tok, hay, nd, nd, 1.0, "cpu", eot)
+    assert res["rank"] == 1 and res["correct"] and res["n_choices"] == 6
+    # A needle stating another number moves the ranking with it: the scorer follows the context.
+    other = evaluate.Needle(nd.key, nd.distractors[0], (nd.answer, *nd.distractors[1:]))
+    moved = evaluate.niah_trial(model, tok, hay, other, nd, 1.0, "cpu", eot)
+    assert moved["rank"] > 1 and not moved["correct"] and max(moved["scores"], key=moved["scores"].get) == other.answer
+
+
+def test_niah_tie_is_a_miss_and_the_control_row_sits_at_chance(shards):
+    """A model that scores every choice the same never hits (a tie is not a hit), at every depth and in the
+    no-needle control; the grid has one control row per length and the requested trials per cell."""
+    tok = data.load_tokenizer(shards.parent / "tok.json")
+    toks = data.TokenShards(shards).split("validation")
+    eot = tok.token_to_id(data.EOT_TOKEN)
+    (nd,) = evaluate.synthetic_needles(tok, 1, seed=2)
+    hay = [int(t) for t in toks[:100]]
+    res = evaluate.niah_trial(UniformModel(tok.get_vocab_size()), tok, hay, nd, nd, 0.5, "cpu", eot)
+    assert not res["correct"] and res["rank"] == res["n_choices"] == 10
+    rows = evaluate.niah_grid(CopyModel(tok.get_vocab_size()), tok, toks, [64, 96], [0.0, 1.0], 20, "cpu", eot)
+    assert [(r["haystack_tokens"], r["depth"]) for r in rows] == [
+        (64, 0.0), (64, 1.0), (64, "no needle"), (96, 0.0), (96, 1.0), (96, "no needle")]
+    assert all(r["trials"] == 20 and r["chance"] == 0.1 for r in rows)
+    control = [r for r in rows if r["depth"] == "no needle"]
+    assert all(r["accuracy"] <= 0.2 for r in control), control  # nothing to copy: no better than chance
+    assert [r["accuracy"] for r in rows if r["depth"] == 1.0] == [1.0, 1.0]  # right before the prompt: copied
+    for r in rows:
+        assert 0 <= r["acc_lo"] <= r["accuracy"] <= r["acc_hi"] <= 1
+
+
+def test_synthetic_needles_are_deterministic_with_equal_length_choices(shards):
+    tok = data.load_tokenizer(shards.parent / "tok.json")
+    a = evaluate.synthetic_needles(tok, 30, n_distractors=9, seed=0)
+    assert a == evaluate.synthetic_needles(tok, 30, n_distractors=9, seed=0)
+    assert a != evaluate.synthetic_needles(tok, 30, n_distractors=9, seed=1)
+    assert len({n.key for n in a}) == 30
+    for n in a:
+        lens = {len(tok.encode(" " + c).ids) for c in (n.answer, *n.distractors)}
+        assert len(lens) == 1 and len({n.answer, *n.distractors}) == 10
+        assert n.sentence == f"The secret code of {n.key} is {n.answer} ." and n.sentence.startswith(n.prompt)
+    with pytest.raises(ValueError, match="n_distractors"):
+        evaluate.synthetic_needles(tok, 1, n_distractors=5000)
+
+
+def test_spread_windows_cover_the_whole_split_disjoint_and_fixed():
+    toks = np.arange(10_000, dtype=np.uint16)
+    x, y = evaluate.spread_windows(toks, 8, 100, seed=0)
+    starts = x[:, 0].numpy()
+    assert x.shape == (8, 100) and torch.equal(y, x + 1)  # targets are the next tokens
+    assert all(i * 1250 <= s <= (i + 1) * 1250 - 101 for i, s in enumerate(starts))  # one per eighth of the split
+    assert starts[-1] >= 7 * 1250  # the end of the split is reached, not only the first tokens
+    x2, _ = evaluate.spread_windows(toks, 8, 100, seed=0)
+    assert torch.equal(x, x2) and not torch.equal(x, evaluate.spread_windows(toks, 8, 100, seed=1)[0])
+    with pytest.raises(ValueError, match="fewer or shorter"):
+        evaluate.spread_windows(toks, 200, 100)
+
+
+def test_stats_intervals_match_textbook_values():
+    from gt_pipeline.engine import stats
+
+    # Student t 97.5% quantiles (any table): df 1, 2, 4, 10, 30
+    for df, q in [(1, 12.7062), (2, 4.3027), (4, 2.7764), (10, 2.2281), (30, 2.0423)]:
+        assert stats.t_quantile(0.975, df) == pytest.approx(q, abs=1e-4)
+    ci = stats.t_ci([1.0, 2.0, 3.0, 4.0])  # mean 2.5, s = 1.29099, t_3 = 3.18245
+    assert ci.mean == 2.5 and ci.hi - 2.5 == pytest.approx(3.182446 * 1.290994 / 2, rel=1e-5)
+    assert math.isnan(stats.t_ci([1.0]).lo)  # one seed: no interval
+    w = stats.wilson_ci(10, 20)  # p = 0.5, n = 20: [0.2993, 0.7007]
+    assert (w.lo, w.hi) == (pytest.approx(0.29930, abs=1e-4), pytest.approx(0.70070, abs=1e-4))
+    assert stats.wilson_ci(0, 20).lo == 0 and stats.wilson_ci(0, 20).hi == pytest.approx(0.16113, abs=1e-4)
+    d = stats.paired_diff({0: 1.0, 1: 2.0, 2: 3.0}, {0: 0.5, 1: 1.4, 2: 2.6, 9: 7.0})  # diffs .5 .6 .4
+    assert d.n == 3 and d.mean == pytest.approx(0.5) and d.lo > 0
+    assert stats.verdict_of_difference(stats.paired_diff({0: 1.0, 1: 2.0}, {0: 2.0, 1: 1.0})).startswith("inside")
+    rng = np.random.default_rng(0)
+    v = rng.normal(3.0, 1.0, size=400)
+    b = stats.bootstrap_mean_ci(v, seed=0)
+    assert b == stats.bootstrap_mean_ci(v, seed=0)  # seeded
+    assert b.half_width == pytest.approx(1.96 / 20, rel=0.15)  # ~ z * sd / sqrt(n)
+    with pytest.raises(ValueError, match="NaN"):
+        stats.bootstrap_mean_ci([1.0, math.nan])
+
+
+def test_position_buckets_and_per_bucket_losses_equal_the_positions_losses(shards):
+    assert evaluate.position_buckets(10) == [(0, 1), (1, 3), (3, 7), (7, 10)]
+    torch.manual_seed(0)
+    model = models.get_model("GF-MH", 512, size="demo").eval()
+    toks = data.TokenShards(shards).split("validation")
+    curve = evaluate.long_context_curve(model, toks, [16, 40], 3, chunk=16)
+    x, y = evaluate.spread_windows(toks, 3, 40)
+    per_tok = evaluate.stateful_token_losses(model, x, y, chunk=40).double()  # (3, 40) in one call
+    for b, (lo, hi) in zip(curve["buckets"], evaluate.position_buckets(40)):
+        assert b["loss"] == pytest.approx(float(per_tok[:, lo:hi].mean()), rel=1e-5)
+        assert b["loss_lo"] <= b["loss"] <= b["loss_hi"]
+    assert curve["by_length"][0]["loss"] == pytest.approx(float(per_tok[:, :16].mean()), rel=1e-5)
+
+
+def test_mean_ablation_with_zero_means_equals_zero_ablation_and_restores_the_model(one_thread):
+    torch.manual_seed(0)
+    model = models.get_model("GF", 97, size="demo").eval()
+    x = torch.randint(0, 97, (2, 12))
+    C = model.config.hidden_size
+    with torch.no_grad():
+        base = model(x).logits
+        with models.ablate(model, "mamba", layers=[1]):
+            zero = model(x).logits
+        with models.mean_ablate(model, "mamba", [torch.zeros(C)] * 2, layers=[1]):
+            mean0 = model(x).logits
+        assert torch.equal(zero, mean0) and not torch.equal(zero, base)
+        assert torch.equal(model(x).logits, base)  # hooks removed
+        means = evaluate.branch_means(model, x)
+        acts = model(x, return_activations=True).activations
+        for li in range(2):
+            assert torch.allclose(means["rwkv"][li], acts[li]["rwkv"].mean((0, 1)), atol=1e-6)
+        # replacing the branch by its own constant output gives the fusion exactly that constant
+        seen = []
+        h = model.blocks[0].fusion.register_forward_hook(lambda m, args, out: seen.append(args[1]))
+        with models.mean_ablate(model, "mamba", means["mamba"]):
+            model(x)
+        h.remove()
+        assert torch.equal(seen[0], means["mamba"][0].expand(2, 12, C))
+    with pytest.raises(ValueError, match="shape"):
+        with models.mean_ablate(model, "rwkv", [torch.zeros(3)] * 2):
+            pass
+    with pytest.raises(ValueError, match="no 'rwkv' branch"):
+        with models.mean_ablate(models.get_model("MAMBA2", 97, size="demo"), "rwkv", [torch.zeros(C)] * 9):
+            pass
+
+
+def test_ablation_study_zero_and_mean_per_layer_with_paired_cis(shards, one_thread):
+    torch.manual_seed(0)
+    model = models.get_model("GF-MH", 512, size="demo").eval()
+    sh = data.TokenShards(shards)
+    x, y = evaluate.spread_windows(sh.split("validation"), 6, 32)
+    held, _ = evaluate.spread_windows(sh.split("test"), 4, 32)
+    res = evaluate.ablation_study(model, x, y, held)
+    labels = {(r.kind, r.branch, r.layers) for r in res["runs"]}
+    for kind in ("zero", "mean"):
+        for br in ("rwkv", "mamba"):
+            assert {(kind, br, "all"), (kind, br, "0"), (kind, br, "1")} <= labels
+    assert ("gate", "mamba", "all") in labels and ("gate", "rwkv", "all") in labels
+    base = evaluate.window_losses(model, x, y)
+    with models.ablate(model, "rwkv"):
+        want = float((evaluate.window_losses(model, x, y) - base).mean())
+    (r,) = [r for r in res["runs"] if (r.kind, r.branch, r.layers) == ("zero", "rwkv", "all")]
+    assert r.delta == pytest.approx(want, rel=1e-6, abs=1e-9) and r.delta_lo <= r.delta <= r.delta_hi
+    assert {k: v for k, v in res.items() if "_share_" in k} == evaluate.contribution_shares(res["runs"])
+    A = evaluate.Ablation
+    shares = evaluate.contribution_shares([A("", "zero", "rwkv", "all", 0, 0.3, 0, 0), A("", "zero", "mamba", "all", 0, 0.1, 0, 0),
+                                           A("", "zero", "mamba", "0", 0, 9.0, 0, 0), A("", "mean", "rwkv", "all", 0, 0.2, 0, 0),
+                                           A("", "mean", "mamba", "all", 0, -0.1, 0, 0)])
+    assert shares == pytest.approx({"rwkv_share_zero": 0.75, "mamba_share_zero": 0.25, "rwkv_share_mean": 1.0,
+                                    "mamba_share_mean": 0.0})
+    assert [g["layer"] for g in res["gates"]] == [0, 1] and all(0 < g["mean"] < 1 for g in res["gates"])
+    assert res["gates"][0]["p5"] <= res["gates"][0]["p50"] <= res["gates"][0]["p95"]
+
+
+def test_s4_and_s1_are_unchanged_when_one_recurrence_is_rescaled(shards):
+    """The Mamba-2 state is ~100x smaller per element than RWKV-6's by construction; rescaling it by 1000
+    must not move S4 (relative change ratio) or take S1 (per-element RMS) out of its band."""
+    torch.manual_seed(0)
+    model = models.get_model("GF-MH", 512, size="demo").eval()
+    xa, _ = evaluate.windows(data.TokenShards(shards).split("validation"), 2, 32)
+    xb, _ = evaluate.windows(data.TokenShards(shards).split("validation"), 2, 32, offset=66)
+    plain = evaluate.state_tests(model, xa, xb)
+
+    class Scaled(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x, **kw):
+            out = self.m(x, **kw)
+            for st in out.layer_states:
+                st["mamba_ssm_state"] = st["mamba_ssm_state"] * 1000.0
+            return out
+
+    scaled = evaluate.state_tests(Scaled(model).eval(), xa, xb)
+    assert scaled["S4"]["value"] == pytest.approx(plain["S4"]["value"], rel=1e-9)
+    assert scaled["S4"]["verdict"] == plain["S4"]["verdict"] and scaled["S1"]["verdict"] == plain["S1"]["verdict"] == "pass"
 
 
 def test_state_health_on_a_real_model_is_in_range(shards):

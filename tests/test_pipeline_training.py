@@ -72,10 +72,22 @@ def test_main_chain_trains_checks_and_reports(chain):
     names = {r["check"] for r in gate["rows"]}
     assert {"g1_forward", "S0", "S4", "grad_overfit_10", "grad_beats_uniform", "grad_checkpoint_roundtrip"} <= names
     assert gate["provenance"]["checkpoint_fingerprint"] == m["fingerprint"]
+    assert {r["check"]: r["verdict"] for r in gate["rows"]}["g2_init_entropy"] == "pass"
     abl = meta(res, "ablation_report")
-    assert abs(abl["rwkv_share"] + abl["mamba_share"] - 1) < 1e-9 and abl["baseline_loss"] < 6.9
+    assert abl["baseline_loss_lo"] < abl["baseline_loss"] < abl["baseline_loss_hi"] < 6.9
+    assert abl["eval_windows"] == 16  # the demo profile's spread windows
+    assert abs(abl["rwkv_share_zero"] + abl["mamba_share_zero"] - 1) < 1e-9  # trained: removing a branch costs
+    ab = json.loads((home / "ablation_report" / abl["fingerprint"] / "report.json").read_text())
+    kinds = {(r["kind"], r["layers"]) for r in ab["runs"]}
+    assert {("zero", "all"), ("mean", "all"), ("zero", "0"), ("mean", "1"), ("gate", "all")} <= kinds
+    assert [g["layer"] for g in ab["gates"]] == [0, 1]
     lc = meta(res, "long_context_report")
     assert lc["max_context"] >= 512 and lc["degradation_ppl_512_over_64"] > 0
+    assert lc["niah_chance"] == 0.1 and 0 <= lc["niah_control_accuracy"] <= 1
+    rep = json.loads((home / "long_context_report" / lc["fingerprint"] / "report.json").read_text())
+    assert {r["trials"] for r in rep["niah"]} == {20}
+    assert sum(r["depth"] == "no needle" for r in rep["niah"]) == len({r["haystack_tokens"] for r in rep["niah"]})
+    assert all(b["loss_lo"] <= b["loss"] <= b["loss_hi"] for b in rep["curve"]["buckets"])
 
 
 def test_cached_rematerialization_does_not_train_again(chain):

@@ -1,4 +1,5 @@
 """Report assets on the trained GF-MH: gates (G1-G4, G3.5, S0-S4, graduation), ablation, long context.
+The comparison of every variant over seeds is `fusion_comparison_report` (gt_pipeline/assets/sweep.py).
 
 Each report is computed on held-out validation text of the checkpoint it names, stored through the
 artifact store (markdown + CSV + JSON + PNG), and records its provenance: checkpoint fingerprint,
@@ -23,7 +24,7 @@ import data
 import models
 from gt_pipeline import gates
 from gt_pipeline.assets.common import OWNER, artifact_output, md_table
-from gt_pipeline.assets.training import VARIANTS, load_trained
+from gt_pipeline.assets.training import load_trained
 from gt_pipeline.checks import gate_results
 from gt_pipeline.engine import evaluate
 from gt_pipeline.engine.progress import Progress
@@ -35,6 +36,8 @@ from gt_pipeline.versions import code_version
 GROUP = "reports"
 REPORT_VERSION = code_version("reports")  # evaluation, metrics, gates, this module, models
 SUBJECT = "trained_gf_mh"
+EVAL_SEED = 0  # the evaluation windows, needles and bootstrap resamples: fixed, so reports are comparable
+NIAH_FORM = evaluate.Needle("<name>", "<number>", ()).sentence
 
 
 class ReportConfig(dg.Config):
@@ -145,8 +148,11 @@ def gate_report(context: dg.AssetExecutionContext, config: ReportConfig, profile
         n = prof.reports.eval_seqs
         xa, _ = evaluate.windows(val, n, 64)
         xb, _ = evaluate.windows(val, n, 64, offset=n * 65)
+        state_bands = {"S1": gates.S1_STATE_RMS, "S2": gates.S2_STATE_CHANGE, "S3": gates.S3_DETERMINISM,
+                       "S4": gates.S4_STATE_BALANCE}
         for name, res in evaluate.state_tests(model, xa.to(dev), xb.to(dev)).items():
-            rows.append({"check": name, "value": json.dumps(res["value"]), "band": "", "verdict": res["verdict"]})
+            band = json.dumps(state_bands[name].describe()) if name in state_bands else ""
+            rows.append({"check": name, "value": json.dumps(res["value"]), "band": band, "verdict": res["verdict"]})
         factory = lambda: models.get_model(cfg["model"], cfg["vocab_size"], size=cfg["size"], **cfg["model_overrides"]).to(dev)  # noqa: E731
         xo, yo = evaluate.windows(val, 10, 64)
         budget = config.overfit_steps or prof.reports.overfit_steps
@@ -187,29 +193,46 @@ def gate_report(context: dg.AssetExecutionContext, config: ReportConfig, profile
 @dg.asset(**REPORT_KW)
 def ablation_report(context: dg.AssetExecutionContext, config: ReportConfig, profile: ProfileResource,
                     store: StoreResource, trained_gf_mh: Artifact, wkv6_kernel: Artifact) -> dg.Output[Artifact]:
-    """Validation loss with each branch zeroed (overall and per layer) and each fusion path forced;
-    contribution shares; activation variance ratio, state norm ratio and gate value per layer."""
+    """Validation loss with each branch zero-ablated and mean-ablated (overall and per layer) and each fusion
+    path forced, every increase with a 95% bootstrap CI over validation windows spread over the whole split;
+    contribution shares; gate statistics per layer on held-out (test-split) text; activation variance ratio,
+    state norm ratio per layer."""
     prof, st, dev = profile.get(), store.get(), resolve_device(config.device, "report device")
-    ckpt = trained_gf_mh
+    ckpt, rp = trained_gf_mh, prof.reports
 
     def build(d: Path) -> dict[str, Any]:
         model, _ = load_trained(ckpt, str(dev))
-        val = data.TokenShards(_shards_of(st, ckpt).path, verify=False).split("validation")
-        x, y = evaluate.windows(val, prof.reports.eval_seqs, prof.reports.eval_len)
+        shards = data.TokenShards(_shards_of(st, ckpt).path, verify=False)
+        val = shards.split("validation")
+        x, y = evaluate.spread_windows(val, rp.eval_seqs, rp.eval_len, seed=EVAL_SEED)
+        held, _ = evaluate.spread_windows(_held_out(shards), rp.eval_seqs, rp.eval_len, seed=EVAL_SEED)
         p = Progress("ablation_report", 1, context.log.info, unit="evals")
-        res = evaluate.ablation_study(model, x.to(dev), y.to(dev), progress=p)
+        res = evaluate.ablation_study(model, x, y, held, seed=EVAL_SEED, progress=p)
         p.finish()
-        runs = [{"ablation": r.label, "layers": r.layers, "val_loss": r.loss, "delta_loss": r.delta} for r in res["runs"]]
+        runs = [{"ablation": r.label, "kind": r.kind, "layers": r.layers, "val_loss": r.loss, "delta_loss": r.delta,
+                 "delta_lo": r.delta_lo, "delta_hi": r.delta_hi,
+                 "significant": not (r.delta_lo <= 0.0 <= r.delta_hi)} for r in res["runs"]]
         _write_rows(d, "ablation", runs)
         _write_rows(d, "balance", res["balance"])
+        if res["gates"]:
+            _write_rows(d, "gates", res["gates"])
         (d / "ablation.png").write_bytes(_bar_png(runs, res["baseline_loss"]))
-        summary = {"baseline_loss": res["baseline_loss"], "rwkv_share": res.get("rwkv_share", math.nan),
-                   "mamba_share": res.get("mamba_share", math.nan)}
+        base = res["baseline"]
+        summary = {"baseline_loss": base["loss"], "baseline_loss_lo": base["loss_lo"], "baseline_loss_hi": base["loss_hi"],
+                   "eval_windows": base["windows"], "eval_tokens": base["windows"] * rp.eval_len,
+                   **{f"{b}_share_{k}": res.get(f"{b}_share_{k}", math.nan) for b in ("rwkv", "mamba")
+                      for k in ("zero", "mean")}}
         write_json_atomic(d / "report.json", {"provenance": provenance(ckpt, wkv6_kernel), "summary": summary,
-                                              "runs": runs, "balance": res["balance"]})
-        md = (f"Baseline val loss **{res['baseline_loss']:.4f}**; contribution shares (loss increase when zeroed): "
-              f"RWKV {summary['rwkv_share']:.1%}, Mamba {summary['mamba_share']:.1%}\n\n"
+                                              "runs": runs, "gates": res["gates"], "balance": res["balance"]})
+        md = (f"Baseline val loss **{base['loss']:.4f}** (95% CI [{base['loss_lo']:.4f}, {base['loss_hi']:.4f}], "
+              f"{base['windows']} windows x {rp.eval_len} tokens spread over the validation split). "
+              f"Each delta is paired by window; *significant* = its 95% CI excludes 0, otherwise the change is "
+              f"inside the noise.\n\nContribution shares (loss increase when ablated): zero-ablation RWKV "
+              f"{summary['rwkv_share_zero']:.1%} / Mamba {summary['mamba_share_zero']:.1%}; mean-ablation RWKV "
+              f"{summary['rwkv_share_mean']:.1%} / Mamba {summary['mamba_share_mean']:.1%}\n\n"
               + _png_md((d / "ablation.png").read_bytes(), "ablation") + "\n\n" + md_table(runs)
+              + ("\n\n**Fusion gate per layer** (held-out test-split text)\n\n" + md_table(res["gates"])
+                 if res["gates"] else "")
               + "\n\n**Balance per layer**\n\n" + md_table(res["balance"]))
         (d / "report.md").write_text(md)
         return summary
@@ -222,9 +245,9 @@ def ablation_report(context: dg.AssetExecutionContext, config: ReportConfig, pro
 def long_context_report(context: dg.AssetExecutionContext, config: ReportConfig, profile: ProfileResource,
                         store: StoreResource, trained_gf_mh: Artifact, bpe_tokenizer: Artifact,
                         wkv6_kernel: Artifact) -> dg.Output[Artifact]:
-    """Loss vs context length (stateful, flat memory) and per position bucket, the seeds' degradation
-    ratio, a needle-in-a-haystack grid scored by answer rank, and a ranking of every materialized
-    trained_* variant."""
+    """Loss at each position bucket and up to each context length (stateful, flat memory, 95% CIs over
+    windows spread over the split), the seeds' degradation ratio, and a needle-in-a-haystack grid with
+    synthetic key-value needles (a tie is a miss, per-token scores, a no-needle control row, Wilson CIs)."""
     prof, st, dev = profile.get(), store.get(), resolve_device(config.device, "report device")
     ckpt, rp = trained_gf_mh, prof.reports
 
@@ -233,38 +256,46 @@ def long_context_report(context: dg.AssetExecutionContext, config: ReportConfig,
         shards = _shards_of(st, ckpt)
         val = data.TokenShards(shards.path, verify=False).split("validation")
         fits = [n for n in rp.lc_lengths if rp.lc_seqs * (n + 1) <= len(val)]
+        if not fits:
+            raise ValueError(f"the validation split ({len(val)} tokens) holds no {rp.lc_seqs} windows of "
+                             f"{min(rp.lc_lengths)} tokens: use a larger corpus or fewer lc_seqs")
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         t0 = time.perf_counter()
         p = Progress("long context", 1, context.log.info, unit="tokens")
-        curve = evaluate.long_context_curve(model, val, fits, rp.lc_seqs, device=dev, progress=p)
+        curve = evaluate.long_context_curve(model, val, fits, rp.lc_seqs, device=dev, seed=EVAL_SEED, progress=p)
         p.finish()
         # GPU: the allocator's peak during the curve; on CPU there is no per-step figure, so none is reported
         peak = {"peak_memory_mb": torch.cuda.max_memory_allocated(dev) / 2**20} if dev.type == "cuda" else {}
         context.log.info(f"long-context curve up to {fits[-1]} tokens in {time.perf_counter() - t0:.1f}s")
         tok = data.load_tokenizer(_tokenizer_of(st, shards).file("tokenizer.json"))
         eot = tok.token_to_id(data.EOT_TOKEN)
+        niah_lengths = [n for n in rp.niah_lengths if rp.niah_trials * (n + 1) <= len(val)]
         p = Progress("niah", 1, context.log.info, unit="trials")
-        niah = evaluate.niah_grid(model, tok, val, data.demo.facts(), [n for n in rp.niah_lengths if n < len(val)],
-                                  list(rp.niah_depths), rp.niah_trials, dev, eot, progress=p)
+        niah = evaluate.niah_grid(model, tok, val, niah_lengths, list(rp.niah_depths), rp.niah_trials, dev, eot,
+                                  seed=EVAL_SEED, progress=p)
         p.finish()
-        ranking = variant_ranking(st)
         _write_rows(d, "by_length", curve["by_length"])
         _write_rows(d, "buckets", curve["buckets"])
         _write_rows(d, "niah", niah)
-        if ranking:
-            _write_rows(d, "ranking", ranking)
         (d / "niah.png").write_bytes(_heatmap_png(niah))
+        with_needle = [r for r in niah if r["depth"] != "no needle"]
+        control = [r for r in niah if r["depth"] == "no needle"]
         summary = {"max_context": fits[-1], "degradation_ppl_512_over_64": curve["degradation_ppl_512_over_64"],
-                   "niah_accuracy": float(sum(r["accuracy"] for r in niah) / max(len(niah), 1)), **peak}
+                   "niah_accuracy": float(sum(r["accuracy"] for r in with_needle) / max(len(with_needle), 1)),
+                   "niah_control_accuracy": float(sum(r["accuracy"] for r in control) / max(len(control), 1)),
+                   "niah_chance": niah[0]["chance"] if niah else math.nan, **peak}
         write_json_atomic(d / "report.json", {"provenance": provenance(ckpt, wkv6_kernel), "summary": summary,
-                                              "curve": curve, "niah": niah, "ranking": ranking})
-        md = (f"Loss vs context (stateful, {rp.lc_seqs} windows), degradation ppl(512)/ppl(64) = "
-              f"**{curve['degradation_ppl_512_over_64']:.3f}**\n\n" + md_table(curve["by_length"])
-              + "\n\n**Loss per position bucket**\n\n" + md_table(curve["buckets"])
-              + "\n\n**Needle in a haystack** (counterfactual needles; accuracy = answer ranked first)\n\n"
-              + _png_md((d / "niah.png").read_bytes(), "niah") + "\n\n" + md_table(niah)
-              + ("\n\n**Variant ranking**\n\n" + md_table(ranking) if ranking else ""))
+                                              "curve": curve, "niah": niah})
+        md = (f"Loss vs context (stateful, {rp.lc_seqs} windows spread over the validation split, 95% bootstrap "
+              f"CIs over windows), degradation ppl(512)/ppl(64) = **{curve['degradation_ppl_512_over_64']:.3f}**"
+              "\n\n**Loss at each position bucket** (the loss AT those positions)\n\n" + md_table(curve["buckets"])
+              + "\n\n**Mean loss over the first n positions**\n\n" + md_table(curve["by_length"])
+              + f"\n\n**Needle in a haystack**: \"{NIAH_FORM}\" with a random number as the answer, scored "
+              f"against {int(round(1 / summary['niah_chance'])) - 1 if niah else 0} other numbers of the same token "
+              "length by mean log-prob per answer token; a hit needs the answer strictly above every distractor "
+              "(a tie is a miss); 'no needle' is the control (expected at chance). 95% Wilson CIs over trials.\n\n"
+              + _png_md((d / "niah.png").read_bytes(), "niah") + "\n\n" + md_table(niah))
         (d / "report.md").write_text(md)
         return summary
 
@@ -273,17 +304,9 @@ def long_context_report(context: dg.AssetExecutionContext, config: ReportConfig,
 
 
 
-def variant_ranking(store: ArtifactStore) -> list[dict[str, Any]]:
-    """Every trained_* variant with a published checkpoint, by final validation loss."""
-    rows = []
-    for variant in VARIANTS:
-        try:
-            m = store.latest(f"trained_{variant}").metadata
-        except FileNotFoundError:
-            continue
-        rows.append({"variant": m["model"], "size": m["size"], "steps": m["steps"], "val_loss": m["final_val_loss"],
-                     "tokens_per_s": m["tokens_per_s"], "grad_ratio_rwkv_mamba": m.get("grad_ratio_median_last_10pct")})
-    return sorted(rows, key=lambda r: r["val_loss"] if math.isfinite(r["val_loss"]) else math.inf)
+def _held_out(shards) -> Any:
+    """Text for branch means and gate statistics, apart from the evaluation windows: the test split."""
+    return shards.split("test") if "test" in shards.splits else shards.split("validation")
 
 
 def _bar_png(runs: list[dict[str, Any]], base: float) -> bytes:
@@ -294,7 +317,8 @@ def _bar_png(runs: list[dict[str, Any]], base: float) -> bytes:
 
     rows = [r for r in runs if r["layers"] == "all"] + [r for r in runs if r["layers"] != "all"]
     fig, ax = plt.subplots(figsize=(6, 0.3 * len(rows) + 1), dpi=80)
-    ax.barh([f"{r['ablation']} [{r['layers']}]" for r in rows], [r["delta_loss"] for r in rows])
+    err = [[r["delta_loss"] - r["delta_lo"] for r in rows], [r["delta_hi"] - r["delta_loss"] for r in rows]]
+    ax.barh([f"{r['ablation']} [{r['layers']}]" for r in rows], [r["delta_loss"] for r in rows], xerr=err, capsize=2)
     ax.invert_yaxis()
     ax.set_xlabel(f"val loss increase over baseline {base:.3f}")
     fig.tight_layout()
@@ -308,6 +332,7 @@ def _heatmap_png(niah: list[dict[str, Any]]) -> bytes:
     import matplotlib.pyplot as plt
     import numpy as np
 
+    niah = [r for r in niah if r["depth"] != "no needle"]  # the control is in the table
     lengths = sorted({r["haystack_tokens"] for r in niah})
     depths = sorted({r["depth"] for r in niah})
     grid = np.full((len(depths), len(lengths)), np.nan)

@@ -18,7 +18,7 @@ import platform
 import shlex
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import dagster as dg
 import torch
@@ -204,33 +204,51 @@ def build_trained_asset(variant: str) -> dg.AssetsDefinition:
         token_shards: Artifact,
         wkv6_kernel: Artifact,
     ) -> dg.Output[Artifact]:
-        vocab = int(token_shards.metadata["shards"]["vocab_size"])
-        cfg = config.resolve(variant, profile.get().train, vocab)  # validates every field before compute
-        world = config.world_size(cfg)
-        resolved = dataclasses.asdict(cfg)
-        upstream = {"token_shards": token_shards.fingerprint, "wkv6_kernel": wkv6_kernel.fingerprint}
-        paths = run_paths(cfg, world)
-        context.log.info("paths: " + ", ".join(f"{k} {v}" for k, v in paths.items() if v != "n/a"))
-        for note in path_fallbacks(paths, cfg.resolved_device()):
-            context.log.warning(f"slower path: {note}")
-        fp = training_fingerprint(name, resolved, upstream, train_env(cfg, paths), world)
-        st = store.get()
+        return train_variant(context, name, variant, config, profile, store, token_shards, wkv6_kernel)
 
-        tracking: list[TrainingTracking] = []  # opened when a build (not a cache hit) starts
+    return _asset
 
-        def on_log(row: dict[str, Any]) -> None:
-            context.log.info(format_log_row(row, cfg.steps))
-            for t in tracking:
-                t.on_log(row)
 
-        def on_step_end(step: int, model: torch.nn.Module) -> None:
-            for t in tracking:
-                t.on_step_end(step, model)
+def train_variant(context: dg.AssetExecutionContext, name: str, variant: str, config: TrainingConfig,
+                  profile: ProfileResource, store: StoreResource, token_shards: Artifact, wkv6_kernel: Artifact, *,
+                  seed: int | None = None, key_extra: dict[str, Any] | None = None,
+                  after: Callable[[Path, TrainConfig], dict[str, Any]] | None = None) -> dg.Output[Artifact]:
+    """The body of every training asset: resolve the config, train (in-process or torchrun) unless the store
+    holds this fingerprint, publish under `name`. `seed` overrides config.seed (the sweep's partition);
+    `key_extra` enters the fingerprint; `after(dir, cfg)` runs on the published files before the manifest is
+    written and its dict joins the metadata (the sweep's held-out evaluation)."""
+    model_name = VARIANTS[variant]
+    vocab = int(token_shards.metadata["shards"]["vocab_size"])
+    if seed is not None:
+        config = config.model_copy(update={"seed": seed})
+    cfg = config.resolve(variant, profile.get().train, vocab)  # validates every field before compute
+    world = config.world_size(cfg)
+    resolved = dataclasses.asdict(cfg)
+    upstream = {"token_shards": token_shards.fingerprint, "wkv6_kernel": wkv6_kernel.fingerprint}
+    paths = run_paths(cfg, world)
+    context.log.info("paths: " + ", ".join(f"{k} {v}" for k, v in paths.items() if v != "n/a"))
+    for note in path_fallbacks(paths, cfg.resolved_device()):
+        context.log.warning(f"slower path: {note}")
+    keyed = resolved if not key_extra else {**resolved, **key_extra}
+    fp = training_fingerprint(name, keyed, upstream, train_env(cfg, paths), world)
+    st = store.get()
 
-        def build(d: Path) -> dict[str, Any]:
-            work = st.work_dir(name, fp)
-            if world > 1:
-                return train_with_torchrun(context, config, cfg, token_shards.path, work, d, world)
+    tracking: list[TrainingTracking] = []  # opened when a build (not a cache hit) starts
+
+    def on_log(row: dict[str, Any]) -> None:
+        context.log.info(format_log_row(row, cfg.steps))
+        for t in tracking:
+            t.on_log(row)
+
+    def on_step_end(step: int, model: torch.nn.Module) -> None:
+        for t in tracking:
+            t.on_step_end(step, model)
+
+    def build(d: Path) -> dict[str, Any]:
+        work = st.work_dir(name, fp)
+        if world > 1:
+            meta = train_with_torchrun(context, config, cfg, token_shards.path, work, d, world)
+        else:
             context.log.info(f"training {model_name} ({cfg.size}) for {cfg.steps} steps; checkpoints in {work}")
             # The store verified token_shards' sha256 manifest when it handed us the Artifact.
             res = train(cfg, token_shards.path, work, on_log=on_log, on_step_end=on_step_end, progress=True,
@@ -239,46 +257,46 @@ def build_trained_asset(variant: str) -> dg.AssetsDefinition:
                 context.log.info(f"resumed from the checkpoint at step {res.resumed_from_step}")
             context.log.info(f"steady-state {res.steady_tokens_per_s:,.0f} tok/s (after {res.warmup_steps} warm-up "
                              f"steps, without evaluation); run average {res.tokens_per_s:,.0f} tok/s")
-            return write_training_artifact(d, cfg, res, token_shards.path, paths)
+            meta = write_training_artifact(d, cfg, res, token_shards.path, paths)
+        return {**meta, **(after(d, cfg) if after is not None else {})}
 
-        def tracked_build(d: Path) -> dict[str, Any]:
-            if config.track:
-                tracking.append(TrainingTracking(
-                    context, st.root, config.experiment, config.run_name or f"{name}-{fp[:8]}",
-                    params={**resolved, "world_size": world, "fingerprint": fp, **upstream},
-                    tags={"asset": name, "fingerprint": fp, "dagster_run_id": context.run.run_id},
-                    probe=probe_batch(token_shards, cfg.seq_len), eval_every=cfg.eval_every, steps=cfg.steps))
-            try:
-                out = build(d)
-                for t in tracking:
-                    t.built(d)
-            except BaseException:
-                for t in tracking:
-                    t.failed()
-                raise
-            return out
+    def tracked_build(d: Path) -> dict[str, Any]:
+        if config.track:
+            tracking.append(TrainingTracking(
+                context, st.root, config.experiment, config.run_name or f"{name}-{fp[:8]}",
+                params={**resolved, "world_size": world, "fingerprint": fp, **upstream},
+                tags={"asset": name, "fingerprint": fp, "dagster_run_id": context.run.run_id},
+                probe=probe_batch(token_shards, cfg.seq_len), eval_every=cfg.eval_every, steps=cfg.steps))
+        try:
+            out = build(d)
+            for t in tracking:
+                t.built(d)
+        except BaseException:
+            for t in tracking:
+                t.failed()
+            raise
+        return out
 
-        result = st.build(name, fp, tracked_build, inputs={"config": resolved, "world_size": world, **upstream},
-                          force=config.force, on_event=context.log.warning)
-        for t in tracking:
-            t.finish(result.artifact.path)
-        m = result.artifact.metadata
-        return artifact_output(
-            context, result, profile=profile.name,
-            headline={
-                "final_train_loss": m["final_train_loss"], "final_val_loss": m["final_val_loss"],
-                "val_perplexity": m["val_perplexity"], "tokens_per_s": m["tokens_per_s"],
-                **({"steady_tokens_per_s": m["steady_tokens_per_s"]} if m.get("steady_tokens_per_s") else {}),
-                **{f"path_{k}": v for k, v in m.get("paths", {}).items()},
-                "peak_memory_mb": m["peak_memory_mb"], "n_params": m["n_params"], "device": m["device"],
-                "steps": m["steps"], "resumed_from_step": m["resumed_from_step"] if not result.cache_hit else 0,
-                "world_size": m.get("world_size", 1), "global_batch_size": m.get("global_batch_size", cfg.batch_size * cfg.grad_accum),
-                "samples": dg.MetadataValue.md(samples_markdown(st, result.artifact, token_shards)),
-            },
-            preview_md=training_markdown(result.artifact.path, m),
-        )
-
-    return _asset
+    inputs = {"config": resolved, "world_size": world, **upstream, **({"key_extra": key_extra} if key_extra else {})}
+    result = st.build(name, fp, tracked_build, inputs=inputs, force=config.force, on_event=context.log.warning)
+    for t in tracking:
+        t.finish(result.artifact.path)
+    m = result.artifact.metadata
+    return artifact_output(
+        context, result, profile=profile.name,
+        headline={
+            "final_train_loss": m["final_train_loss"], "final_val_loss": m["final_val_loss"],
+            "val_perplexity": m["val_perplexity"], "tokens_per_s": m["tokens_per_s"],
+            **({"steady_tokens_per_s": m["steady_tokens_per_s"]} if m.get("steady_tokens_per_s") else {}),
+            **{f"path_{k}": v for k, v in m.get("paths", {}).items()},
+            "peak_memory_mb": m["peak_memory_mb"], "n_params": m["n_params"], "device": m["device"],
+            "steps": m["steps"], "resumed_from_step": m["resumed_from_step"] if not result.cache_hit else 0,
+            "world_size": m.get("world_size", 1), "global_batch_size": m.get("global_batch_size", cfg.batch_size * cfg.grad_accum),
+            **{k: m[k] for k in ("seed", "eval_val_loss", "eval_val_loss_lo", "eval_val_loss_hi") if k in m},
+            "samples": dg.MetadataValue.md(samples_markdown(st, result.artifact, token_shards)),
+        },
+        preview_md=training_markdown(result.artifact.path, m),
+    )
 
 
 def training_markdown(path: Path, m: dict[str, Any]) -> str:

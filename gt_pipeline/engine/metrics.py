@@ -41,6 +41,22 @@ def entropy_ratio(model: torch.nn.Module, x: torch.Tensor, vocab_size: int) -> f
     return float(ent) / math.log(vocab_size)
 
 
+@torch.no_grad()
+def init_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, vocab_size: int) -> dict[str, float]:
+    """G2 on a freshly initialised model: cross-entropy on real tokens x -> y (int64 (B, T)) against ln(V).
+
+    Returns init_loss (nats), ln_vocab, deviation = |init_loss - ln V| / ln V (the banded value) and the
+    entropy ratio (mean next-token entropy / ln V) for the report."""
+    was_training = model.training
+    model.eval()
+    logp = F.log_softmax(model(x).logits.float(), dim=-1)  # (B, T, V)
+    ce = float(F.nll_loss(logp.transpose(1, 2), y))
+    ent = float(-(logp.exp() * logp).sum(-1).mean())
+    model.train(was_training)
+    ln_v = math.log(vocab_size)
+    return {"init_loss": ce, "ln_vocab": ln_v, "deviation": abs(ce - ln_v) / ln_v, "entropy_ratio": ent / ln_v}
+
+
 def training_health(log: list[dict[str, Any]]) -> dict[str, float]:
     """G3 and G4 inputs from the training log: first/last 10% loss, median grad norm and branch ratio."""
     n = len(log)

@@ -1,0 +1,123 @@
+"""The research sweep: config matching and the comparison over seeds (engine), and a tiny demo sweep
+(2 variants x 2 seeds, a few steps) through Dagster into fusion_comparison_report."""
+
+import json
+import math
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from gt_pipeline.assets import data as data_assets
+from gt_pipeline.assets import kernels as kernel_assets
+from gt_pipeline.assets import sweep
+from gt_pipeline.engine import compare, stats
+from gt_pipeline.resources import DemoWikiTextSource, resources_from_env
+
+RECIPE = {"model": "GF-MH", "size": "demo", "vocab_size": 512, "steps": 10, "batch_size": 2, "seq_len": 32,
+          "lr": 1e-3, "seed": 0, "device": "cpu", "eval_every": 5}
+
+
+def run(model, seed, loss, **recipe):
+    cfg = {**RECIPE, "model": model, "seed": seed, **recipe}
+    return compare.Run(f"r/{model}-{seed}-{recipe}", model, seed, cfg, "data1", loss, 1000, 10.0)
+
+
+def test_match_runs_excludes_and_names_a_run_with_another_recipe_or_data():
+    runs = [run("GF-MH", 0, 5.0), run("GF-MH", 1, 5.1), run("GPT", 0, 5.3), run("GPT", 1, 5.5),
+            run("GPT", 2, 4.0, steps=20), run("GF-MH", 2, 4.0, device="cuda", eval_every=3)]
+    other_data = run("GPT", 3, 1.0)
+    other_data.data = "data2"
+    matched, excluded, ref = compare.match_runs(runs + [other_data])
+    assert {(r.model, r.seed) for r in matched} == {("GF-MH", 0), ("GF-MH", 1), ("GPT", 0), ("GPT", 1), ("GF-MH", 2)}
+    reasons = {(e["model"], e["seed"]): e["reason"] for e in excluded}
+    assert set(reasons) == {("GPT", 2), ("GPT", 3)}
+    assert "steps=20" in reasons[("GPT", 2)] and "compared runs: 10" in reasons[("GPT", 2)]
+    assert "data='data2'" in reasons[("GPT", 3)]
+    assert ref["steps"] == 10 and "seed" not in ref and "device" not in ref
+
+
+def test_compare_reports_t_cis_over_seeds_and_paired_differences():
+    runs = [run("GF-MH", 0, 5.0), run("GF-MH", 1, 5.2), run("GF-MH", 2, 5.1),
+            run("GPT", 0, 5.3), run("GPT", 1, 5.6), run("GPT", 2, 5.35), run("HY", 0, 5.0)]
+    res = compare.compare(runs)
+    by = {r["model"]: r for r in res["variants"]}
+    half = stats.t_quantile(0.975, 2) * 0.1 / math.sqrt(3)  # GF-MH: mean 5.1, s = 0.1
+    assert by["GF-MH"]["val_loss"] == pytest.approx(5.1) and by["GF-MH"]["val_loss_hi"] == pytest.approx(5.1 + half)
+    assert by["GF-MH"]["ppl"] == pytest.approx(math.exp(5.1)) and by["GF-MH"]["ppl_lo"] == pytest.approx(math.exp(5.1 - half))
+    assert math.isnan(by["HY"]["val_loss_lo"])  # one seed: no interval
+    d = {(r["model"], r["vs"]): r for r in res["differences"]}
+    gpt = d[("GPT", "GF-MH")]  # diffs .3 .4 .25: mean .31667, s = .07638
+    assert gpt["diff"] == pytest.approx(0.316667, abs=1e-5) and gpt["seeds_paired"] == 3
+    assert gpt["diff_lo"] == pytest.approx(0.316667 - stats.t_quantile(0.975, 2) * 0.076376 / math.sqrt(3), abs=1e-4)
+    assert gpt["verdict"].startswith("higher")
+    assert d[("HY", "GF-MH")]["verdict"].startswith("unknown") and d[("GF-MH", "GPT")]["diff"] < 0
+    for r, dz in zip(runs[:3], (0.2, 0.25, 0.15)):  # mean .2, s = .05
+        r.ablation = {"zero_mamba": dz}
+    (ab,) = compare.compare(runs)["ablation"]
+    assert (ab["model"], ab["ablation"], ab["branch"], ab["seeds"]) == ("GF-MH", "zero", "mamba", 3)
+    assert ab["delta_loss"] == pytest.approx(0.2) and ab["delta_lo"] == pytest.approx(0.2 - half / 2)
+    assert ab["verdict"].startswith("loss higher without it")
+
+
+TINY = {"steps": 6, "batch_size": 2, "seq_len": 32, "eval_every": 3, "eval_batches": 1, "checkpoint_every": 6,
+        "device": "cpu", "eval_windows": 8}
+ASSETS = [data_assets.wikitext103_raw, data_assets.bpe_tokenizer, data_assets.token_shards, kernel_assets.wkv6_kernel,
+          sweep.sweep_run, sweep.fusion_comparison_report]
+
+
+def test_tiny_demo_sweep_reports_every_variant_over_seeds_and_names_a_mismatched_run(tmp_path, one_thread):
+    res_ = {**resources_from_env({"GT_PROFILE": "demo", "GT_HOME": str(tmp_path)}), "source": DemoWikiTextSource(size_mb=0.3)}
+    inst = dg.DagsterInstance.ephemeral()
+    base = {"ops": {"bpe_tokenizer": {"config": {"vocab_size": 512}}}}
+    r = dg.materialize(ASSETS, selection=dg.AssetSelection.assets("token_shards", "wkv6_kernel").upstream(),
+                       resources=res_, run_config=base, instance=inst)
+    assert r.success
+    sweep_cfg = lambda **kw: {"ops": {"sweep_run": {"config": {**TINY, **kw}}}}  # noqa: E731
+    for variant in ("gf_mh", "gpt"):
+        for seed in ("0", "1"):
+            r = dg.materialize(ASSETS, selection=["sweep_run"], partition_key=f"{seed}|{variant}", resources=res_,
+                               run_config=sweep_cfg(), instance=inst)
+            assert r.success
+            (mat,) = r.asset_materializations_for_node("sweep_run")
+            assert mat.metadata["seed"].value == int(seed)
+    r = dg.materialize(ASSETS, selection=["sweep_run"], partition_key="2|gpt", resources=res_,
+                       run_config=sweep_cfg(steps=7), instance=inst)
+    assert r.success
+    r = dg.materialize(ASSETS, selection=["fusion_comparison_report"], resources=res_, instance=inst)
+    assert r.success
+    (mat,) = r.asset_materializations_for_node("fusion_comparison_report")
+    m = {k: v.value for k, v in mat.metadata.items()}
+    assert m["runs_compared"] == 4 and m["runs_excluded"] == 1
+    report = json.loads((Path(m["path"]) / "report.json").read_text())
+    (ex,) = report["excluded"]
+    assert ex["model"] == "GPT" and ex["seed"] == 2 and "steps=7" in ex["reason"]
+    rows = {v["model"]: v for v in report["result"]["variants"]}
+    assert set(rows) == {"GF-MH", "GPT"} and all(v["seeds"] == 2 for v in rows.values())
+    assert all(v["val_loss_lo"] < v["val_loss"] < v["val_loss_hi"] for v in rows.values())
+    abl = {(a["ablation"], a["branch"]): a for a in report["result"]["ablation"] if a["model"] == "GF-MH"}
+    assert set(abl) == {("zero", "rwkv"), ("zero", "mamba"), ("mean", "rwkv"), ("mean", "mamba")}
+    assert all(a["seeds"] == 2 for a in abl.values())
+    assert not any(a["model"] == "GPT" for a in report["result"]["ablation"])  # no branches to ablate
+    diffs = {(d["model"], d["vs"]) for d in report["result"]["differences"]}
+    assert diffs == {("GPT", "GF-MH"), ("GF-MH", "GPT")}
+    md = m["preview"]
+    assert "data:image/png;base64," in md and "Excluded runs" in md and ex["run"] in md
+    assert "inside the noise" in md.lower() or "outside the noise" in md.lower()
+    # the canonical per-seed numbers are the runs' own held-out evaluations
+    losses = sorted(a.metadata["eval_val_loss"] for a in sweep.published_runs(sweep.ArtifactStore(tmp_path))
+                    if a.inputs["config"]["model"] == "GF-MH")
+    assert rows["GF-MH"]["val_loss"] == pytest.approx(sum(losses) / 2)
+
+
+def test_sweep_is_registered_partitioned_by_seed_and_variant_in_its_pool():
+    from gt_pipeline.assets.training import VARIANTS
+    from gt_pipeline.definitions import defs
+
+    graph = defs.resolve_asset_graph()
+    node = graph.get(dg.AssetKey("sweep_run"))
+    assert node.group_name == "sweep" and node.pools == {"sweep_gpu"}
+    keys = node.partitions_def.get_partition_keys()
+    assert len(keys) == len(VARIANTS) * len(sweep.SEEDS) and "0|gf_mh" in keys and "4|mamba2" in keys
+    assert graph.get(dg.AssetKey("fusion_comparison_report")).group_name == "reports"
+    assert {k.to_user_string() for k in defs.resolve_job_def("sweep").asset_layer.selected_asset_keys} == {"sweep_run"}
