@@ -289,3 +289,20 @@ def test_new_models_train_under_bf16_autocast_on_cuda_and_match_fp32(name, no_tf
     loss.backward()
     assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
     assert (out.logits.float() - ref).abs().max() < 0.1, "bf16 autocast logits far from fp32"
+
+
+@pytest.mark.parametrize("name", ["GRU", "MINGRU"])
+def test_compiled_step_matches_eager_for_the_arbiters(name):
+    """torch.compile of the training step (model + loss) gives the eager loss and gradients: the minGRU scan
+    compiles, the fused GRU call is left to eager by Dynamo (a graph break), both stay exact."""
+    from numerics import eager_and_compiled_step
+
+    torch.manual_seed(0)
+    model = models.get_model(name, V, size="demo", n_layer=1, mamba_backend="wkv6")
+    x = torch.randint(0, V, (2, 24))
+    (want_loss, want), (got_loss, got) = eager_and_compiled_step(model, x, torch.roll(x, -1, 1))
+    assert abs(got_loss - want_loss) < 1e-5, (got_loss, want_loss)
+    assert want.keys() == got.keys()
+    for n in want:
+        scale = max(float(want[n].abs().max()), 1e-6)
+        assert float((got[n] - want[n]).abs().max()) <= 1e-4 * scale + 1e-7, f"{name} grad {n}"

@@ -247,7 +247,8 @@ def train_step(model, fwd, optimizer, batches, grad_clip: float, autocast, *, no
     stay the last good ones.
 
     Each batch is a tuple of `fwd`'s arguments ((x, y), or objectives.StepLoss's (x, y, reset, carrier)).
-    `fwd(*batch)` returns the loss or (loss, {term: detached 0-dim}); plain `fwd(x, y)` returns the mean token loss of `model` (`step_function(model)`, maybe compiled). Under
+    `fwd(*batch)` returns the loss or (loss, {term: detached 0-dim}); plain `fwd(x, y)` returns the mean
+    token loss of `model` (`step_function(model)`, maybe compiled). Under
     DDP `fwd` is the DDP wrapper of that, `no_sync` its `no_sync` (gradients are all-reduced on the last
     micro-batch only) and `model` the unwrapped LM, so the component norms read real parameter names
     and, taken after backward, the all-reduced gradients. The returned loss is the mean over all ranks:
