@@ -23,7 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Engine modules every trained model depends on (the training loop, its metrics, checkpoint format).
 _TRAIN_ENGINE = ("gt_pipeline/engine/train.py", "gt_pipeline/engine/metrics.py", "gt_pipeline/engine/checkpoint.py",
-                 "gt_pipeline/engine/artifact.py", "gt_pipeline/engine/distributed.py", "gt_pipeline/engine/worker.py")
+                 "gt_pipeline/engine/artifact.py", "gt_pipeline/engine/distributed.py", "gt_pipeline/engine/worker.py",
+                 "gt_pipeline/engine/objectives.py")
 
 DEPENDS: dict[str, tuple[str, ...]] = {
     "wikitext103_raw": ("data/sources.py", "data/demo.py"),

@@ -15,6 +15,9 @@ configs saved before the field existed rebuild as "auto". `mamba_conv` picks the
 `wkv6_impl` picks the wkv6 CUDA kernels: "auto" (default: `kernels.set_auto_impl`'s choice, the chunked
 tensor-core kernels where they apply: CUDA, bf16 autocast, head size 64), "sequential", or "chunked".
 Numerics only, like `mamba_backend`. `models.describe_paths` reports what a model runs on a device.
+`mamba_residual` (hybrids) adds the Mamba-2 branch output to the residual stream beside the fusion:
+x = x + fuse(a, m) + m. `rwkv_drop_prob` (hybrids) replaces a layer's whole RWKV-6 output by zeros with that
+probability, one draw per layer and forward, in training mode only (eval is unaffected).
 """
 from __future__ import annotations
 
@@ -27,9 +30,11 @@ from .mamba2 import BACKENDS as MAMBA2_BACKENDS
 from .mamba2 import CONV_IMPLS as MAMBA2_CONV_IMPLS
 from .mamba2 import wkv6_backend_problem
 
-__all__ = ["ModelConfig", "SIZE_PRESETS", "HYBRID_NAMES", "BASELINE_NAMES", "MODEL_NAMES"]
+__all__ = ["ModelConfig", "SIZE_PRESETS", "HYBRID_NAMES", "BASELINE_NAMES", "MODEL_NAMES", "GATE_INIT_NAMES"]
 
-HYBRID_NAMES = ("GF-MH", "GF-RH", "GF", "HY", "WS", "RF", "CP")
+HYBRID_NAMES = ("GF-MH", "GF-RH", "GF", "HY", "WS", "RF", "CP", "GF-XM", "GF-XR", "HGF", "HGF-MH", "HGF-RH",
+                "GRU", "MINGRU", "LINREC")
+GATE_INIT_NAMES = ("GF", "GF-MH", "GF-RH", "GF-XM", "GF-XR", "HGF", "HGF-MH", "HGF-RH")  # fusions with a bias b = logit(g0)
 BASELINE_NAMES = ("GPT", "RWKV6", "MAMBA2")
 MODEL_NAMES = HYBRID_NAMES + BASELINE_NAMES
 
@@ -59,8 +64,10 @@ class ModelConfig:
     mamba_conv: str = "auto"        # Mamba-2 depthwise conv, one of models.mamba2.CONV_IMPLS
     wkv6_impl: str = "auto"         # wkv6 kernels of RWKV-6 (and of Mamba-2 on backend "wkv6"), module doc above
     ffn_mult: int = 4               # block FFN width = ffn_mult * hidden (GELU, no bias)
-    gate_init: float | None = None  # GF family start gate; None = the variant's own (GF-MH 0.3, GF-RH 0.7)
+    gate_init: float | None = None  # GF / HGF start gate; None = the variant's own (GF-MH 0.3, GF-XM 0.03, ...)
     norm_eps: float = 1e-6
+    mamba_residual: bool = False    # hybrids: x = x + fuse(a, m) + m (module doc above)
+    rwkv_drop_prob: float = 0.0     # hybrids: P(RWKV-6 output zeroed) per layer and training forward
 
     def __post_init__(self):
         if self.name not in MODEL_NAMES:
@@ -96,10 +103,22 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.wkv6_impl: must be one of {', '.join(map(repr, WKV6_IMPLS))}, "
                              f"got {self.wkv6_impl!r}")
         if self.gate_init is not None:
-            if self.name not in ("GF", "GF-MH", "GF-RH"):
-                raise ValueError(f"ModelConfig.gate_init: only the GF family has a gate init, not {self.name}")
+            if self.name not in GATE_INIT_NAMES:
+                raise ValueError(f"ModelConfig.gate_init: only {', '.join(GATE_INIT_NAMES)} have a gate init, "
+                                 f"not {self.name}")
             if not 0.0 < float(self.gate_init) < 1.0:
                 raise ValueError(f"ModelConfig.gate_init: must lie in (0, 1), got {self.gate_init}")
+        if not isinstance(self.mamba_residual, bool):
+            raise ValueError(f"ModelConfig.mamba_residual: must be a bool, got {self.mamba_residual!r}")
+        if self.mamba_residual and self.name not in HYBRID_NAMES:
+            raise ValueError(f"ModelConfig.mamba_residual: only hybrids ({', '.join(HYBRID_NAMES)}) have a Mamba "
+                             f"branch beside a fusion, not {self.name}")
+        if isinstance(self.rwkv_drop_prob, bool) or not isinstance(self.rwkv_drop_prob, (int, float)) \
+                or not 0.0 <= self.rwkv_drop_prob < 1.0:
+            raise ValueError(f"ModelConfig.rwkv_drop_prob: must be a float in [0, 1), got {self.rwkv_drop_prob!r}")
+        if self.rwkv_drop_prob > 0 and self.name not in HYBRID_NAMES:
+            raise ValueError(f"ModelConfig.rwkv_drop_prob: only hybrids ({', '.join(HYBRID_NAMES)}) drop the RWKV "
+                             f"branch before a fusion, not {self.name}")
         if not self.norm_eps > 0:
             raise ValueError(f"ModelConfig.norm_eps: must be > 0, got {self.norm_eps}")
 

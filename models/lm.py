@@ -10,7 +10,9 @@
 
 Blocks (pre-norm, one residual per sub-block; no positional embedding except RoPE in GPT):
     hybrid (ParallelHybridBlock): h = RMSNorm(x); a = RWKV6TimeMix(h); m = Mamba2(h)
-                                  x = x + fuse(a, m); x = x + FFN(RMSNorm(x)),  FFN = Linear(C,4C) GELU Linear(4C,C)
+                                  x = x + fuse(a, m) [+ m with mamba_residual]; x = x + FFN(RMSNorm(x)),
+                                  FFN = Linear(C,4C) GELU Linear(4C,C); in training a = 0 with rwkv_drop_prob
+                                  The arbiter fusions (GRU, MINGRU, LINREC) add their own "arbiter_*" states.
     RWKV6:  x = x + RWKV6TimeMix(RMSNorm(x)); x = x + RWKV6ChannelMix(RMSNorm(x))
     MAMBA2: x = x + Mamba2(RMSNorm(x));       x = x + FFN(RMSNorm(x))
     GPT:    x = x + CausalSelfAttention(RMSNorm(x)) (RoPE, SDPA); x = x + FFN(RMSNorm(x))
@@ -113,6 +115,9 @@ class HybridBlock(nn.Module):
         self.norm2 = RMSNorm(C, cfg.norm_eps)
         self.ffn = FFN(C, cfg.ffn_mult)
         self.ablated: set[str] = set()
+        self.stateful_fusion = getattr(self.fusion, "stateful", False)   # the arbiters carry a state over time
+        self.mamba_residual = cfg.mamba_residual
+        self.rwkv_drop_prob = float(cfg.rwkv_drop_prob)
 
     def forward(self, x, state):
         h = self.norm1(x)
@@ -122,10 +127,19 @@ class HybridBlock(nn.Module):
             a = torch.zeros_like(a)
         if "mamba" in self.ablated:
             m = torch.zeros_like(m)
-        fused, gate = self.fusion(a, m)
+        if self.training and self.rwkv_drop_prob > 0:
+            # one draw per layer and forward from torch's RNG (the seeds' rwkv_drop_prob); eval never drops
+            keep = torch.rand((), device=a.device) >= self.rwkv_drop_prob
+            a = torch.where(keep, a, torch.zeros((), dtype=a.dtype, device=a.device))
+        if self.stateful_fusion:
+            fused, gate, st_f = self.fusion(a, m, state)
+        else:
+            (fused, gate), st_f = self.fusion(a, m), {}
         x = x + fused
+        if self.mamba_residual:
+            x = x + m
         x = x + self.ffn(self.norm2(x))
-        return x, {**st_r, **st_m}, gate, {"rwkv": a, "mamba": m}
+        return x, {**st_r, **st_m, **st_f}, gate, {"rwkv": a, "mamba": m}
 
 
 class RWKV6Block(nn.Module):

@@ -13,7 +13,11 @@ from .registry import get_model, list_models
 # unless noted. Their "RWKV-6" branch was not RWKV-6 (static decay, internal LN + FFN), so they differ from ours.
 SEEDS_16K = {"GF-MH": "5,618,920", "GF-RH": "5,618,920", "GF": "5,618,920", "HY": "5,620,960",
              "WS": "5,616,872", "RF": "5,747,936", "CP": "5,879,008", "GPT": "6,814,080 (GPT-2, 192 x 8)",
-             "RWKV6": "5,631,120 (144 x 8; docs said 4.46M)", "MAMBA2": "-"}
+             "RWKV6": "5,631,120 (144 x 8; docs said 4.46M)", "MAMBA2": "-",
+             "GF-XM": "5,618,920", "GF-XR": "5,618,920", "HGF": "5,880,032", "HGF-MH": "5,880,032",
+             "HGF-RH": "5,880,032", "GRU": "6,804,720",
+             "MINGRU": "- (notebook only, never in a registered model)",
+             "LINREC": "- (notebook pilot: 5,261,592 with linear stand-in branches, 256 x 8, vocab 16384)"}
 
 
 def table(vocab_size: int = 16000) -> str:

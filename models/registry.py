@@ -22,6 +22,9 @@ import torch.nn as nn
 import kernels
 
 from .config import BASELINE_NAMES, HYBRID_NAMES, MODEL_NAMES, SIZE_PRESETS, ModelConfig
+
+# hybrids whose fusion has a gate force_gate can set (HY's gains, RF and CP have none)
+GATED_NAMES = ("GF", "GF-MH", "GF-RH", "GF-XM", "GF-XR", "HGF", "HGF-MH", "HGF-RH", "WS", "GRU", "MINGRU", "LINREC")
 from .lm import LM, make_block
 from .mamba2 import Mamba2
 from .rwkv6 import RWKV6TimeMix
@@ -29,7 +32,8 @@ from .rwkv6 import RWKV6TimeMix
 __all__ = ["get_model", "list_models", "list_sizes", "canonical_name", "make_config", "component_of",
            "no_weight_decay", "ablate", "mean_ablate", "force_gate", "describe_paths"]
 
-_ALIASES = {"MAMBA-2": "MAMBA2", "RWKV-6": "RWKV6", "GPT-2": "GPT", "GPT2": "GPT", "GFMH": "GF-MH", "GFRH": "GF-RH"}
+_ALIASES = {"MAMBA-2": "MAMBA2", "RWKV-6": "RWKV6", "GPT-2": "GPT", "GPT2": "GPT", "GFMH": "GF-MH", "GFRH": "GF-RH",
+            "GFXM": "GF-XM", "GFXR": "GF-XR", "HGFMH": "HGF-MH", "HGFRH": "HGF-RH", "MIN-GRU": "MINGRU"}
 
 
 def list_models() -> list[str]:
@@ -95,14 +99,15 @@ def component_of(param_name: str) -> str:
 
 
 def no_weight_decay(param_name: str, param: nn.Parameter) -> bool:
-    """RWKV-LM's rule: decay only >= 2-D `.weight` matrices (after squeeze), so biases, norms, time_* / *_w1 /
-    *_w2 mixing parameters and scalars are exempt; plus anything marked `_no_weight_decay` (Mamba-2's A_log,
-    D, dt_bias)."""
+    """RWKV-LM's rule: decay only >= 2-D weight matrices (after squeeze; the leaf name `weight`, or `weight_*`
+    as nn.GRU's weight_ih_l0 / weight_hh_l0), so biases, norms, time_* / *_w1 / *_w2 mixing parameters and
+    scalars are exempt; plus anything marked `_no_weight_decay` (Mamba-2's A_log, D, dt_bias)."""
     if getattr(param, "_no_weight_decay", False):
         return True
-    if param_name.split(".")[-1] in ("A_log", "D", "dt_bias"):
+    leaf = param_name.split(".")[-1]
+    if leaf in ("A_log", "D", "dt_bias"):
         return True
-    return not param_name.endswith(".weight") or param.squeeze().dim() < 2
+    return not (leaf == "weight" or leaf.startswith("weight_")) or param.squeeze().dim() < 2
 
 
 # --------------------------------------------------------------------------------------------------- ablation
@@ -138,11 +143,13 @@ def ablate(model: LM, branch: str, layers=None):
 
 @contextlib.contextmanager
 def force_gate(model: LM, value: float, layers=None):
-    """Force the fusion gate g (GF, GF-MH, GF-RH) or alpha (WS) to `value` in [0, 1] in `layers` (None = all)."""
+    """Force the RWKV weight of the fusion to `value` in [0, 1] in `layers` (None = all): g of the GF family,
+    s of the HGF family (every channel), alpha of WS, w_a of the arbiters (GRU, MINGRU, LINREC; w_m = 1 - w_a;
+    their recurrences still run, so their states are unchanged)."""
     if not hasattr(model, "blocks") or not all(hasattr(getattr(b, "fusion", None), "forced_gate")
                                                for b in model.blocks):
         name = getattr(getattr(model, "config", None), "name", type(model).__name__)
-        raise ValueError(f"force_gate: model {name} has no fusion gate; gated variants: GF, GF-MH, GF-RH, WS")
+        raise ValueError(f"force_gate: model {name} has no fusion gate; gated variants: {', '.join(GATED_NAMES)}")
     if not 0.0 <= float(value) <= 1.0:
         raise ValueError(f"force_gate: value must lie in [0, 1], got {value}")
     blocks = _select_blocks(model, layers)

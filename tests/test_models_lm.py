@@ -14,7 +14,7 @@ from numerics import assert_close
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ALL = models.list_models()
-HYBRIDS = ["GF-MH", "GF-RH", "GF", "HY", "WS", "RF", "CP"]
+HYBRIDS = list(models.HYBRID_NAMES)
 RECURRENT = [n for n in ALL if n != "GPT"]
 V = 97                                             # small vocab keeps the tests fast
 TINY = dict(size="demo", n_layer=2)                # hidden 64, RWKV heads of 32, Mamba d_state 32 / headdim 32
@@ -145,7 +145,9 @@ def test_gradient_at_init_reaches_rwkv_output_and_all_of_mamba():
 #                                   faaaa C; ln_x 2C)
 #   Mamba2        (4C + 2N + Hm) C + 5 (2C + 2N) + 3 Hm + 2C + 2C^2   (in_proj, conv w+b, dt_bias/A_log/D,
 #                                   norm, out_proj)
-#   FFN 8C^2; block norms 2C; fusion GF* 2C+1, HY 4C, WS 1, RF C^2, CP 2C^2
+#   FFN 8C^2; block norms 2C; fusion GF* 2C+1, HY 4C, WS 1, RF C^2, CP 2C^2, HGF* 2C^2 + C,
+#   GRU arbiter 9C^2 + 6C (GRUCell 2C -> C) + 2C + 2 (head), MINGRU 2C (norms) + 4CD + 2D with D = 1.5C,
+#   LINREC 2C + 1 (gate) + 4C + 2 (head)
 #   RWKV-6 channel-mix 2C F + C^2 + 2C with F = floor(3.5C/32)*32;  GPT block 12C^2 + 2C
 #   total = V C (tied embedding) + C (final norm) + L * block;  baselines: L' = round(L * GF-MH block / block)
 # Worked: 5m GF-MH block = 140,544 + 117,388 + 131,072 + 257 + 256 = 389,517 -> 2,048,000 + 128 + 8 * 389,517.
@@ -154,6 +156,10 @@ EXPECTED_16K = {
     ("GF-MH", "8m"): 12_885_924,
     ("GF-RH", "5m"): 5_164_264, ("GF", "5m"): 5_164_264, ("HY", "5m"): 5_166_304, ("WS", "5m"): 5_162_216,
     ("RF", "5m"): 5_293_280, ("CP", "5m"): 5_424_352,
+    ("GF-XM", "5m"): 5_164_264, ("GF-XR", "5m"): 5_164_264,
+    ("HGF", "5m"): 5_164_264 + 8 * (32_896 - 257), ("HGF-MH", "5m"): 5_425_376, ("HGF-RH", "5m"): 5_425_376,
+    ("GRU", "5m"): 5_164_264 + 8 * (148_224 + 258 - 257), ("MINGRU", "5m"): 5_164_264 + 8 * (98_944 - 257),
+    ("LINREC", "5m"): 5_164_264 + 8 * (771 - 257),
     ("GPT", "5m"): 5_197_952, ("RWKV6", "5m"): 5_041_536, ("MAMBA2", "5m"): 5_281_436,
 }
 EXPECTED_BASELINE_DEPTH_5M = {"GPT": 16, "RWKV6": 11, "MAMBA2": 13}
@@ -263,7 +269,9 @@ def test_ablate_and_force_gate_errors():
 def test_names_are_case_insensitive():
     assert models.get_model("gf_mh", V, **TINY).config.name == "GF-MH"
     assert models.get_model("Mamba2", V, size="demo").config.name == "MAMBA2"
-    assert set(models.list_models()) == {"GF-MH", "GF-RH", "GF", "HY", "WS", "RF", "CP", "GPT", "RWKV6", "MAMBA2"}
+    assert set(models.list_models()) == {"GF-MH", "GF-RH", "GF", "HY", "WS", "RF", "CP", "GF-XM", "GF-XR", "HGF",
+                                         "HGF-MH", "HGF-RH", "GRU", "MINGRU", "LINREC", "GPT", "RWKV6", "MAMBA2"}
+    assert models.get_model("hgf_mh", V, **TINY).config.name == "HGF-MH"
     assert set(models.list_sizes()) == {"demo", "tiny", "5m", "8m"}
     cfg = models.get_model("ws", V, size="5m").config
     assert (cfg.name, cfg.size, cfg.vocab_size, cfg.hidden_size, cfg.n_layer) == ("WS", "5m", V, 128, 8)

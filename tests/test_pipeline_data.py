@@ -57,7 +57,8 @@ def test_definitions_load_with_contract_names():
     keys = {k.to_user_string() for k in defs.resolve_all_asset_keys()}
     expected = {"wikitext103_raw", "bpe_tokenizer", "token_shards", "wkv6_kernel", "trained_gf_mh", "trained_gf",
                 "trained_gf_rh", "trained_hy", "trained_ws", "trained_rf", "trained_cp", "trained_gpt",
-                "trained_rwkv6", "trained_mamba2"}
+                "trained_rwkv6", "trained_mamba2", "trained_gf_xm", "trained_gf_xr", "trained_hgf", "trained_hgf_mh",
+                "trained_hgf_rh", "trained_gru", "trained_mingru", "trained_linrec"}
     assert expected <= keys
     graph = defs.resolve_asset_graph()
     for key in graph.get_all_asset_keys():

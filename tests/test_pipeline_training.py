@@ -390,3 +390,27 @@ def test_concurrent_cli_materializations_are_each_bound_to_their_own_checkpoint(
     assert fa != fb and a.fingerprints["gate_report"] != b.fingerprints["gate_report"]
     assert not a.cache_hit["trained_gf_mh"] and not b.cache_hit["trained_gf_mh"]  # both trained, at once
     assert not list((home / "trained_gf_mh").glob(".tmp-*"))
+
+
+def test_training_config_maps_the_issue_17_options_and_keeps_default_fingerprints():
+    """mamba_residual / rwkv_drop_prob reach the model overrides, lambda_div / lambda_arb / stateful the TrainConfig;
+    left off they are absent from the resolved record, so the fingerprints of earlier runs stay valid."""
+    import dataclasses
+
+    from gt_pipeline.assets.training import VARIANTS, TrainingConfig
+    from gt_pipeline.engine.objectives import without_default_objectives
+    from gt_pipeline.profiles import PROFILES
+
+    demo = PROFILES["demo"].train
+    base = TrainingConfig().resolve("gru", demo, 512)
+    assert base.model == "GRU" and base.model_overrides == {}
+    assert set(without_default_objectives(dataclasses.asdict(base))) == {f.name for f in dataclasses.fields(base)} \
+        - {"lambda_div", "lambda_arb", "stateful"}
+    on = TrainingConfig(mamba_residual=True, rwkv_drop_prob=0.1, lambda_div=0.1, lambda_arb=0.2, stateful=True)
+    cfg = on.resolve("hgf_mh", demo, 512)
+    assert cfg.model_overrides == {"mamba_residual": True, "rwkv_drop_prob": 0.1}
+    assert (cfg.lambda_div, cfg.lambda_arb, cfg.stateful) == (0.1, 0.2, True)
+    assert without_default_objectives(dataclasses.asdict(cfg))["lambda_arb"] == 0.2
+    with pytest.raises(ValueError, match="lambda_arb"):
+        TrainingConfig(lambda_arb=0.1).resolve("hy", demo, 512)
+    assert {"gf_xm", "gf_xr", "hgf", "hgf_mh", "hgf_rh", "gru", "mingru", "linrec"} <= set(VARIANTS)

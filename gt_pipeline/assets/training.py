@@ -28,6 +28,7 @@ import data
 from gt_pipeline.assets.common import OWNER, artifact_output, md_table
 from gt_pipeline.assets.training_extras import TrainingTracking, probe_batch, samples_markdown
 from gt_pipeline.engine.artifact import write_training_artifact
+from gt_pipeline.engine.objectives import without_default_objectives
 from gt_pipeline.engine.train import (TrainConfig, eval_windows, format_log_row, optional_packages, path_fallbacks,
                                       run_paths, train)
 from gt_pipeline.engine.worker import read_errors, torchrun_command
@@ -38,12 +39,16 @@ from gt_pipeline.versions import code_version
 GROUP = "training"
 TRAIN_VERSION = code_version("trained")  # models/, the wkv6 wrapper, shard reading, the training engine
 
-# asset suffix -> registry name. Hybrids first; the last three are single-mixer baselines.
+# asset suffix -> registry name. Hybrids first (the seven fusions, then the gate variants and arbiters of
+# issue 17); the last three are single-mixer baselines.
 VARIANTS: dict[str, str] = {
     "gf_mh": "GF-MH", "gf": "GF", "gf_rh": "GF-RH", "hy": "HY", "ws": "WS", "rf": "RF", "cp": "CP",
+    "gf_xm": "GF-XM", "gf_xr": "GF-XR", "hgf": "HGF", "hgf_mh": "HGF-MH", "hgf_rh": "HGF-RH",
+    "gru": "GRU", "mingru": "MINGRU", "linrec": "LINREC",
     "gpt": "GPT", "rwkv6": "RWKV6", "mamba2": "MAMBA2",
 }
-HYBRIDS = frozenset(["gf_mh", "gf", "gf_rh", "hy", "ws", "rf", "cp"])
+HYBRIDS = frozenset(["gf_mh", "gf", "gf_rh", "hy", "ws", "rf", "cp", "gf_xm", "gf_xr", "hgf", "hgf_mh", "hgf_rh",
+                     "gru", "mingru", "linrec"])
 
 
 class TrainingConfig(dg.Config):
@@ -77,6 +82,16 @@ class TrainingConfig(dg.Config):
                             "where it applies) or torch")
     wkv6_impl: str = Field(default="auto", description="wkv6 CUDA kernels: auto (chunked tensor-core kernels where "
                            "they apply: bf16, head size 64; sequential elsewhere), sequential, or chunked")
+    mamba_residual: bool = Field(default=False, description="Hybrids: add the Mamba-2 output to the residual stream "
+                                 "beside the fusion (x + fuse(a, m) + m)")
+    rwkv_drop_prob: float = Field(default=0.0, description="Hybrids: probability per layer and step that the RWKV-6 "
+                                  "output is replaced by zeros in training (eval unaffected)")
+    lambda_div: float = Field(default=0.0, description="Twin-debate diversity weight, (1 + cos(a, m)) / 2; 0 = off "
+                              "(gt_pipeline/engine/objectives.py)")
+    lambda_arb: float = Field(default=0.0, description="Twin-debate weight of the arbiter CE towards the better branch; "
+                              "0 = off; needs a per-token gate (GF*, HGF*, GRU, MINGRU, LINREC)")
+    stateful: bool = Field(default=False, description="Train on batch_size parallel tracks of the stream with the "
+                           "recurrent state carried across batches, reset at document starts (one process only)")
     force: bool = Field(default=False, description="Retrain even when a verified cached checkpoint exists")
     nproc_per_node: int = Field(default=1, description="Data-parallel ranks on this machine (one GPU each; gloo "
                                 "processes on CPU); above 1 the asset launches torchrun")
@@ -129,8 +144,13 @@ class TrainingConfig(dg.Config):
             seed=self.seed, device=self.device,
             compile=self.compile_setting(),
             # only non-default choices enter the model config; what they resolve to on a device is `run_paths`
-            model_overrides={k: v for k, v in (("mamba_backend", self.mamba_backend), ("mamba_conv", self.mamba_conv),
-                                               ("wkv6_impl", self.wkv6_impl)) if v != "auto"},
+            model_overrides={k: v for k, v, off in (("mamba_backend", self.mamba_backend, "auto"),
+                                                    ("mamba_conv", self.mamba_conv, "auto"),
+                                                    ("wkv6_impl", self.wkv6_impl, "auto"),
+                                                    ("mamba_residual", self.mamba_residual, False),
+                                                    ("rwkv_drop_prob", self.rwkv_drop_prob, 0.0))
+                             if v != off},
+            lambda_div=self.lambda_div, lambda_arb=self.lambda_arb, stateful=self.stateful,
         )
 
 
@@ -223,7 +243,7 @@ def train_variant(context: dg.AssetExecutionContext, name: str, variant: str, co
         config = config.model_copy(update={"seed": seed})
     cfg = config.resolve(variant, profile.get().train, vocab)  # validates every field before compute
     world = config.world_size(cfg)
-    resolved = dataclasses.asdict(cfg)
+    resolved = without_default_objectives(dataclasses.asdict(cfg))  # default runs keep the fields' old records
     upstream = {"token_shards": token_shards.fingerprint, "wkv6_kernel": wkv6_kernel.fingerprint}
     paths = run_paths(cfg, world)
     context.log.info("paths: " + ", ".join(f"{k} {v}" for k, v in paths.items() if v != "n/a"))

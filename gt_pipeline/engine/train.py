@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 import data
 import models
-from gt_pipeline.engine import distributed, metrics
+from gt_pipeline.engine import distributed, metrics, objectives
 from gt_pipeline.engine.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 
 COMPONENTS = ("rwkv", "mamba", "fusion", "other")
@@ -74,6 +74,10 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU (fp32)
     compile: bool | str = "auto"  # "auto" (resolve_compile: CUDA graphs on CUDA, off on CPU), a bool, or a mode
     model_overrides: dict[str, Any] = field(default_factory=dict)
+    # issue-17 objectives (gt_pipeline/engine/objectives.py); all off by default = plain CE on random windows
+    lambda_div: float = 0.0  # twin-debate diversity weight
+    lambda_arb: float = 0.0  # twin-debate arbiter-CE weight (models with a per-token RWKV weight)
+    stateful: bool = False  # B parallel tracks of the stream, ModelState carried across batches (not GPT)
 
     def __post_init__(self) -> None:
         positive = ("vocab_size", "steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches", "checkpoint_every")
@@ -105,6 +109,7 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.device must be auto, cpu or cuda, got {self.device!r}")
         if self.model.upper().replace("_", "-") not in {m.upper().replace("_", "-") for m in models.list_models()}:
             raise ValueError(f"TrainConfig.model={self.model!r} is not a registered model; choose one of {models.list_models()}")
+        objectives.check_objectives(self)
         if self.model_overrides:  # e.g. {"mamba_backend": "wkv6"}: build the config now, so a bad one fails before compute
             try:
                 models.make_config(self.model, self.vocab_size, self.size, **self.model_overrides)
@@ -115,15 +120,17 @@ class TrainConfig:
         return resolve_device(self.device, "TrainConfig.device")
 
 
-def resolve_compile(compile: bool | str, device: torch.device, grad_accum: int = 1, world_size: int = 1) -> bool | str:
+def resolve_compile(compile: bool | str, device: torch.device, grad_accum: int = 1, world_size: int = 1,
+                    carries_state: bool = False) -> bool | str:
     """The compile setting a run uses. "auto": on CUDA "reduce-overhead" (torch.compile with CUDA graphs, the fastest
-    measured step, BENCHMARKS.md), or the default mode where CUDA graphs are not allowed (grad_accum > 1, DDP);
-    on CPU no compile (a compile costs more than the short CPU runs gain). Anything else passes through."""
+    measured step, BENCHMARKS.md), or the default mode where CUDA graphs are not allowed (grad_accum > 1, DDP)
+    or not validated (a recurrent state carried from step to step, `stateful`); on CPU no compile (a compile
+    costs more than the short CPU runs gain). Anything else passes through."""
     if compile != "auto":
         return compile
     if device.type != "cuda":
         return False
-    return "reduce-overhead" if grad_accum == 1 and world_size == 1 else True
+    return "reduce-overhead" if grad_accum == 1 and world_size == 1 and not carries_state else True
 
 
 def compile_label(compile: bool | str) -> str:
@@ -149,7 +156,7 @@ def run_paths(cfg: "TrainConfig", world_size: int = 1) -> dict[str, str]:
     (models.describe_paths on a one-layer twin of the model; layers resolve per device and dtype)."""
     device = cfg.resolved_device()
     probe = models.get_model(cfg.model, cfg.vocab_size, size=cfg.size, **{**cfg.model_overrides, "n_layer": 1})
-    compile = resolve_compile(cfg.compile, device, cfg.grad_accum, world_size)
+    compile = resolve_compile(cfg.compile, device, cfg.grad_accum, world_size, carries_state=cfg.stateful)
     paths = models.describe_paths(probe, device, amp=cfg.amp and device.type == "cuda", compiled=compile is not False)
     return {"compile": compile_label(compile), **paths}
 
@@ -298,34 +305,49 @@ def component_grad_norms(model: torch.nn.Module) -> dict[str, float]:
 
 def train_step(model, fwd, optimizer, batches, grad_clip: float, autocast, *, no_sync=None,
                dist_ctx: distributed.DistContext | None = None) -> tuple[float, dict[str, float] | None]:
-    """Forward/backward over the micro-batches, then clip and step. Returns (loss, grad norms); if the
-    loss is not finite it returns (loss, None) WITHOUT stepping, so the weights stay the last good ones.
+    """Forward/backward over the micro-batches, then clip and step. Returns (loss, grad norms and the loss
+    terms of a StepLoss); if the loss is not finite it returns (loss, None) WITHOUT stepping, so the weights
+    stay the last good ones.
 
-    `fwd(x, y)` returns the mean token loss of `model` (`step_function(model)`, maybe compiled). Under
+    Each batch is a tuple of `fwd`'s arguments ((x, y), or objectives.StepLoss's (x, y, reset, carrier)).
+    `fwd(*batch)` returns the loss or (loss, {term: detached 0-dim}); plain `fwd(x, y)` returns the mean
+    token loss of `model` (`step_function(model)`, maybe compiled). Under
     DDP `fwd` is the DDP wrapper of that, `no_sync` its `no_sync` (gradients are all-reduced on the last
     micro-batch only) and `model` the unwrapped LM, so the component norms read real parameter names
     and, taken after backward, the all-reduced gradients. The returned loss is the mean over all ranks:
     every rank sees the same value, so a NaN stops every rank at the same step."""
-    loss_sum = None
+    loss_sum, parts_sum = None, {}
     torch.compiler.cudagraph_mark_step_begin()  # a new step for CUDA-graph replays ("reduce-overhead"); else a no-op
-    for i, (x, y) in enumerate(batches):
+    for i, batch in enumerate(batches):
         sync = no_sync is None or i == len(batches) - 1
         with contextlib.nullcontext() if sync else no_sync():
             with autocast():
-                loss = fwd(x, y) / len(batches)
+                loss, parts = _split_loss(fwd(*batch))
+                loss = loss / len(batches)
             loss.backward()
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+        for k, v in parts.items():
+            parts_sum[k] = parts_sum.get(k, 0) + v / len(batches)
     if dist_ctx is not None and dist_ctx.enabled:
         loss_sum = distributed.all_reduce_sum(loss_sum.clone(), dist_ctx) / dist_ctx.world_size
+        if parts_sum:
+            reduced = distributed.all_reduce_sum(torch.stack(list(parts_sum.values())).float(), dist_ctx) / dist_ctx.world_size
+            parts_sum = dict(zip(parts_sum, reduced))
     loss_v = float(loss_sum)  # the step's one sync for the loss
     if not math.isfinite(loss_v):
         optimizer.zero_grad(set_to_none=True)
         return loss_v, None
     norms = component_grad_norms(model)
+    norms.update({k: float(v) for k, v in parts_sum.items()})  # the objective's terms (loss_ce, loss_div, ...)
     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip, foreach=True)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss_v, norms
+
+
+def _split_loss(out) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A step module's output as (loss, terms): TokenLoss gives a tensor, objectives.StepLoss (loss, terms)."""
+    return out if isinstance(out, tuple) else (out, {})
 
 
 def eval_windows(tokens: np.ndarray, n_windows: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -403,10 +425,14 @@ def train(
 def _train(cfg, shards_dir, work_dir, device, dist_ctx, *, on_log, on_step_end, log_every_s, progress,
            verify_shards) -> TrainResult:
     W, rank, main = dist_ctx.world_size, dist_ctx.rank, dist_ctx.is_main
-    compile = resolve_compile(cfg.compile, device, cfg.grad_accum, W)
+    compile = resolve_compile(cfg.compile, device, cfg.grad_accum, W, carries_state=cfg.stateful)
     if dist_ctx.enabled and compile in CUDA_GRAPH_MODES:
         raise ValueError(f"TrainConfig.compile={cfg.compile!r} (CUDA graphs) has not been validated under DDP "
                          f"({W} ranks); use compile=True or 'max-autotune-no-cudagraphs' for data-parallel runs")
+    if dist_ctx.enabled and cfg.stateful:
+        # each rank carries its own rows' state, and rank 0 alone writes checkpoints: a resume could not restore them
+        raise ValueError(f"TrainConfig.stateful=True runs on one process only ({W} ranks here): use "
+                         f"nproc_per_node=1 and nnodes=1, or stateful=False for data-parallel runs")
     shards = data.TokenShards(shards_dir, verify=verify_shards)
     if shards.manifest["vocab_size"] > cfg.vocab_size:
         raise ValueError(f"TrainConfig.vocab_size={cfg.vocab_size} is smaller than the tokenizer's {shards.manifest['vocab_size']}")
@@ -424,11 +450,14 @@ def _train(cfg, shards_dir, work_dir, device, dist_ctx, *, on_log, on_step_end, 
     def autocast():
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
-    fwd = step_function(model, compile)
+    fwd = compiled(objectives.step_module(model, cfg), compile)
     x_val, y_val = eval_windows(val_tokens, cfg.eval_batches * cfg.batch_size, cfg.seq_len)
     # G2 looks at the freshly initialised model (init is deterministic, so this holds on resume too).
     init_entropy_ratio = metrics.entropy_ratio(model, x_val[: cfg.batch_size].to(device), cfg.vocab_size)
     gen = torch.Generator().manual_seed(cfg.seed + 1)  # data order, independent of init
+    tracks, carrier = None, None
+    if cfg.stateful:  # B*W parallel tracks of the train split; this rank keeps its rows and their carried state
+        tracks, carrier = stateful_batches(shards, W * cfg.batch_size, cfg.seq_len), objectives.StateCarrier()
 
     ckpt_root = work_dir / "checkpoints"
     log: list[dict[str, Any]] = []
@@ -447,10 +476,13 @@ def _train(cfg, shards_dir, work_dir, device, dist_ctx, *, on_log, on_step_end, 
         start, log = state["step"], state["log"]
         gen.set_state(rng["data_generator"])
         torch.set_rng_state(rng["torch_cpu"])
+        if tracks is not None:
+            tracks.load_state_dict(state["tracks"])
+            carrier.state = objectives.carried_state_from_tensors(rng, device)
     ddp = None
     if dist_ctx.enabled:
         # After the resume load: DDP broadcasts rank 0's weights at wrap time (all ranks hold the same anyway).
-        ddp = torch.nn.parallel.DistributedDataParallel(TokenLoss(model),
+        ddp = torch.nn.parallel.DistributedDataParallel(objectives.step_module(model, cfg),
                                                         device_ids=[device.index] if device.type == "cuda" else None)
         fwd = compiled(ddp, compile)
 
@@ -459,9 +491,14 @@ def _train(cfg, shards_dir, work_dir, device, dist_ctx, *, on_log, on_step_end, 
     bar = _progress_bar(cfg.steps, start) if progress and main else None
     B = cfg.batch_size
 
-    def draw() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def draw() -> list[tuple]:
         batches = []
         for _ in range(cfg.grad_accum):
+            if tracks is not None:  # consecutive windows of every track; the carrier holds the state between them
+                x, y, new_doc = next(tracks)  # (W*B, T), (W*B, T), (W*B,)
+                rows = slice(rank * B, (rank + 1) * B)
+                batches.append((x[rows], y[rows], new_doc[rows].to(device), carrier))
+                continue
             # The global micro-batch (W*B windows, same on every rank); this rank keeps its own B rows.
             x, y = data.random_windows(train_tokens, W * B, cfg.seq_len, gen)  # (W*B, T)
             batches.append((x[rank * B : (rank + 1) * B], y[rank * B : (rank + 1) * B]))  # (B, T)
@@ -475,7 +512,8 @@ def _train(cfg, shards_dir, work_dir, device, dist_ctx, *, on_log, on_step_end, 
         lr = lr_at(cfg, step)
         for g in optimizer.param_groups:
             g["lr"] = lr * g["lr_mult"]
-        batches = [(x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in draw()]
+        batches = [(x.to(device, non_blocking=True), y.to(device, non_blocking=True), *rest)
+                   for x, y, *rest in draw()]
         loss_sum, norms = train_step(model, fwd, optimizer, batches, cfg.grad_clip, autocast,
                                      no_sync=ddp.no_sync if ddp is not None else None, dist_ctx=dist_ctx)
         if norms is None:
@@ -508,8 +546,11 @@ def _train(cfg, shards_dir, work_dir, device, dist_ctx, *, on_log, on_step_end, 
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
             if main:  # the state is identical on every rank; one writer
                 rng = {"data_generator": gen.get_state(), "torch_cpu": torch.get_rng_state()}
-                save_checkpoint(ckpt_root, step + 1, model, optimizer, rng,
-                                {"config": _jsonable(cfg), "log": log, "world_size": W})
+                extra = {"config": _jsonable(cfg), "log": log, "world_size": W}
+                if tracks is not None:  # the tracks' position and the carried state: resume continues exactly
+                    rng.update(objectives.carried_state_tensors(carrier))
+                    extra["tracks"] = tracks.state_dict()
+                save_checkpoint(ckpt_root, step + 1, model, optimizer, rng, extra)
             distributed.barrier(dist_ctx, device)  # no rank runs past a checkpoint that is not on disk yet
     if bar is not None:
         bar.close()
@@ -525,6 +566,11 @@ def _train(cfg, shards_dir, work_dir, device, dist_ctx, *, on_log, on_step_end, 
     )
 
 
+def stateful_batches(shards: data.TokenShards, n_rows: int, seq_len: int) -> data.StatefulTracks:
+    """The train split as `n_rows` parallel tracks (data.StatefulTracks, endless) for `TrainConfig.stateful`."""
+    return data.StatefulTracks(shards.split("train"), shards.doc_starts("train"), batch_size=n_rows, seq_len=seq_len)
+
+
 def format_log_row(row: dict[str, Any], steps: int) -> str:
     """The progress line of one log row (the asset's run log, in-process or from the torchrun worker)."""
     val = "" if math.isnan(row["val_loss"]) else f" val {row['val_loss']:.4f}"
@@ -537,7 +583,7 @@ def format_log_row(row: dict[str, Any], steps: int) -> str:
 def _jsonable(cfg: TrainConfig) -> dict[str, Any]:
     import json
 
-    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+    return json.loads(json.dumps(objectives.without_default_objectives(dataclasses.asdict(cfg))))
 
 
 def _rss_mb() -> float:
