@@ -122,15 +122,21 @@ def _select_blocks(model: LM, layers) -> list:
     return [model.blocks[i] for i in layers]
 
 
+def _branch_blocks(who: str, model: LM, branch: str, layers) -> list:
+    """The blocks of `layers` (None = all), each checked to have `branch`; ValueError naming `who` otherwise."""
+    if branch not in ("rwkv", "mamba"):
+        raise ValueError(f"{who}: branch must be 'rwkv' or 'mamba', got {branch!r}")
+    blocks = _select_blocks(model, layers)
+    if not all(branch in b.branches for b in blocks):
+        raise ValueError(f"{who}: model {model.config.name} has no {branch!r} branch "
+                         f"(hybrids: {', '.join(HYBRID_NAMES)}; also RWKV6 for 'rwkv', MAMBA2 for 'mamba')")
+    return blocks
+
+
 @contextlib.contextmanager
 def ablate(model: LM, branch: str, layers=None):
     """Zero `branch` ('rwkv' or 'mamba') output before fusion in `layers` (None = all) while inside the block."""
-    if branch not in ("rwkv", "mamba"):
-        raise ValueError(f"ablate: branch must be 'rwkv' or 'mamba', got {branch!r}")
-    blocks = _select_blocks(model, layers)
-    if not all(branch in b.branches for b in blocks):
-        raise ValueError(f"ablate: model {model.config.name} has no {branch!r} branch "
-                         f"(hybrids: {', '.join(HYBRID_NAMES)}; also RWKV6 for 'rwkv', MAMBA2 for 'mamba')")
+    blocks = _branch_blocks("ablate", model, branch, layers)
     added = [b for b in blocks if branch not in b.ablated]
     for b in added:
         b.ablated.add(branch)
@@ -173,12 +179,7 @@ def mean_ablate(model: LM, branch: str, means, layers=None):
     means: one (C,) tensor per layer of the model (a list of n_layer, or a dict layer -> (C,)), e.g. from
     `gt_pipeline.engine.evaluate.branch_means`; layers None = all. The branch still runs, so its
     recurrent state evolves as usual; only what it hands to the fusion changes."""
-    if branch not in ("rwkv", "mamba"):
-        raise ValueError(f"mean_ablate: branch must be 'rwkv' or 'mamba', got {branch!r}")
-    blocks = _select_blocks(model, layers)
-    if not all(branch in b.branches for b in blocks):
-        raise ValueError(f"mean_ablate: model {model.config.name} has no {branch!r} branch "
-                         f"(hybrids: {', '.join(HYBRID_NAMES)}; also RWKV6 for 'rwkv', MAMBA2 for 'mamba')")
+    blocks = _branch_blocks("mean_ablate", model, branch, layers)
     index = {id(b): i for i, b in enumerate(model.blocks)}
     C = model.config.hidden_size
     handles = []

@@ -46,3 +46,17 @@ def eager_and_compiled_step(model, x, y):
         loss.backward()
         out.append((float(loss), {n: p.grad.clone() for n, p in model.named_parameters()}))
     return out
+
+
+def perturbed(name, vocab, dtype=torch.float64, seed=0, **kw):
+    """A small model (demo size, 2 layers unless kw says otherwise) with every parameter nudged off its init, so
+    zero inits (RWKV output, gate weights, LoRA w1, arbiter heads) do not make state or gradient paths trivially
+    zero."""
+    import models
+
+    torch.manual_seed(seed)
+    m = models.get_model(name, vocab, **{"size": "demo", "n_layer": 2, **kw}).to(dtype)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return m

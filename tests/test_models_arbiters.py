@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import models
+import numerics
 from models.arbiter import GRUArbiter, LinearRecurrenceArbiter, MinGRUArbiter, gru_arbiter_ref, log_g, mingru_ref, \
     mingru_scan
 from numerics import assert_close
@@ -22,12 +23,7 @@ ARBITERS = ["GRU", "MINGRU", "LINREC"]
 
 
 def perturbed(name, dtype=torch.float64, seed=0, **kw):
-    torch.manual_seed(seed)
-    m = models.get_model(name, V, **{**TINY, **kw}).to(dtype)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return m
+    return numerics.perturbed(name, V, dtype, seed, **{**TINY, **kw})
 
 
 def grads(loss, params):

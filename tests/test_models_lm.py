@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import models
+import numerics
 from numerics import assert_close
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -21,14 +22,7 @@ TINY = dict(size="demo", n_layer=2)                # hidden 64, RWKV heads of 32
 
 
 def perturbed(name, dtype=torch.float64, seed=0, **kw):
-    """A small model with every parameter nudged off its init, so zero inits (RWKV output, gate weights,
-    LoRA w1) do not make the state or gradient paths trivially zero."""
-    torch.manual_seed(seed)
-    m = models.get_model(name, V, **{**TINY, **kw}).to(dtype)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return m
+    return numerics.perturbed(name, V, dtype, seed, **{**TINY, **kw})
 
 
 # ------------------------------------------------------------------------------------------ carried state
