@@ -62,7 +62,7 @@ def test_a_model_source_change_changes_the_training_and_report_versions(tmp_path
     lm.write_text(lm.read_text() + "\n_EXTRA_CONSTANT = 1\n")
     after = {f: versions.source_version(p, copy) for f, p in versions.DEPENDS.items()}
     changed = {f for f in before if before[f] != after[f]}
-    assert changed == {"trained", "gate_checks", "reports"}
+    assert changed == {"trained", "gate_checks", "reports", "sweep"}
 
 
 # ---- 4. the active profile ----------------------------------------------------------------------------------------
