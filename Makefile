@@ -93,3 +93,16 @@ gpu-bench:
 	set -o pipefail; $(GPU_PY) -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tee $(GPU_OUT)/gpu_tests.log
 	$(GPU_PY) -m kernels.bench > $(GPU_OUT)/kernels_bench.json
 	$(GPU_PY) -m gt_pipeline.engine.bench --models GF-MH,GPT --size 5m --vocab 16000 --batch 64 --seq 512 > $(GPU_OUT)/train_bench.json
+
+# On a CUDA machine: the pipeline's own default path with no run config (GF-MH 5m, 64 x 512, 5000 steps, the demo
+# corpus so nothing is downloaded), engine.bench at the same shape on the same shards in the same call (steady state
+# vs bench, and the loss curve of the default path against the reference path), the second materialization (a cache
+# hit), then the reports on that checkpoint. Logs and JSON into $(GPU_OUT).
+.PHONY: gpu-pipeline
+gpu-pipeline:
+	mkdir -p $(GPU_OUT)
+	set -o pipefail; GT_PROFILE=full GT_DATA_SOURCE=demo $(GPU_PY) -m dagster asset materialize --select '*trained_gf_mh' 2>&1 | tee $(GPU_OUT)/materialize1.log | grep -E "paths:|slower path|steady-state|built in|cache hit"
+	$(GPU_PY) -m gt_pipeline.engine.bench --models GF-MH --size 5m --vocab 16000 --batch 64 --seq 512 --warmup 5 --steps 195 \
+	  --compare --shards $$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["path"])' $(GT_HOME)/token_shards/LATEST.json) > $(GPU_OUT)/bench_compare.json
+	set -o pipefail; GT_PROFILE=full GT_DATA_SOURCE=demo $(GPU_PY) -m dagster asset materialize --select '*trained_gf_mh' 2>&1 | tee $(GPU_OUT)/materialize2.log | grep -E "cache hit|built in"
+	set -o pipefail; GT_PROFILE=full GT_DATA_SOURCE=demo $(GPU_PY) -m dagster asset materialize --select 'gate_report,ablation_report,long_context_report' 2>&1 | tee $(GPU_OUT)/reports.log | grep -E "cache hit|built in"
