@@ -58,13 +58,12 @@ class TrainingTracking:
 
 
 def probe_batch(shards: Artifact, seq_len: int, n: int = 4) -> torch.Tensor:
-    """(n, seq_len) int64 validation tokens from the start of the split: the gate-mean probe."""
+    """(n, L) int64 validation tokens from the start of the split, L = seq_len (the whole split when shorter: a
+    seq_len the shards cannot hold is the engine's error to report, not the probe's): the gate-mean probe."""
     val = data.TokenShards(shards.path, verify=False).split("validation")
-    need = n * seq_len
-    if len(val) < need:
-        n = max(1, len(val) // seq_len)
-        need = n * seq_len
-    return torch.from_numpy(val[:need].astype("int64")).view(n, seq_len)
+    length = min(seq_len, len(val))
+    n = max(1, min(n, len(val) // length))
+    return torch.from_numpy(val[: n * length].astype("int64")).view(n, length)
 
 
 def samples_markdown(store: ArtifactStore, trained: Artifact, shards: Artifact) -> str:
