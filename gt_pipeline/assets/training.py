@@ -28,9 +28,8 @@ import data
 from gt_pipeline.assets.common import OWNER, artifact_output, md_table
 from gt_pipeline.assets.training_extras import TrainingTracking, probe_batch, samples_markdown
 from gt_pipeline.engine.artifact import write_training_artifact
-from gt_pipeline.engine.objectives import without_default_objectives
 from gt_pipeline.engine.train import (TrainConfig, eval_windows, format_log_row, optional_packages, path_fallbacks,
-                                      run_paths, train)
+                                      run_paths, train, without_default_objectives)
 from gt_pipeline.engine.worker import read_errors, torchrun_command
 from gt_pipeline.resources import ProfileResource, StoreResource
 from gt_pipeline.store import Artifact, fingerprint

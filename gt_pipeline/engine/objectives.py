@@ -32,44 +32,10 @@ import torch
 import torch.nn.functional as F
 
 import models
+from gt_pipeline.engine.train import DEBATE_GATED, OBJECTIVE_DEFAULTS, check_objectives, without_default_objectives
 
 __all__ = ["DEBATE_GATED", "OBJECTIVE_DEFAULTS", "without_default_objectives", "StateCarrier", "StepLoss", "better_branch_target", "diversity", "arbiter_ce",
            "step_module", "check_objectives", "carried_state_tensors", "carried_state_from_tensors"]
-
-# models whose fusion gives a per-token probability of the RWKV branch (what arbiter_ce trains)
-DEBATE_GATED = ("GF", "GF-MH", "GF-RH", "GF-XM", "GF-XR", "HGF", "HGF-MH", "HGF-RH", "GRU", "MINGRU", "LINREC")
-
-
-# the TrainConfig fields of this module and their "off" values
-OBJECTIVE_DEFAULTS = {"lambda_div": 0.0, "lambda_arb": 0.0, "stateful": False}
-
-
-def without_default_objectives(config: dict) -> dict:
-    """A TrainConfig dict without the objective fields that are off: records (checkpoint configs, training
-    fingerprints) of runs that use none of them stay what they were before these fields existed."""
-    return {k: v for k, v in config.items() if not (k in OBJECTIVE_DEFAULTS and v == OBJECTIVE_DEFAULTS[k])}
-
-
-def check_objectives(cfg) -> None:
-    """ValueError naming the TrainConfig field when an objective does not fit the model."""
-    name = models.canonical_name(cfg.model)
-    for field in ("lambda_div", "lambda_arb"):
-        v = getattr(cfg, field)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf"):
-            raise ValueError(f"TrainConfig.{field} must be a finite number >= 0 (0 = off), got {v!r}")
-    if cfg.lambda_div > 0 and name not in models.HYBRID_NAMES:
-        raise ValueError(f"TrainConfig.lambda_div={cfg.lambda_div}: the diversity term compares the RWKV and Mamba "
-                         f"branches of a hybrid; {name} is not one ({', '.join(models.HYBRID_NAMES)})")
-    if cfg.lambda_arb > 0 and name not in DEBATE_GATED:
-        raise ValueError(f"TrainConfig.lambda_arb={cfg.lambda_arb}: the arbiter CE trains a per-token RWKV weight, "
-                         f"which {name} has not (HY, RF, CP have no gate; WS's alpha is an unconstrained scalar); "
-                         f"use one of {', '.join(DEBATE_GATED)} or set lambda_arb=0")
-    if not isinstance(cfg.stateful, bool):
-        raise ValueError(f"TrainConfig.stateful must be a bool, got {cfg.stateful!r}")
-    if cfg.stateful and name == "GPT":
-        raise ValueError("TrainConfig.stateful=True: GPT has no recurrent state to carry; use a recurrent model "
-                         "or stateful=False")
-
 
 # ------------------------------------------------------------------------------------------ carried state
 class StateCarrier:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 import data
 import models
-from gt_pipeline.engine import distributed, metrics, objectives
+from gt_pipeline.engine import distributed, metrics
 from gt_pipeline.engine.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 
 COMPONENTS = ("rwkv", "mamba", "fusion", "other")
@@ -47,6 +47,43 @@ CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the modes that replay 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN/inf; the last good checkpoint is kept."""
+
+
+# Objectives of gt_pipeline/engine/objectives.py that TrainConfig validates (kept here: importing that module
+# loads torch._dynamo, ~2 s that a cached or CPU run need not pay).
+# models whose fusion gives a per-token probability of the RWKV branch (what arbiter_ce trains)
+DEBATE_GATED = ("GF", "GF-MH", "GF-RH", "GF-XM", "GF-XR", "HGF", "HGF-MH", "HGF-RH", "GRU", "MINGRU", "LINREC")
+
+
+# the TrainConfig fields of this module and their "off" values
+OBJECTIVE_DEFAULTS = {"lambda_div": 0.0, "lambda_arb": 0.0, "stateful": False}
+
+
+def without_default_objectives(config: dict) -> dict:
+    """A TrainConfig dict without the objective fields that are off: records (checkpoint configs, training
+    fingerprints) of runs that use none of them stay what they were before these fields existed."""
+    return {k: v for k, v in config.items() if not (k in OBJECTIVE_DEFAULTS and v == OBJECTIVE_DEFAULTS[k])}
+
+
+def check_objectives(cfg: "TrainConfig") -> None:
+    """ValueError naming the TrainConfig field when an objective does not fit the model."""
+    name = models.canonical_name(cfg.model)
+    for field in ("lambda_div", "lambda_arb"):
+        v = getattr(cfg, field)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf"):
+            raise ValueError(f"TrainConfig.{field} must be a finite number >= 0 (0 = off), got {v!r}")
+    if cfg.lambda_div > 0 and name not in models.HYBRID_NAMES:
+        raise ValueError(f"TrainConfig.lambda_div={cfg.lambda_div}: the diversity term compares the RWKV and Mamba "
+                         f"branches of a hybrid; {name} is not one ({', '.join(models.HYBRID_NAMES)})")
+    if cfg.lambda_arb > 0 and name not in DEBATE_GATED:
+        raise ValueError(f"TrainConfig.lambda_arb={cfg.lambda_arb}: the arbiter CE trains a per-token RWKV weight, "
+                         f"which {name} has not (HY, RF, CP have no gate; WS's alpha is an unconstrained scalar); "
+                         f"use one of {', '.join(DEBATE_GATED)} or set lambda_arb=0")
+    if not isinstance(cfg.stateful, bool):
+        raise ValueError(f"TrainConfig.stateful must be a bool, got {cfg.stateful!r}")
+    if cfg.stateful and name == "GPT":
+        raise ValueError("TrainConfig.stateful=True: GPT has no recurrent state to carry; use a recurrent model "
+                         "or stateful=False")
 
 
 @dataclass
@@ -109,7 +146,7 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.device must be auto, cpu or cuda, got {self.device!r}")
         if self.model.upper().replace("_", "-") not in {m.upper().replace("_", "-") for m in models.list_models()}:
             raise ValueError(f"TrainConfig.model={self.model!r} is not a registered model; choose one of {models.list_models()}")
-        objectives.check_objectives(self)
+        check_objectives(self)
         if self.model_overrides:  # e.g. {"mamba_backend": "wkv6"}: build the config now, so a bad one fails before compute
             try:
                 models.make_config(self.model, self.vocab_size, self.size, **self.model_overrides)
@@ -424,6 +461,8 @@ def train(
 
 def _train(cfg, shards_dir, work_dir, device, dist_ctx, *, on_log, on_step_end, log_every_s, progress,
            verify_shards) -> TrainResult:
+    from gt_pipeline.engine import objectives  # loads torch._dynamo (torch.compiler.disable): only when training
+
     W, rank, main = dist_ctx.world_size, dist_ctx.rank, dist_ctx.is_main
     compile = resolve_compile(cfg.compile, device, cfg.grad_accum, W, carries_state=cfg.stateful)
     if dist_ctx.enabled and compile in CUDA_GRAPH_MODES:
@@ -583,7 +622,7 @@ def format_log_row(row: dict[str, Any], steps: int) -> str:
 def _jsonable(cfg: TrainConfig) -> dict[str, Any]:
     import json
 
-    return json.loads(json.dumps(objectives.without_default_objectives(dataclasses.asdict(cfg))))
+    return json.loads(json.dumps(without_default_objectives(dataclasses.asdict(cfg))))
 
 
 def _rss_mb() -> float:
