@@ -277,6 +277,8 @@ def train_variant(context: dg.AssetExecutionContext, name: str, variant: str, co
             context.log.info(f"steady-state {res.steady_tokens_per_s:,.0f} tok/s (after {res.warmup_steps} warm-up "
                              f"steps, without evaluation); run average {res.tokens_per_s:,.0f} tok/s")
             meta = write_training_artifact(d, cfg, res, token_shards.path, paths)
+        # generated once, with the model: a cache hit shows them again without loading the model
+        meta["samples_md"] = samples_markdown(st, Artifact(name, fp, d), token_shards)
         return {**meta, **(after(d, cfg) if after is not None else {})}
 
     def tracked_build(d: Path) -> dict[str, Any]:
@@ -312,7 +314,7 @@ def train_variant(context: dg.AssetExecutionContext, name: str, variant: str, co
             "steps": m["steps"], "resumed_from_step": m["resumed_from_step"] if not result.cache_hit else 0,
             "world_size": m.get("world_size", 1), "global_batch_size": m.get("global_batch_size", cfg.batch_size * cfg.grad_accum),
             **{k: m[k] for k in ("seed", "eval_val_loss", "eval_val_loss_lo", "eval_val_loss_hi") if k in m},
-            "samples": dg.MetadataValue.md(samples_markdown(st, result.artifact, token_shards)),
+            "samples": dg.MetadataValue.md(m.get("samples_md") or samples_markdown(st, result.artifact, token_shards)),
         },
         preview_md=training_markdown(result.artifact.path, m),
     )
