@@ -310,11 +310,11 @@ class Mamba2(nn.Module):
         (`compiled`, default: whether this call is being traced) it is the PyTorch conv, which Inductor fuses into its
         neighbours: a compiled GF-MH 5m step ran at 960k tok/s with it and 820k with causal_conv1d (H200, CUDA
         graphs, BENCHMARKS.md)."""
-        compiling = (lambda: compiled) if compiled is not None else torch.compiler.is_compiling
+        traced = torch.compiler.is_compiling() if compiled is None else compiled
         if self.conv_impl not in CONV_IMPLS:
             raise ValueError(f"Mamba2: conv_impl must be one of {', '.join(map(repr, CONV_IMPLS))}, "
                              f"got {self.conv_impl!r}")
-        if self.conv_impl == "torch" or xBC.device.type not in CAUSAL_CONV1D_DEVICES or compiling():
+        if self.conv_impl == "torch" or xBC.device.type not in CAUSAL_CONV1D_DEVICES or traced:
             return "torch"
         if _mamba_ssm_ops()[1] is None:
             _log_once("Mamba2 conv_impl 'auto': causal_conv1d is not importable, so the depthwise conv runs in "
