@@ -11,7 +11,8 @@ import data
 import models
 from gt_pipeline.engine import evaluate, metrics
 from gt_pipeline.engine.checkpoint import list_checkpoints
-from gt_pipeline.engine.train import TrainConfig, TrainingDiverged, build_optimizer, lr_at, train
+from gt_pipeline.engine.train import (BatchFeed, TrainConfig, TrainingDiverged, build_optimizer, lr_at, step_function, train,
+                                      train_step)
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +52,43 @@ def test_resume_refuses_a_checkpoint_of_another_config(shards, tmp_path):
         train(small(), shards, tmp_path, on_step_end=lambda s, m: (_ for _ in ()).throw(Stop) if s == 5 else None)
     with pytest.raises(ValueError, match="another config"):
         train(small(lr=1e-3), shards, tmp_path)
+
+
+@pytest.mark.parametrize("clip", [1e-3, 1e3], ids=["clipped", "unclipped"])
+def test_train_step_clips_and_reads_norms_as_clip_grad_norm_does(clip):
+    """train_step's one-sync clipping (coefficient from the norms it reads back) equals torch's clip_grad_norm_."""
+    torch.manual_seed(0)
+    x = torch.randint(0, 512, (2, 17))
+    ours = models.get_model("GF-MH", 512, size="demo")
+    ref = models.get_model("GF-MH", 512, size="demo")
+    ref.load_state_dict(ours.state_dict())
+    opt_ours = torch.optim.SGD(ours.parameters(), lr=1.0)
+    opt_ref = torch.optim.SGD(ref.parameters(), lr=1.0)
+    loss, norms = train_step(ours, step_function(ours), opt_ours, [(x[:, :-1], x[:, 1:])], clip,
+                              lambda: torch.autocast("cpu", enabled=False))
+    ref_loss = step_function(ref)(x[:, :-1], x[:, 1:])
+    ref_loss.backward()
+    total = float(torch.nn.utils.clip_grad_norm_(ref.parameters(), clip))
+    opt_ref.step()
+    assert loss == pytest.approx(float(ref_loss), rel=1e-6)
+    assert norms["grad_norm"] == pytest.approx(total, rel=1e-5)
+    assert norms["grad_norm_rwkv"] > 0 and norms["grad_norm_mamba"] > 0
+    assert norms["grad_norm"] ** 2 == pytest.approx(sum(v ** 2 for k, v in norms.items() if k != "grad_norm"), rel=1e-5)
+    for (n, a), b in zip(ours.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_batch_feed_prefetch_hands_out_the_same_batches_and_checkpoints_the_state_before_them():
+    g = torch.Generator().manual_seed(3)
+    feed = BatchFeed(lambda: [(torch.randint(0, 9, (2, 4), generator=g),)], torch.device("cpu"), g)
+    plain_g = torch.Generator().manual_seed(3)
+    plain = [torch.randint(0, 9, (2, 4), generator=plain_g) for _ in range(3)]
+    first = feed.next()[0][0]
+    before_second = g.get_state()
+    feed.prefetch()  # the second step's batch, drawn while the first one runs
+    assert torch.equal(feed.generator_state(), before_second)  # a checkpoint here resumes at the second batch
+    feed.prefetch()  # a second prefetch before next() draws nothing
+    assert [torch.equal(t, p) for t, p in zip([first, feed.next()[0][0], feed.next()[0][0]], plain)] == [True] * 3
 
 
 def test_nan_loss_stops_at_once_naming_the_step_and_keeps_the_last_checkpoint(shards, tmp_path):

@@ -17,13 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 
 import torch
 
 import models
 import data
-from gt_pipeline.engine.train import (TrainConfig, build_optimizer, compile_label, resolve_compile, step_function,
+from gt_pipeline.engine.train import (BatchFeed, TrainConfig, build_optimizer, compile_label, resolve_compile, step_function,
                                       train_step)
 
 
@@ -52,7 +53,9 @@ def profile_steps(step, device: torch.device, n: int = 3, top: int = 20) -> dict
 
 def bench_model(name: str, size: str, vocab: int, batch: int, seq: int, steps: int, warmup: int,
                 device: torch.device, compile: bool | str = "auto", profile: int = 0, overrides: dict | None = None,
-                shards=None) -> dict:
+                shards=None, barrier=None) -> dict:
+    """One model's timed steps. `barrier()` (when given) runs between warm-up and the timed steps: the
+    concurrent workers of `--concurrent` start timing together."""
     torch.manual_seed(0)
     model = models.get_model(name, vocab, size=size, **(overrides or {})).to(device)
     cfg = TrainConfig(model=name, size=size, vocab_size=vocab, steps=steps + warmup, batch_size=batch, seq_len=seq,
@@ -70,33 +73,37 @@ def bench_model(name: str, size: str, vocab: int, batch: int, seq: int, steps: i
     if shards is not None:
         train_tokens = data.TokenShards(shards, verify=False).split("train")
 
-        def next_batches():
-            x, y = data.random_windows(train_tokens, batch, seq, g)
-            return [(x.to(device, non_blocking=True), y.to(device, non_blocking=True))]
+        feed = BatchFeed(lambda: [data.random_windows(train_tokens, batch, seq, g)], device, g)
+        next_batches, prefetch = feed.next, feed.prefetch  # as training draws and copies them
     else:
         x = torch.randint(0, vocab, (batch, seq + 1), generator=g).to(device)
         fixed = [(x[:, :-1], x[:, 1:])]
 
         def next_batches():
             return fixed
+        prefetch = None
     if device.type == "cuda":
         # peak over warm-up and timed steps: CUDA-graph pools ("reduce-overhead") are allocated in warm-up
         torch.cuda.reset_peak_memory_stats(device)
     t_warm = time.perf_counter()
     losses = []
     for _ in range(warmup):
-        losses.append(train_step(model, fwd, opt, next_batches(), 1.0, autocast)[0])
+        losses.append(train_step(model, fwd, opt, next_batches(), 1.0, autocast, before_sync=prefetch)[0])
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     warmup_s = time.perf_counter() - t_warm  # includes compilation under --compile
+    if barrier is not None:
+        barrier()
+    wall0 = time.time()
     t0 = time.perf_counter()
     for _ in range(steps):
-        loss, _ = train_step(model, fwd, opt, next_batches(), 1.0, autocast)
+        loss, _ = train_step(model, fwd, opt, next_batches(), 1.0, autocast, before_sync=prefetch)
         losses.append(loss)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     dt = time.perf_counter() - t0
-    prof = profile_steps(lambda: train_step(model, fwd, opt, next_batches(), 1.0, autocast), device, profile) if profile else None
+    wall1 = time.time()
+    prof = profile_steps(lambda: train_step(model, fwd, opt, next_batches(), 1.0, autocast, before_sync=prefetch), device, profile) if profile else None
     return {
         "model": name, "size": size, "overrides": overrides or {}, "paths": paths, "profile": prof,
         "data": "token_shards train split" if shards is not None else "random tokens (one fixed batch)",
@@ -105,11 +112,62 @@ def bench_model(name: str, size: str, vocab: int, batch: int, seq: int, steps: i
         "warmup_s": warmup_s,
         "ms_per_step": 1000 * dt / steps, "tokens_per_s": batch * seq * steps / dt,
         "peak_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
-        "final_loss": loss,
+        "final_loss": loss, "timed_window_unix": [wall0, wall1],
     }
 
 
 REFERENCE_PATH = {"mamba_backend": "torch", "mamba_conv": "torch", "wkv6_impl": "sequential"}
+
+
+def file_barrier(directory: str, worker: int, workers: int, timeout_s: float = 900.0):
+    """A barrier across processes through files: worker i writes `ready.i`, then waits for all `workers`."""
+    from pathlib import Path
+
+    def wait() -> None:
+        d = Path(directory)
+        (d / f"ready.{worker}").touch()
+        t_end = time.monotonic() + timeout_s
+        while len(list(d.glob("ready.*"))) < workers:
+            if time.monotonic() > t_end:
+                raise TimeoutError(f"bench barrier in {d}: {len(list(d.glob('ready.*')))} of {workers} workers "
+                                   f"ready after {timeout_s:.0f} s (did a worker fail? see its stderr)")
+            time.sleep(0.05)
+    return wait
+
+
+def concurrent_runs(argv: list[str], ks: list[int], steps: int) -> list[dict]:
+    """For each k, k bench processes of one model at once (each its own CUDA context, as k concurrent
+    trainings of a sweep are); they warm up, meet at a barrier, then time `steps` steps. The aggregate
+    is all their tokens over the span from the first start to the last end of the timed windows."""
+    import subprocess
+    import tempfile
+
+    rows = []
+    for k in ks:
+        with tempfile.TemporaryDirectory(prefix="gt_bench_barrier_") as d:
+            procs = [subprocess.Popen([sys.executable, "-m", "gt_pipeline.engine.bench", *argv, "--barrier", d,
+                                       "--worker", f"{i}/{k}"], stdout=subprocess.PIPE, text=True) for i in range(k)]
+            outs = [p.communicate()[0] for p in procs]
+        bad = [i for i, p in enumerate(procs) if p.returncode != 0]
+        if bad:
+            raise RuntimeError(f"--concurrent {k}: worker(s) {bad} failed (exit codes "
+                               f"{[procs[i].returncode for i in bad]}); their stderr is above")
+        res = [json.loads(o)["results"][0] for o in outs]
+        start = min(r["timed_window_unix"][0] for r in res)
+        end = max(r["timed_window_unix"][1] for r in res)
+        tokens = sum(r["batch"] * r["seq_len"] * r["steps_timed"] for r in res)
+        rows.append({"k": k, "aggregate_tokens_per_s": tokens / (end - start), "span_s": end - start,
+                     "per_process_tokens_per_s": [r["tokens_per_s"] for r in res],
+                     "peak_memory_mib_per_process": [r["peak_memory_mib"] for r in res],
+                     "warmup_s": [r["warmup_s"] for r in res], "paths": res[0]["paths"], "model": res[0]["model"]})
+    single = next((r["aggregate_tokens_per_s"] for r in rows if r["k"] == 1), None)
+    for r in rows:
+        r["speedup_vs_k1"] = r["aggregate_tokens_per_s"] / single if single else None
+    return rows
+
+
+def _machine(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -137,7 +195,33 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--hidden", type=int, help="override the preset's hidden size")
     ap.add_argument("--layers", type=int, help="override the preset's layer count")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--concurrent", default=None, metavar="K[,K...]",
+                    help="aggregate throughput of K processes training the (one) model at once, for each K "
+                         "(e.g. 1,2,4,8: several small trainings sharing one GPU)")
+    ap.add_argument("--barrier", default=None, help=argparse.SUPPRESS)  # set by --concurrent for its workers
+    ap.add_argument("--worker", default="0/1", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    if a.concurrent is not None:
+        if "," in a.models or a.compare or a.profile:
+            raise SystemExit("--concurrent takes one model and neither --compare nor --profile")
+        try:
+            ks = [int(k) for k in a.concurrent.split(",")]
+        except ValueError:
+            raise SystemExit(f"--concurrent wants integers like 1,2,4,8, got {a.concurrent!r}") from None
+        if not ks or min(ks) < 1:
+            raise SystemExit(f"--concurrent wants integers >= 1, got {a.concurrent!r}")
+        argv = list(argv) if argv is not None else sys.argv[1:]
+        i = argv.index("--concurrent")
+        worker_argv = argv[:i] + argv[i + 2:]
+        print(json.dumps({"benchmark": "concurrent_training_throughput", "date": time.strftime("%Y-%m-%d"),
+                          "machine": _machine(torch.device(a.device)), "torch": torch.__version__,
+                          "batch": a.batch, "seq_len": a.seq, "steps_timed": a.steps,
+                          "results": concurrent_runs(worker_argv, ks, a.steps)}, indent=2))
+        return
+    barrier = None
+    if a.barrier is not None:
+        w, n = (int(v) for v in a.worker.split("/"))
+        barrier = file_barrier(a.barrier, w, n)
     device = torch.device(a.device)
     over = {k: v for k, v in (("hidden_size", a.hidden), ("n_layer", a.layers), ("mamba_backend", a.mamba_backend),
                               ("mamba_conv", a.mamba_conv), ("wkv6_impl", a.wkv6_impl)) if v is not None}
@@ -145,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for m in a.models.split(","):
         res = bench_model(m, a.size, a.vocab, a.batch, a.seq, a.steps, a.warmup, device, compile, a.profile, over,
-                          a.shards)
+                          a.shards, barrier)
         if a.compare:
             ref = bench_model(m, a.size, a.vocab, a.batch, a.seq, a.steps, a.warmup, device, False, 0,
                               {**over, **REFERENCE_PATH}, a.shards)
@@ -160,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps({
         "benchmark": "train_step_throughput",
         "date": time.strftime("%Y-%m-%d"),
-        "machine": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "machine": _machine(device),
         "torch": torch.__version__,
         "results": results,
     }, indent=2))

@@ -324,24 +324,58 @@ def step_function(model: torch.nn.Module, compile: bool | str = False) -> torch.
     return compiled(TokenLoss(model), compile)
 
 
-def component_grad_norms(model: torch.nn.Module) -> dict[str, float]:
-    """Pre-clip L2 norm of all gradients of each component (G4 uses rwkv / mamba), plus the total.
-    One device sync for the whole model (foreach norms), not one per parameter."""
+def component_grad_sq(model: torch.nn.Module) -> torch.Tensor:
+    """Squared pre-clip L2 norm of all gradients of each component (COMPONENTS order), on the device: no sync."""
     grads: dict[str, list[torch.Tensor]] = {c: [] for c in COMPONENTS}
     for name, p in model.named_parameters():
         if p.grad is not None:
             grads[models.component_of(name)].append(p.grad.detach())
     zero = torch.zeros((), device=next(model.parameters()).device)
-    sq = torch.stack([torch.stack(torch._foreach_norm(g)).float().pow(2).sum() if g else zero
-                      for g in grads.values()])
-    vals = sq.tolist()
+    return torch.stack([torch.stack(torch._foreach_norm(g)).float().pow(2).sum() if g else zero
+                        for g in grads.values()])
+
+
+def _norms_from_sq(vals: list[float]) -> dict[str, float]:
     out = {f"grad_norm_{c}": math.sqrt(v) for c, v in zip(COMPONENTS, vals)}
     out["grad_norm"] = math.sqrt(sum(vals))
     return out
 
 
+class BatchFeed:
+    """The training loop's batches: `draw()` makes one step's host batches (tuples of fwd's arguments), and
+    they go to the device from pinned memory with an asynchronous copy on CUDA. `prefetch` (train_step's
+    `before_sync`) draws the next step's batches while the device still runs this step, so the host work
+    and the copy never leave the GPU idle.
+
+    `generator_state()` is the data generator's state before the batches not yet handed out: what a
+    checkpoint stores, so a resume draws exactly the batches the uninterrupted run would."""
+
+    def __init__(self, draw: Callable[[], list[tuple]], device: torch.device, generator: torch.Generator | None = None):
+        self.draw, self.device, self.generator = draw, device, generator
+        self._next: list[tuple] | None = None
+        self._state_before_next = None
+
+    def to_device(self, batches: list[tuple]) -> list[tuple]:
+        cuda = self.device.type == "cuda"
+        return [tuple((t.pin_memory().to(self.device, non_blocking=True) if cuda else t.to(self.device))
+                      if isinstance(t, torch.Tensor) else t for t in b) for b in batches]
+
+    def prefetch(self) -> None:
+        if self._next is None:
+            self._state_before_next = self.generator.get_state() if self.generator is not None else None
+            self._next = self.to_device(self.draw())
+
+    def next(self) -> list[tuple]:
+        out, self._next = (self._next if self._next is not None else self.to_device(self.draw())), None
+        return out
+
+    def generator_state(self) -> torch.Tensor:
+        return self._state_before_next if self._next is not None else self.generator.get_state()
+
+
 def train_step(model, fwd, optimizer, batches, grad_clip: float, autocast, *, no_sync=None,
-               dist_ctx: distributed.DistContext | None = None) -> tuple[float, dict[str, float] | None]:
+               dist_ctx: distributed.DistContext | None = None,
+               before_sync: Callable[[], None] | None = None) -> tuple[float, dict[str, float] | None]:
     """Forward/backward over the micro-batches, then clip and step. Returns (loss, grad norms and the loss
     terms of a StepLoss); if the loss is not finite it returns (loss, None) WITHOUT stepping, so the weights
     stay the last good ones.
@@ -352,7 +386,12 @@ def train_step(model, fwd, optimizer, batches, grad_clip: float, autocast, *, no
     DDP `fwd` is the DDP wrapper of that, `no_sync` its `no_sync` (gradients are all-reduced on the last
     micro-batch only) and `model` the unwrapped LM, so the component norms read real parameter names
     and, taken after backward, the all-reduced gradients. The returned loss is the mean over all ranks:
-    every rank sees the same value, so a NaN stops every rank at the same step."""
+    every rank sees the same value, so a NaN stops every rank at the same step.
+
+    The step waits for the device once: the loss, the loss terms and the component norms are read back
+    together. `before_sync` runs just before that wait, while the device works through the queued
+    forward and backward (the training loop draws the next batch there); clipping uses the norms read
+    back (the coefficient of clip_grad_norm_), so clip and optimizer kernels are queued without a wait."""
     loss_sum, parts_sum = None, {}
     torch.compiler.cudagraph_mark_step_begin()  # a new step for CUDA-graph replays ("reduce-overhead"); else a no-op
     for i, batch in enumerate(batches):
@@ -370,13 +409,20 @@ def train_step(model, fwd, optimizer, batches, grad_clip: float, autocast, *, no
         if parts_sum:
             reduced = distributed.all_reduce_sum(torch.stack(list(parts_sum.values())).float(), dist_ctx) / dist_ctx.world_size
             parts_sum = dict(zip(parts_sum, reduced))
-    loss_v = float(loss_sum)  # the step's one sync for the loss
+    sq = component_grad_sq(model)
+    if before_sync is not None:
+        before_sync()
+    vals = torch.cat([loss_sum.float().reshape(1), sq, *(v.float().reshape(1) for v in parts_sum.values())]).tolist()
+    loss_v = vals[0]  # the step's one sync
     if not math.isfinite(loss_v):
         optimizer.zero_grad(set_to_none=True)
         return loss_v, None
-    norms = component_grad_norms(model)
-    norms.update({k: float(v) for k, v in parts_sum.items()})  # the objective's terms (loss_ce, loss_div, ...)
-    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip, foreach=True)
+    norms = _norms_from_sq(vals[1 : 1 + len(COMPONENTS)])
+    norms.update(zip(parts_sum, vals[1 + len(COMPONENTS):]))  # the objective's terms (loss_ce, loss_div, ...)
+    clip = grad_clip / (norms["grad_norm"] + 1e-6)  # torch.nn.utils.clip_grad_norm_'s coefficient, clamped at 1
+    if clip < 1.0:
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        torch._foreach_mul_(grads, clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss_v, norms
@@ -536,13 +582,16 @@ def _train(cfg, shards_dir, work_dir, device, dist_ctx, *, on_log, on_step_end, 
             if tracks is not None:  # consecutive windows of every track; the carrier holds the state between them
                 x, y, new_doc = next(tracks)  # (W*B, T), (W*B, T), (W*B,)
                 rows = slice(rank * B, (rank + 1) * B)
-                batches.append((x[rows], y[rows], new_doc[rows].to(device), carrier))
+                batches.append((x[rows], y[rows], new_doc[rows], carrier))
                 continue
             # The global micro-batch (W*B windows, same on every rank); this rank keeps its own B rows.
             x, y = data.random_windows(train_tokens, W * B, cfg.seq_len, gen)  # (W*B, T)
             batches.append((x[rank * B : (rank + 1) * B], y[rank * B : (rank + 1) * B]))  # (B, T)
         return batches
 
+    # The stateful tracks are drawn in step order (their position is checkpointed): no prefetch there.
+    feed = BatchFeed(draw, device, gen)
+    prefetch = feed.prefetch if tracks is None else None
     skip = warmup_steps(cfg.steps - start)  # this process's own warm-up, also after a resume
     t_start, t_last_log, tokens_done = time.perf_counter(), 0.0, 0
     model.train()
@@ -551,10 +600,9 @@ def _train(cfg, shards_dir, work_dir, device, dist_ctx, *, on_log, on_step_end, 
         lr = lr_at(cfg, step)
         for g in optimizer.param_groups:
             g["lr"] = lr * g["lr_mult"]
-        batches = [(x.to(device, non_blocking=True), y.to(device, non_blocking=True), *rest)
-                   for x, y, *rest in draw()]
-        loss_sum, norms = train_step(model, fwd, optimizer, batches, cfg.grad_clip, autocast,
-                                     no_sync=ddp.no_sync if ddp is not None else None, dist_ctx=dist_ctx)
+        loss_sum, norms = train_step(model, fwd, optimizer, feed.next(), cfg.grad_clip, autocast,
+                                     no_sync=ddp.no_sync if ddp is not None else None, dist_ctx=dist_ctx,
+                                     before_sync=prefetch if step + 1 < cfg.steps else None)
         if norms is None:
             last = list_checkpoints(ckpt_root)
             raise TrainingDiverged(
@@ -584,7 +632,7 @@ def _train(cfg, shards_dir, work_dir, device, dist_ctx, *, on_log, on_step_end, 
             t_last_log = now
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
             if main:  # the state is identical on every rank; one writer
-                rng = {"data_generator": gen.get_state(), "torch_cpu": torch.get_rng_state()}
+                rng = {"data_generator": feed.generator_state(), "torch_cpu": torch.get_rng_state()}
                 extra = {"config": _jsonable(cfg), "log": log, "world_size": W}
                 if tracks is not None:  # the tracks' position and the carried state: resume continues exactly
                     rng.update(objectives.carried_state_tensors(carrier))

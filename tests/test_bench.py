@@ -1,0 +1,48 @@
+"""engine.bench on the CPU: the pipeline's training step timed, its loss curve vs the reference path, and the
+concurrent-trainings mode the sweep's K comes from."""
+
+import json
+
+import pytest
+
+from gt_pipeline.engine import bench
+
+TINY = ["--models", "GF-MH", "--size", "demo", "--vocab", "512", "--batch", "2", "--seq", "32", "--steps", "3",
+        "--warmup", "1", "--device", "cpu"]
+
+
+def run(capsys, argv):
+    bench.main(argv)
+    return json.loads(capsys.readouterr().out)
+
+
+def test_compare_on_shards_reports_both_curves_from_the_same_batches(capsys, demo_shards):
+    out = run(capsys, TINY + ["--shards", str(demo_shards), "--compare"])["results"][0]
+    ref = out["reference_path"]
+    assert ref["paths"]["rwkv_wkv6"] == "sequential" and ref["paths"]["mamba_ssd"] == "torch"
+    assert len(out["losses"]) == len(ref["losses"]) == 4
+    # CPU: both paths are the same math on the same batches, so the curves agree closely
+    assert out["max_loss_diff_vs_reference"] < 1e-3
+    assert out["timed_window_unix"][1] > out["timed_window_unix"][0]
+
+
+def test_concurrent_workers_time_together_and_report_the_aggregate(capsys):
+    out = run(capsys, TINY + ["--concurrent", "1,2"])
+    assert out["benchmark"] == "concurrent_training_throughput"
+    k1, k2 = out["results"]
+    assert (k1["k"], k2["k"], len(k2["per_process_tokens_per_s"])) == (1, 2, 2)
+    assert k1["speedup_vs_k1"] == 1.0
+    tokens = 2 * 32 * 3 * 2
+    assert k2["aggregate_tokens_per_s"] == pytest.approx(tokens / k2["span_s"])
+    # the barrier: the aggregate never exceeds the sum of the workers' own rates (their windows overlap)
+    assert k2["aggregate_tokens_per_s"] <= sum(k2["per_process_tokens_per_s"]) * 1.0001
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--concurrent", "0,2"], ">= 1"),
+    (["--concurrent", "two"], "integers like 1,2,4,8"),
+    (["--concurrent", "2", "--compare"], "one model"),
+])
+def test_concurrent_bad_input_is_named(extra, match):
+    with pytest.raises(SystemExit, match=match):
+        bench.main(TINY + extra)
