@@ -96,3 +96,24 @@ def test_gate_means_match_the_layer_states_and_leave_training_untouched(one_thre
     gate_means(model, x)
     assert torch.equal(rng, torch.get_rng_state())
     assert gate_means(models.get_model("GPT", 97, size="demo"), x) == {}  # no gate
+
+
+def _open_run(uri: str, name: str) -> str:
+    t = RunTracker.start(uri, "sweep-concurrent", name, params={"seed": name})
+    t.finish()
+    return t.run_id
+
+
+def test_concurrent_processes_on_a_fresh_store_all_open_their_runs_in_one_experiment(tmp_path):
+    """A sweep's K processes start at once on a store nobody has used: the table creation and the
+    experiment's creation are serialised, so every run opens, all in one experiment."""
+    import concurrent.futures
+    import multiprocessing
+
+    uri = tracking_uri(tmp_path, env={})
+    with concurrent.futures.ProcessPoolExecutor(3, mp_context=multiprocessing.get_context("spawn")) as ex:
+        ids = list(ex.map(_open_run, [uri] * 3, ["r0", "r1", "r2"]))
+    c = MlflowClient(tracking_uri=uri)
+    exps = [e for e in c.search_experiments() if e.name == "sweep-concurrent"]
+    assert len(exps) == 1
+    assert {r.info.run_id for r in c.search_runs([exps[0].experiment_id])} == set(ids)

@@ -20,6 +20,7 @@ sqlite:///<GT_HOME>/mlflow.db` (the `tracking-ui` extra installs the UI; the cli
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -94,6 +95,23 @@ def gate_means(model: torch.nn.Module, x: torch.Tensor) -> dict[str, float]:
     return per_layer
 
 
+@contextlib.contextmanager
+def _file_lock(path: Path | None):
+    """An exclusive advisory lock on `path` (created if missing) for the block; no-op for None."""
+    if path is None:
+        yield
+        return
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 class RunTracker:
     """One MLflow run; `start` opens it, `finish` closes it (FINISHED, or FAILED with `failed=True`)."""
 
@@ -111,15 +129,19 @@ class RunTracker:
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(tracking_uri=uri)
-        exp = client.get_experiment_by_name(experiment)
-        if exp is None:
-            location = None
-            if uri.startswith("sqlite:///"):  # keep run artifacts next to the store, not in the cwd's ./mlruns
-                location = (Path(uri.removeprefix("sqlite:///")).parent / "mlflow-artifacts").as_uri()
-            exp_id = client.create_experiment(experiment, artifact_location=location)
-        else:
-            exp_id = exp.experiment_id
+        # The first use of a SQLite store creates its tables, and the first run of an experiment creates it:
+        # concurrent sweep processes do both one at a time under a file lock beside the database.
+        db = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+        with _file_lock(db.with_name(db.name + ".lock") if db is not None else None):
+            client = MlflowClient(tracking_uri=uri)
+            exp = client.get_experiment_by_name(experiment)
+            if exp is None:
+                location = None
+                if db is not None:  # keep run artifacts next to the store, not in the cwd's ./mlruns
+                    location = (db.parent / "mlflow-artifacts").as_uri()
+                exp_id = client.create_experiment(experiment, artifact_location=location)
+            else:
+                exp_id = exp.experiment_id
         run = client.create_run(exp_id, run_name=run_name, tags=dict(tags or {}))
         tracker = cls(client, run.info.run_id, exp_id, uri)
         flat = flatten(params or {})
