@@ -10,11 +10,18 @@ official kernel's algorithm, `impl="sequential"`) and, when the bench-only extra
 timing, and scale 1). Forward (under no_grad) and
 forward+backward (torch.autograd.grad with a fixed random gy) medians and p20/p80 from CUDA events,
 one event pair per repetition, L2 flushed (256 MiB write) before each repetition, everything warmed
-up (JIT build included) before anything is timed. Bandwidth bound: forward reads r, k, v, w and
-writes y (5 tensors of B*T*H*64 bf16); forward+backward moves 14 such tensors (backward reads
-r, k, v, w, gy, writes gr, gk, gv, gw). `fraction_of_hbm_bound` = bound time / measured time, with
-the GPU's nominal HBM bandwidth; the measured device-to-device copy bandwidth is reported beside it.
-The sequential and chunked PyTorch references run too, on the smallest shape.
+up (JIT build included) before anything is timed. The sequential and chunked PyTorch references run
+too, on the smallest shape.
+
+Bytes bound, per shape (`wkv6_bytes_moved`): the bytes the op must read and write at least, each tensor
+once, in its own dtype. Forward: read r, k, w [B,T,H,K], v [B,T,H,V], u [H,K] fp32; write y
+[B,T,H,V]. Backward: read r, k, v, w, u and gy, write gr, gk, gv, gw, gu. Forward+backward = both (the
+timed forward+backward runs the forward too). The final state (not requested here) and scratch are
+not counted. `bytes_moved` / the device-to-device copy bandwidth measured at the start of the run
+(`copy_bandwidth_GBps`, a 1 GiB copy timed with CUDA events, bytes read + written) is `bytes_bound_ms`,
+the time the op would take if it only moved its bytes at copy speed; each contender's
+`fraction_of_bytes_bound` = bytes_bound_ms / its median time (1.0 = as fast as a copy). The older
+`*_fraction_of_hbm_bound` fields divide by the GPU's nominal HBM bandwidth instead.
 
 CPU part: forward+backward of (B, T, H) = (4, 1024, 4), K = V = 64, float32, the C++ extension
 vs the sequential PyTorch reference `wkv6_ref`, same process, ratio reported.
@@ -36,6 +43,7 @@ from .reference import wkv6_chunked_ref, wkv6_ref
 from .wkv6 import wkv6
 
 SHAPES = [(16, 4096, 8), (8, 4096, 32), (64, 512, 2), (4, 2048, 32)]
+PHASES = ("forward", "forward_backward")   # the two timings per contender, each with its bytes bound
 IMPLS = ("chunked", "sequential")
 HEAD = 64
 # Nominal HBM bandwidth (bytes/s) by device-name fragment, most specific first.
@@ -84,6 +92,22 @@ def _time_cuda(fn, reps: int, flush: torch.Tensor) -> dict:
         end.record()
     torch.cuda.synchronize()
     return _quantiles([s.elapsed_time(e) for s, e in ev])
+
+
+def wkv6_bytes_moved(B: int, T: int, H: int, K: int, V: int, io_bytes: int = 2, u_bytes: int = 4) -> dict:
+    """Bytes the wkv6 op must read and write (module docstring), r, k, v, w, y and their gradients in elements of
+    `io_bytes` (bf16: 2), u and gu of `u_bytes` (fp32: 4): {"forward", "backward", "forward_backward"}."""
+    rkw = 3 * B * T * H * K * io_bytes                    # r, k, w (or gr, gk, gw)
+    vy = B * T * H * V * io_bytes                         # v, y, gy or gv: one of them
+    u = H * K * u_bytes
+    forward = rkw + vy + u + vy                           # read r, k, w, v, u; write y
+    backward = (rkw + vy + u + vy) + (rkw + vy + u)       # read r, k, w, v, u, gy; write gr, gk, gw, gv, gu
+    return {"forward": forward, "backward": backward, "forward_backward": forward + backward}
+
+
+def bytes_bound_ms(nbytes: int, bytes_per_s: float) -> float:
+    """Milliseconds to move `nbytes` at `bytes_per_s` (read + written bytes per second, as _copy_bandwidth)."""
+    return 1e3 * nbytes / bytes_per_s
 
 
 def _copy_bandwidth() -> float:
@@ -145,6 +169,8 @@ def bench_cuda(reps: int, fla: bool = True, refs: bool = True, shapes=SHAPES) ->
     name = torch.cuda.get_device_name()
     peak = next((bw for frag, bw in NOMINAL_HBM if frag in name), None)
     info = build_extension("cuda")
+    copy_bw = _copy_bandwidth()   # before the inputs exist: the 2 GiB of copy buffers are freed again
+    _log(f"cuda device-to-device copy: {copy_bw / 1e9:.0f} GB/s")
     flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     cases = {}
     for s in shapes:
@@ -158,8 +184,11 @@ def bench_cuda(reps: int, fla: bool = True, refs: bool = True, shapes=SHAPES) ->
     rows = []
     for (B, T, H), (xs, gy, cont) in cases.items():
         E = B * T * H * HEAD
+        moved = wkv6_bytes_moved(B, T, H, HEAD, HEAD, io_bytes=xs[0].element_size(), u_bytes=xs[4].element_size())
         row = {"B": B, "T": T, "H": H, "K": HEAD, "V": HEAD, "dtype": "bfloat16",
-               "forward_bytes": 5 * E * 2, "forward_backward_bytes": 14 * E * 2}
+               "forward_bytes": 5 * E * 2, "forward_backward_bytes": 14 * E * 2,
+               "bytes_moved": {p: moved[p] for p in PHASES},
+               "bytes_bound_ms": {p: bytes_bound_ms(moved[p], copy_bw) for p in PHASES}}
         if peak:
             row["forward_bound_ms"] = 1e3 * row["forward_bytes"] / peak
             row["forward_backward_bound_ms"] = 1e3 * row["forward_backward_bytes"] / peak
@@ -170,8 +199,11 @@ def bench_cuda(reps: int, fla: bool = True, refs: bool = True, shapes=SHAPES) ->
             if peak:
                 res["forward_fraction_of_hbm_bound"] = row["forward_bound_ms"] / f["median_ms"]
                 res["forward_backward_fraction_of_hbm_bound"] = row["forward_backward_bound_ms"] / fb["median_ms"]
+            frac = {p: row["bytes_bound_ms"][p] / t["median_ms"] for p, t in zip(PHASES, (f, fb))}
+            res["fraction_of_bytes_bound"] = frac
             row[cname] = res
-            _log(f"cuda {B},{T},{H} {cname}: fwd {f['median_ms']:.3f} ms, fwd+bwd {fb['median_ms']:.3f} ms")
+            _log(f"cuda {B},{T},{H} {cname}: fwd {f['median_ms']:.3f} ms ({frac['forward']:.1%} of the bytes bound), "
+                 f"fwd+bwd {fb['median_ms']:.3f} ms ({frac['forward_backward']:.1%})")
         ours = row["ours_chunked"]["forward_backward"]["median_ms"]
         row["chunked_speedup_fwd_bwd"] = {c: row[c]["forward_backward"]["median_ms"] / ours
                                           for c in cont if c != "ours_chunked"}
@@ -193,7 +225,7 @@ def bench_cuda(reps: int, fla: bool = True, refs: bool = True, shapes=SHAPES) ->
                         "forward_backward": _time_cuda(peer_fb, 3, flush)}
         _log(f"cuda peer {pname}: fwd+bwd {peers[pname]['forward_backward']['median_ms']:.1f} ms")
     fla = _fla_chunk() if fla else None
-    return {"device": name, "nominal_hbm_bytes_per_s": peak, "measured_copy_bytes_per_s": _copy_bandwidth(),
+    return {"device": name, "nominal_hbm_bytes_per_s": peak, "measured_copy_bytes_per_s": copy_bw,
             "build": info, "fla_version": getattr(__import__("fla"), "__version__", "?") if fla else None,
             "shapes": rows, "peers_same_run": peers}
 
@@ -252,9 +284,11 @@ def main(argv=None) -> None:
                     "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                     "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version()},
     }
+    out["copy_bandwidth_GBps"] = None    # measured by the CUDA part; the CPU part has no bytes bound
     if torch.cuda.is_available() and not args.skip_cuda:
         shapes = SHAPES if not args.shapes else [tuple(int(x) for x in p.split(",")) for p in args.shapes.split(";")]
         out["cuda"] = bench_cuda(args.reps, fla=not args.no_fla, refs=not args.no_refs, shapes=shapes)
+        out["copy_bandwidth_GBps"] = out["cuda"]["measured_copy_bytes_per_s"] / 1e9
     if not args.skip_cpu:
         out["cpu"] = bench_cpu(args.cpu_reps)
     print(json.dumps(out, indent=2))

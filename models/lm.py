@@ -8,6 +8,11 @@
                           #  "mamba_conv_state" (B,conv_dim,d_conv), "gate": ...}
     out.activations[i]    # {"rwkv": (B,T,C), "mamba": (B,T,C)}: branch outputs as they enter the fusion
 
+    gpt = models.get_model("GPT", vocab_size=16000, size="5m")     # no recurrent state; out.state is None ...
+    with torch.no_grad():                                           # ... unless it is given a KV cache:
+        out = gpt(prompt, state=gpt.kv_cache(B, capacity=T + 100))  # out.state: the KVCache, length T
+        out = gpt(next_tok, state=out.state)                        # (B, 1): attends to the T + 1 cached keys
+
 Blocks (pre-norm, one residual per sub-block; no positional embedding except RoPE in GPT):
     hybrid (ParallelHybridBlock): h = RMSNorm(x); a = RWKV6TimeMix(h); m = Mamba2(h)
                                   x = x + fuse(a, m) [+ m with mamba_residual]; x = x + FFN(RMSNorm(x)),
@@ -27,13 +32,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from .config import ModelConfig
 from .fusion import RMSNorm, make_fusion
 from .mamba2 import Mamba2
 from .rwkv6 import RWKV6ChannelMix, RWKV6TimeMix
 
-__all__ = ["LM", "ModelOutput", "ModelState", "HybridBlock", "RWKV6Block", "Mamba2Block", "GPTBlock", "make_block"]
+__all__ = ["LM", "ModelOutput", "ModelState", "KVCache", "HybridBlock", "RWKV6Block", "Mamba2Block", "GPTBlock",
+           "make_block"]
 
 
 # ---------------------------------------------------------------------------------------------------- state
@@ -71,9 +78,37 @@ class ModelState:
 
 
 @dataclass
+class KVCache(ModelState):
+    """GPT's decoding state: every layer's keys and values, in buffers allocated once (`LM.kv_cache`).
+
+    layers[i] = {"attn_k": (B, H, capacity, D), "attn_v": (B, H, capacity, D)} (keys after RoPE); positions
+    [0, length) hold the tokens seen so far. `model(idx, state=cache)` writes positions [length, length + T)
+    in place and returns a KVCache over the same buffers with length + T, so a decoding step costs the
+    attention over the cached keys, not a copy of the cache. Continue from the newest cache; an older one may
+    be resumed (that overwrites what followed it). Inference only: in-place writes cannot be differentiated,
+    so the model refuses a cache while autograd records.
+    """
+    length: int = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.layers[0]["attn_k"].shape[2]
+
+    def detach(self) -> "KVCache":
+        return KVCache([{k: v.detach() for k, v in d.items()} for d in self.layers], self.length)
+
+    def reset_rows(self, mask: torch.Tensor) -> "KVCache":
+        raise ValueError("KVCache.reset_rows: a KV cache has one position counter for the whole batch, so a row "
+                         "cannot restart alone; start a new cache (LM.kv_cache) for a new batch of prompts")
+
+    def to(self, *args, **kwargs) -> "KVCache":
+        return KVCache([{k: v.to(*args, **kwargs) for k, v in d.items()} for d in self.layers], self.length)
+
+
+@dataclass
 class ModelOutput:
     logits: torch.Tensor                                   # (B, T, V)
-    state: ModelState | None                               # None only for GPT
+    state: ModelState | None                               # None only for GPT without a KVCache
     layer_states: list[dict] | None = None                 # with return_states
     activations: list[dict] | None = None                  # with return_activations
 
@@ -186,11 +221,13 @@ class Mamba2Block(nn.Module):
         return x + self.ffn(self.norm2(x)), st_m, None, {"mamba": m}
 
 
-def _rope(x, base: float = 10000.0):
-    """Rotary position embedding over the last dim of x (B, H, T, D), positions 0..T-1 (pairs (i, i + D/2))."""
+def _rope(x, base: float = 10000.0, offset: int = 0):
+    """Rotary position embedding over the last dim of x (B, H, T, D), positions offset..offset+T-1 (pairs
+    (i, i + D/2))."""
     T, D = x.shape[-2], x.shape[-1]
     inv_freq = 1.0 / base ** (torch.arange(0, D, 2, device=x.device, dtype=torch.float32) / D)   # (D/2,)
-    ang = torch.arange(T, device=x.device, dtype=torch.float32)[:, None] * inv_freq            # (T, D/2)
+    pos = torch.arange(offset, offset + T, device=x.device, dtype=torch.float32)                 # (T,)
+    ang = pos[:, None] * inv_freq                                                                # (T, D/2)
     cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
     x1, x2 = x[..., : D // 2], x[..., D // 2:]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
@@ -207,10 +244,24 @@ class CausalSelfAttention(nn.Module):
         for lin in (self.qkv, self.proj):
             nn.init.normal_(lin.weight, 0.0, 0.02)
 
-    def forward(self, x):
+    def forward(self, x, cache: dict | None = None, pos: int = 0):
+        """x (B, T, C) -> (B, T, C). With `cache` ({"attn_k", "attn_v"}: (B, H, capacity, D), a KVCache layer),
+        x holds positions pos..pos+T-1: its keys and values are written there and the queries attend to
+        positions 0..pos+T-1 (causal within x)."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_size).permute(2, 0, 3, 1, 4)   # 3 x (B,H,T,D)
-        y = F.scaled_dot_product_attention(_rope(q), _rope(k), v, is_causal=True)                 # (B, H, T, D)
+        if cache is None:
+            y = F.scaled_dot_product_attention(_rope(q), _rope(k), v, is_causal=True)             # (B, H, T, D)
+        else:
+            kc, vc = cache["attn_k"], cache["attn_v"]                                            # (B, H, cap, D)
+            kc[:, :, pos:pos + T] = _rope(k, offset=pos)
+            vc[:, :, pos:pos + T] = v
+            q = _rope(q, offset=pos).to(kc.dtype)
+            S = pos + T
+            # one query sees every cached key; T > 1 queries (a prompt chunk after earlier ones) are causal
+            # aligned to the end: query i may see keys 0..pos+i (causal_lower_right keeps the flash kernels)
+            mask = None if T == 1 else causal_lower_right(T, S)
+            y = F.scaled_dot_product_attention(q, kc[:, :, :S], vc[:, :, :S], attn_mask=mask).to(v.dtype)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -226,10 +277,11 @@ class GPTBlock(nn.Module):
         self.ffn = FFN(C, cfg.ffn_mult)
         self.ablated: set[str] = set()
 
-    def forward(self, x, state):
-        a = self.attn(self.norm1(x))
+    def forward(self, x, state, pos: int = 0):
+        """state: None, or a KVCache layer {"attn_k", "attn_v"} that x continues at position `pos`."""
+        a = self.attn(self.norm1(x), state, pos)
         x = x + a
-        return x + self.ffn(self.norm2(x)), {}, None, {"attn": a}
+        return x + self.ffn(self.norm2(x)), ({} if state is None else state), None, {"attn": a}
 
 
 def make_block(cfg: ModelConfig, layer_id: int) -> nn.Module:
@@ -257,15 +309,36 @@ class LM(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())      # the tied matrix counts once
 
+    def kv_cache(self, batch_size: int, capacity: int, dtype: torch.dtype | None = None, device=None) -> KVCache:
+        """An empty KVCache for GPT: room for `capacity` positions of `batch_size` sequences, every layer's K and V
+        (B, H, capacity, D) in `dtype` (default: the parameters'; torch.bfloat16 for bf16-autocast decoding)."""
+        if self.is_recurrent:
+            raise ValueError(f"kv_cache: {self.config.name} is recurrent; its state is the ModelState that "
+                             f"model(idx) returns (only GPT decodes with a KV cache)")
+        for field, value in (("batch_size", batch_size), ("capacity", capacity)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"kv_cache: {field} must be a positive int, got {value!r}")
+        w = self.tok_emb.weight
+        H, D = self.config.hidden_size // self.config.head_size, self.config.head_size
+        shape = (batch_size, H, capacity, D)
+        kw = dict(dtype=w.dtype if dtype is None else dtype, device=w.device if device is None else device)
+        return KVCache([{"attn_k": torch.zeros(shape, **kw), "attn_v": torch.zeros(shape, **kw)}
+                        for _ in self.blocks])
+
     def forward(self, idx: torch.Tensor, state: ModelState | None = None, return_states: bool = False,
                 return_activations: bool = False) -> ModelOutput:
-        """idx: (B, T) int64 token ids. state: a ModelState from a previous call (or None = fresh start)."""
+        """idx: (B, T) int64 token ids. state: a ModelState from a previous call (or None = fresh start); for GPT
+        a KVCache (`kv_cache`), which the call extends by T positions and returns as out.state."""
         if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32) or idx.shape[1] < 1:
             raise ValueError(f"idx must be an integer tensor of shape (B, T) with T >= 1, got "
                              f"{tuple(idx.shape)} {idx.dtype}")
-        if state is not None:
+        cache = isinstance(state, KVCache)
+        if cache:
+            self._check_cache(state, idx)
+        elif state is not None:
             if not self.is_recurrent:
-                raise ValueError("GPT has no recurrent state: pass state=None and the whole context in one call")
+                raise ValueError("GPT has no recurrent state: pass state=None and the whole context in one call, "
+                                 "or a KV cache from model.kv_cache(batch_size, capacity)")
             if not isinstance(state, ModelState) or len(state.layers) != len(self.blocks):
                 raise ValueError(f"state must be the ModelState of a previous call of this model "
                                  f"({len(self.blocks)} layers), got {type(state).__name__}")
@@ -273,15 +346,37 @@ class LM(nn.Module):
                 raise ValueError(f"state batch size {state.batch_size} != idx batch size {idx.shape[0]}")
         x = self.tok_emb(idx)                                                             # (B, T, C)
         new_layers, layer_states, activations = [], [], []
+        extra = {"pos": state.length} if cache else {}
         for i, block in enumerate(self.blocks):
-            x, st, gate, act = block(x, None if state is None else state.layers[i])
+            x, st, gate, act = block(x, None if state is None else state.layers[i], **extra)
             new_layers.append(st)
             if return_states:
                 layer_states.append({**st, **({} if gate is None else {"gate": gate})})
             if return_activations:
                 activations.append(act)
         logits = self.head(self.norm_f(x))                                                # (B, T, V)
+        if cache:
+            new_state = KVCache(new_layers, state.length + idx.shape[1])
+        else:
+            new_state = ModelState(new_layers) if self.is_recurrent else None
         return ModelOutput(logits=logits,
-                           state=ModelState(new_layers) if self.is_recurrent else None,
+                           state=new_state,
                            layer_states=layer_states if return_states else None,
                            activations=activations if return_activations else None)
+
+    def _check_cache(self, cache: KVCache, idx: torch.Tensor) -> None:
+        """ValueError naming the problem unless `cache` is this model's KV cache with room for idx (B, T)."""
+        if self.is_recurrent:
+            raise ValueError(f"a KVCache is GPT's state; {self.config.name} is recurrent: pass the ModelState "
+                             f"of its previous call (or None)")
+        if len(cache.layers) != len(self.blocks):
+            raise ValueError(f"KVCache has {len(cache.layers)} layers, the model {len(self.blocks)}: make it with "
+                             f"this model's kv_cache()")
+        if cache.batch_size != idx.shape[0]:
+            raise ValueError(f"KVCache batch size {cache.batch_size} != idx batch size {idx.shape[0]}")
+        if cache.length + idx.shape[1] > cache.capacity:
+            raise ValueError(f"KVCache full: {cache.length} cached + {idx.shape[1]} new positions > capacity "
+                             f"{cache.capacity}; make the cache with capacity >= prompt + new tokens")
+        if torch.is_grad_enabled():
+            raise ValueError("a KVCache is written in place, which autograd cannot differentiate: decode under "
+                             "torch.no_grad() or torch.inference_mode()")

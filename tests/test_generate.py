@@ -1,4 +1,4 @@
-"""Generation: stateful one-token-per-call equals full-context recompute; the trained_* materialization
+"""Generation: stateful one-token-per-call (GPT: KV cache) equals full-context recompute; the trained_* materialization
 shows samples and logs an MLflow run; the generate CLI works on the published artifact."""
 
 import csv
@@ -22,7 +22,7 @@ from gt_pipeline.resources import DemoWikiTextSource, resources_from_env
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", ["GF-MH", "MAMBA2"])
+@pytest.mark.parametrize("name", ["GF-MH", "MAMBA2", "GPT"])
 def test_stateful_generation_equals_full_recompute(name, one_thread):
     torch.manual_seed(0)
     model = models.get_model(name, 97, size="demo")
@@ -38,11 +38,17 @@ def test_stateful_generation_equals_full_recompute(name, one_thread):
     assert logits[len(prompt) - 1 : -1].argmax(-1).tolist() == greedy_state
 
 
-def test_gpt_has_no_state_and_uses_full_recompute(one_thread):
+def test_gpt_generates_with_a_kv_cache_sized_for_the_text(one_thread, monkeypatch):
     model = models.get_model("GPT", 97, size="demo")
+    made, kv_cache = [], model.kv_cache
+
+    def recording(*args, **kwargs):
+        made.append(args)
+        return kv_cache(*args, **kwargs)
+
+    monkeypatch.setattr(model, "kv_cache", recording)
     assert len(generate(model, [1, 2, 3], 4, greedy=True)) == 4
-    with pytest.raises(ValueError, match="GPT has no state"):
-        generate(model, [1, 2, 3], 4, stateful=True)
+    assert made == [(1, 3 + 4)]          # one cache, batch 1, room for the prompt and the 4 new tokens
 
 
 def test_bad_arguments_are_named(one_thread):

@@ -76,5 +76,4 @@ def samples_markdown(store: ArtifactStore, trained: Artifact, shards: Artifact) 
     model, _ = gen.load_checkpoint(trained.path, "cpu")
     prompts = gen.held_out_prompts(shards.path, tok, SAMPLE_PROMPTS, SAMPLE_PROMPT_TOKENS)
     rows = gen.samples(model, tok, prompts, SAMPLE_NEW_TOKENS, top_k=SAMPLE_TOP_K, seed=SAMPLE_SEED)
-    return gen.samples_markdown(rows, top_k=SAMPLE_TOP_K, temperature=1.0, seed=SAMPLE_SEED,
-                                stateful=model.is_recurrent)
+    return gen.samples_markdown(rows, top_k=SAMPLE_TOP_K, temperature=1.0, seed=SAMPLE_SEED, stateful=True)

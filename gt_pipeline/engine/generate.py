@@ -1,9 +1,11 @@
-"""Text generation from a trained checkpoint: stateful for the recurrent models, one token per call.
+"""Text generation from a trained checkpoint: stateful, one token per call.
 
-Recurrent models (every hybrid, RWKV6, MAMBA2) read the prompt once (in chunks, state carried) and
-then call `model(next_token, state=state)` one token at a time: constant memory and compute per
-token, whatever the length. GPT has no recurrent state; it recomputes the whole context for every new
-token (no KV cache here), which gives the same tokens at quadratic cost.
+Every model reads the prompt once (in chunks, state carried) and then calls
+`model(next_token, state=state)` one token at a time. For the recurrent models (every hybrid, RWKV6,
+MAMBA2) the state is fixed-size: constant memory and compute per token, whatever the length. GPT's state
+is a KV cache (`models.KVCache`, sized for prompt + new tokens): each token attends to the cached keys,
+so its cost grows with the context. `stateful=False` recomputes the whole context for every new token
+instead, which gives the same tokens at quadratic cost (the tests' reference).
 
 From the shell, on a `trained_*` artifact directory (the tokenizer is found through the store's
 manifests: trained -> token_shards -> bpe_tokenizer, under the same GT_HOME):
@@ -35,8 +37,8 @@ def generate(model: torch.nn.Module, prompt_ids: list[int], max_new_tokens: int,
 
     Sampling: logits of the last position / temperature, restricted to the `top_k` largest (None: all),
     drawn from a CPU torch.Generator seeded with `seed` (same tokens on CPU and GPU given same logits);
-    `greedy` takes the argmax instead. `stateful` (default: model.is_recurrent) feeds one token per call
-    with the carried state; False recomputes the whole context each step (the only way for GPT).
+    `greedy` takes the argmax instead. `stateful` (default True) feeds one token per call with the carried
+    state (GPT: its KV cache); False recomputes the whole context each step.
     """
     if not prompt_ids:
         raise ValueError("prompt_ids must hold at least one token id (an empty prompt has nothing to continue)")
@@ -46,9 +48,7 @@ def generate(model: torch.nn.Module, prompt_ids: list[int], max_new_tokens: int,
         raise ValueError(f"top_k must be None or >= 1, got {top_k}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0 (use greedy=True for argmax), got {temperature}")
-    stateful = model.is_recurrent if stateful is None else stateful
-    if stateful and not model.is_recurrent:
-        raise ValueError("stateful=True needs a recurrent model; GPT has no state (use stateful=False)")
+    stateful = True if stateful is None else stateful
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -57,7 +57,9 @@ def generate(model: torch.nn.Module, prompt_ids: list[int], max_new_tokens: int,
     out: list[int] = []
     try:
         if stateful:
-            state, last = None, None
+            # GPT: a KV cache with room for the prompt and every new token (each is fed back)
+            state = None if model.is_recurrent else model.kv_cache(1, len(prompt_ids) + max_new_tokens)
+            last = None
             for s in range(0, ids.shape[1], chunk):  # the prompt, `chunk` tokens per call
                 o = model(ids[:, s : s + chunk], state=state)
                 state, last = o.state, o.logits[0, -1]  # (V,)
@@ -157,7 +159,8 @@ def samples(model: torch.nn.Module, tokenizer, prompts: list[list[int]], max_new
 
 def samples_markdown(rows: list[dict[str, str]], *, top_k: int, temperature: float, seed: int,
                      stateful: bool) -> str:
-    how = ("stateful, one token per call" if stateful else "full-context recompute per token (GPT has no state)")
+    how = ("stateful, one token per call (recurrent state or KV cache)" if stateful
+           else "full-context recompute per token")
     head = f"**Samples** (held-out validation prompts; top-k {top_k}, temperature {temperature}, seed {seed}; {how})\n\n"
     # the prompt in bold (markdown needs no space just inside the ** markers), then the continuation
     body = "\n\n".join(f"> **{_md_escape(r['prompt']).strip()}** {_md_escape(r['continuation']).strip()}" for r in rows)

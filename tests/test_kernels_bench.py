@@ -1,0 +1,33 @@
+"""kernels.bench's bytes bound: the byte count of the wkv6 op (forward, backward, both) and its time at a given
+bandwidth, by hand-counted formulas (no GPU needed; the GPU run divides the same numbers by its measured copy
+bandwidth)."""
+import pytest
+
+from kernels.bench import bytes_bound_ms, wkv6_bytes_moved
+
+
+def test_forward_bytes_of_the_issue_shape():
+    # issue 19: the forward at (16, 4096, 8), K = V = 64 moves 5 x 33.5M bf16 values (r, k, v, w in; y out),
+    # plus u (H x K fp32): 0.078 ms at the H200's measured copy bandwidth of about 4.3 TB/s
+    E = 16 * 4096 * 8 * 64
+    assert E == 33_554_432
+    moved = wkv6_bytes_moved(16, 4096, 8, 64, 64)
+    assert moved["forward"] == 5 * E * 2 + 8 * 64 * 4
+    assert bytes_bound_ms(moved["forward"], 4.3e12) == pytest.approx(0.07804, rel=1e-3)
+
+
+def test_backward_counts_every_input_and_gradient_once():
+    B, T, H, K, V = 2, 3, 5, 4, 6                       # K != V: r, k, w are [B,T,H,K]; v, y, gy [B,T,H,V]
+    rkw, vy, u = B * T * H * K * 2, B * T * H * V * 2, H * K * 4     # one bf16 tensor of each kind, u fp32
+    forward = 3 * rkw + vy + u + vy                     # read r, k, w, v, u; write y
+    backward = 3 * rkw + vy + u + vy + 3 * rkw + vy + u # read r, k, w, v, u, gy; write gr, gk, gw, gv, gu
+    assert wkv6_bytes_moved(B, T, H, K, V) == {"forward": forward, "backward": backward,
+                                                "forward_backward": forward + backward}
+    # fp32 inputs: every tensor but u and gu doubles
+    fp32 = wkv6_bytes_moved(B, T, H, K, V, io_bytes=4)
+    assert fp32["forward_backward"] == 2 * (forward + backward) - 3 * u
+
+
+def test_bytes_bound_ms_is_bytes_over_bandwidth():
+    assert bytes_bound_ms(10**9, 10**12) == pytest.approx(1.0)       # 1 GB at 1 TB/s
+    assert bytes_bound_ms(0, 4.3e12) == 0.0
