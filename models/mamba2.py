@@ -96,17 +96,20 @@ def _import_mamba_ssm_ops():
 
 
 def causal_conv1d_layout(xBC: torch.Tensor) -> torch.Tensor:
-    """xBC (B, T, D) as the (B, D, T) input causal_conv1d_fn accepts, for any D.
+    """xBC (B, T, D) as the (B, D, T) input causal_conv1d_fn accepts, for any D, T and B.
 
-    The kernel takes channel-first (stride(2) == 1) or channel-last (stride(1) == 1) tensors, and channel-last
-    ones only when D and the strides of dims 0 and 2 are multiples of 8. xBC is a column slice of the in_proj
-    output, so its row stride is d_in_proj (644 at the 5m preset): the plain transposed view is refused. A
-    contiguous copy fixes that: channel-last when D % 8 == 0 (strides (T*D, 1, D), and the output comes back
-    channel-last, i.e. contiguous once transposed), channel-first otherwise.
+    The kernel takes channel-first (stride(2) == 1) or channel-last (stride(1) == 1 and stride(2) > 1)
+    tensors, and channel-last ones only when D and the strides of dims 0 and 2 are multiples of 8. xBC is a
+    column slice of the in_proj output, so its row stride is d_in_proj (644 at the 5m preset): the plain
+    transposed view is refused. A dense copy fixes that: channel-last when D % 8 == 0 (strides (T*D, 1, D),
+    and the output comes back channel-last, i.e. contiguous once transposed), channel-first otherwise
+    (strides (D*T, T, 1)). The strides are set explicitly: `contiguous()` leaves the strides of size-1
+    dimensions as they were (a one-token or one-row slice keeps d_in_proj), which the kernel reads.
     """
-    if xBC.shape[-1] % 8 == 0:
-        return xBC.contiguous().transpose(1, 2)        # (B, D, T), strides (T*D, 1, D)
-    return xBC.transpose(1, 2).contiguous()            # (B, D, T), strides (D*T, T, 1)
+    B, T, D = xBC.shape
+    if D % 8 == 0:
+        return xBC.contiguous().as_strided((B, T, D), (T * D, D, 1)).transpose(1, 2)   # (B, D, T), (T*D, 1, D)
+    return xBC.transpose(1, 2).contiguous().as_strided((B, D, T), (D * T, T, 1))        # (B, D, T), (D*T, T, 1)
 
 
 def ssd_wkv6(x, dt, A_log, B, C, D=None, initial_state=None, impl="auto"):

@@ -71,12 +71,15 @@ CASES["odd"] = models.ModelConfig(name="GF-MH", size="demo", vocab_size=97, hidd
                                   d_state=13, mamba_headdim=12)
 
 
+@pytest.mark.parametrize("shape", [(2, 37), (1, 1), (2, 1), (1, 5)], ids=lambda s: f"B{s[0]}xT{s[1]}")
 @pytest.mark.parametrize("case", list(CASES), ids=str)
-def test_every_width_reaches_causal_conv1d_and_matches_torch_conv(case, standin):
+def test_every_width_reaches_causal_conv1d_and_matches_torch_conv(case, shape, standin):
+    """Every preset's width, and one-token / one-row inputs (size-1 dims keep odd strides through
+    contiguous(), which the kernel reads)."""
     cfg = CASES[case]
     torch.manual_seed(0)
     layer = _mamba_of(cfg)
-    u = torch.randn(2, 37, cfg.hidden_size, requires_grad=True)
+    u = torch.randn(*shape, cfg.hidden_size, requires_grad=True)
     assert layer.conv_path(u.new_empty(1, 1, layer.conv_dim)) == "causal_conv1d"
     y, st = layer(u, return_state=True)
     assert standin.calls == ["channel_first" if layer.conv_dim % 8 else "channel_last"]
