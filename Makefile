@@ -63,7 +63,7 @@ clean-artifacts:
 # partition of sweep_run as its own `dagster asset materialize` process, SWEEP_K at once, then
 # fusion_comparison_report. Each process gets a throw-away Dagster instance (SQLite is not made for K
 # concurrent writers); the artifacts and the report live in the store ($$GT_HOME).
-SWEEP_VARIANTS ?= gf_mh gf gf_rh hy ws rf cp gpt rwkv6 mamba2
+SWEEP_VARIANTS ?= gf_mh gf gf_rh hy ws rf cp gf_xm gf_xr hgf hgf_mh hgf_rh gru mingru linrec gpt rwkv6 mamba2
 SWEEP_SEEDS ?= 0 1
 SWEEP_K ?= 4
 SWEEP_CONFIG ?= configs/sweep_h200.yaml
