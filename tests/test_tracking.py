@@ -117,3 +117,11 @@ def test_concurrent_processes_on_a_fresh_store_all_open_their_runs_in_one_experi
     exps = [e for e in c.search_experiments() if e.name == "sweep-concurrent"]
     assert len(exps) == 1
     assert {r.info.run_id for r in c.search_runs([exps[0].experiment_id])} == set(ids)
+
+
+def test_a_missing_mlflow_is_named_with_the_two_ways_out(monkeypatch, tmp_path):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "mlflow.tracking", None)  # import fails as if the package were absent
+    with pytest.raises(ImportError, match=r"mlflow-skinny.*track: false"):
+        RunTracker.start(tracking_uri(tmp_path, env={}), "exp", "run")

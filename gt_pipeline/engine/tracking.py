@@ -126,8 +126,12 @@ class RunTracker:
         if not experiment or not experiment.strip():
             raise ValueError("experiment must be a non-empty name (runs of one sweep share it), got "
                              f"{experiment!r}")
-        from mlflow.entities import Param
-        from mlflow.tracking import MlflowClient
+        try:
+            from mlflow.entities import Param
+            from mlflow.tracking import MlflowClient
+        except ImportError as e:  # mlflow-skinny is a core dependency; a hand-assembled environment may lack it
+            raise ImportError(f"experiment tracking needs mlflow-skinny ({e}): `pip install 'mlflow-skinny>=3.4,<4'`, "
+                              "or turn tracking off for this run (TrainingConfig track: false)") from e
 
         # The first use of a SQLite store creates its tables, and the first run of an experiment creates it:
         # concurrent sweep processes do both one at a time under a file lock beside the database.
