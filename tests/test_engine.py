@@ -47,6 +47,24 @@ def test_resumed_run_equals_uninterrupted_run_bit_for_bit(shards, tmp_path):
     assert [r["train_loss"] for r in whole.log] == [r["train_loss"] for r in resumed.log]
 
 
+@pytest.mark.gpu
+def test_resume_on_cuda_continues_the_rwkv_drop_draws(shards, tmp_path):
+    """rwkv_drop_prob draws from the CUDA generator on CUDA: the checkpoint carries its state, so a resumed run
+    drops the same layers at the same steps as the uninterrupted one."""
+    cfg = small(device="cuda", compile=False, model_overrides={"rwkv_drop_prob": 0.5})
+    whole = train(cfg, shards, tmp_path / "a")
+
+    def crash_after_6(step, model):
+        if step == 6:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(cfg, shards, tmp_path / "b", on_step_end=crash_after_6)
+    resumed = train(cfg, shards, tmp_path / "b")
+    assert resumed.resumed_from_step == 4
+    assert [r["train_loss"] for r in whole.log] == [r["train_loss"] for r in resumed.log]
+
+
 def test_resume_refuses_a_checkpoint_of_another_config(shards, tmp_path):
     with pytest.raises(Stop):
         train(small(), shards, tmp_path, on_step_end=lambda s, m: (_ for _ in ()).throw(Stop) if s == 5 else None)

@@ -561,6 +561,8 @@ def _train(cfg, shards_dir, work_dir, device, dist_ctx, *, on_log, on_step_end, 
         start, log = state["step"], state["log"]
         gen.set_state(rng["data_generator"])
         torch.set_rng_state(rng["torch_cpu"])
+        if device.type == "cuda" and "torch_cuda" in rng:  # rwkv_drop_prob draws on the device's generator
+            torch.cuda.set_rng_state(rng["torch_cuda"], device)
         if tracks is not None:
             tracks.load_state_dict(state["tracks"])
             carrier.state = objectives.carried_state_from_tensors(rng, device)
@@ -633,6 +635,8 @@ def _train(cfg, shards_dir, work_dir, device, dist_ctx, *, on_log, on_step_end, 
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
             if main:  # the state is identical on every rank; one writer
                 rng = {"data_generator": feed.generator_state(), "torch_cpu": torch.get_rng_state()}
+                if device.type == "cuda":
+                    rng["torch_cuda"] = torch.cuda.get_rng_state(device)
                 extra = {"config": _jsonable(cfg), "log": log, "world_size": W}
                 if tracks is not None:  # the tracks' position and the carried state: resume continues exactly
                     rng.update(objectives.carried_state_tensors(carrier))
