@@ -37,6 +37,24 @@ def test_match_runs_excludes_and_names_a_run_with_another_recipe_or_data():
     assert ref["steps"] == 10 and "seed" not in ref and "device" not in ref
 
 
+def test_match_runs_treats_model_changes_world_size_and_scoring_as_recipe_but_not_kernel_choices():
+    base = [run("GF-MH", 0, 5.0, world_size=1, eval_windows=64), run("GPT", 0, 5.3, world_size=1, eval_windows=64),
+            run("GPT", 1, 5.2, world_size=1, eval_windows=64)]
+    kernel_choice = run("GF-MH", 1, 5.1, world_size=1, eval_windows=64,
+                        model_overrides={"mamba_backend": "wkv6", "wkv6_impl": "chunked"})
+    dropped = run("GF-MH", 2, 4.9, world_size=1, eval_windows=64, model_overrides={"rwkv_drop_prob": 0.1})
+    residual = run("GF-MH", 3, 4.9, world_size=1, eval_windows=64, model_overrides={"mamba_residual": True})
+    four_ranks = run("GPT", 2, 5.0, world_size=4, eval_windows=64)
+    other_windows = run("GPT", 3, 5.0, world_size=1, eval_windows=16)
+    matched, excluded, _ = compare.match_runs(base + [kernel_choice, dropped, residual, four_ranks, other_windows])
+    assert {(r.model, r.seed) for r in matched} == {("GF-MH", 0), ("GPT", 0), ("GPT", 1), ("GF-MH", 1)}
+    reasons = {(e["model"], e["seed"]): e["reason"] for e in excluded}
+    assert "model_overrides.rwkv_drop_prob=0.1" in reasons[("GF-MH", 2)]
+    assert "model_overrides.mamba_residual=True" in reasons[("GF-MH", 3)]
+    assert "world_size=4 (compared runs: 1)" in reasons[("GPT", 2)]
+    assert "eval_windows=16 (compared runs: 64)" in reasons[("GPT", 3)]
+
+
 def test_compare_reports_t_cis_over_seeds_and_paired_differences():
     runs = [run("GF-MH", 0, 5.0), run("GF-MH", 1, 5.2), run("GF-MH", 2, 5.1),
             run("GPT", 0, 5.3), run("GPT", 1, 5.6), run("GPT", 2, 5.35), run("HY", 0, 5.0)]

@@ -144,7 +144,10 @@ def to_run(art: Artifact) -> compare.Run:
                 curve.append((int(row["step"]), v))
     return compare.Run(
         name=f"{SWEEP_ASSET}/{art.fingerprint}", model=m["model"], seed=int(art.inputs["config"]["seed"]),
-        config=art.inputs["config"], data=art.inputs["token_shards"], val_loss=float(m["eval_val_loss"]),
+        # the recipe as trained and scored: the TrainConfig, the world size (global batch) and the sweep's key extras
+        config={**art.inputs["config"], "world_size": int(art.inputs.get("world_size", 1)),
+                **art.inputs.get("key_extra", {})},
+        data=art.inputs["token_shards"], val_loss=float(m["eval_val_loss"]),
         n_params=int(m["n_params"]), tokens_per_s=float(m[tps_field]), tokens_per_s_field=tps_field, curve=curve,
         created=art.path.stat().st_mtime,  # when the store renamed it into place
         ablation={k.removeprefix("ablate_"): float(v) for k, v in m.items()

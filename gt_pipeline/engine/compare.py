@@ -4,8 +4,11 @@
 
 Config matching: only runs trained on the same data (token_shards fingerprint) with the same recipe are
 compared. The recipe is every TrainConfig field except those that name the run (model, seed) or only
-choose how the same computation executes (device, compile, model_overrides: the Mamba-2 backend / wkv6
-kernel implementation) or when it is observed (eval_every, eval_batches, checkpoint_every). The
+choose how the same computation executes (device, compile, and in model_overrides the kernel choices
+IMPLEMENTATION_OVERRIDES) or when it is observed (eval_every, eval_batches, checkpoint_every). Every other
+model override (mamba_residual, rwkv_drop_prob, a width or depth) changes the model and is part of the
+recipe, as are the world size (the global batch) and the evaluation the run was scored with (the
+sweep's eval_windows and version), which the sweep adds to `Run.config`. The
 reference group is the largest set of runs sharing one key (ties: the one holding GF-MH, then the
 first); every other run is excluded and named with the fields in which it differs.
 """
@@ -20,8 +23,9 @@ import numpy as np
 
 from gt_pipeline.engine import stats
 
-NOT_RECIPE = frozenset({"model", "seed", "device", "compile", "model_overrides", "eval_every", "eval_batches",
-                        "checkpoint_every"})
+NOT_RECIPE = frozenset({"model", "seed", "device", "compile", "eval_every", "eval_batches", "checkpoint_every"})
+# model_overrides that pick how the same math runs (kernels, backends), not what is computed
+IMPLEMENTATION_OVERRIDES = frozenset({"mamba_backend", "mamba_conv", "wkv6_impl", "mamba_chunk_size"})
 REFERENCES = ("GF-MH", "GPT")  # paired differences are reported against these
 
 
@@ -44,7 +48,11 @@ class Run:
     ablation: dict[str, float] = field(default_factory=dict)  # e.g. {"zero_mamba": loss increase}, hybrids only
 
     def key(self) -> dict[str, Any]:
-        return {"data": self.data, **{k: v for k, v in sorted(self.config.items()) if k not in NOT_RECIPE}}
+        key = {"data": self.data, **{k: v for k, v in sorted(self.config.items()) if k not in NOT_RECIPE}}
+        overrides = {k: v for k, v in sorted((key.pop("model_overrides", None) or {}).items())
+                     if k not in IMPLEMENTATION_OVERRIDES}
+        key.update({f"model_overrides.{k}": v for k, v in overrides.items()})
+        return key
 
 
 def _key_str(key: dict[str, Any]) -> str:
