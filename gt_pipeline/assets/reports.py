@@ -194,7 +194,7 @@ def gate_report(context: dg.AssetExecutionContext, config: ReportConfig, profile
 def ablation_report(context: dg.AssetExecutionContext, config: ReportConfig, profile: ProfileResource,
                     store: StoreResource, trained_gf_mh: Artifact, wkv6_kernel: Artifact) -> dg.Output[Artifact]:
     """Validation loss with each branch zero-ablated and mean-ablated (overall and per layer) and each fusion
-    path forced, every increase with a 95% bootstrap CI over validation windows spread over the whole split;
+    path forced, every increase with a 95% CI over validation windows (stats.mean_ci) spread over the whole split;
     contribution shares; gate statistics per layer on held-out (test-split) text; activation variance ratio,
     state norm ratio per layer."""
     prof, st, dev = profile.get(), store.get(), resolve_device(config.device, "report device")
@@ -287,8 +287,8 @@ def long_context_report(context: dg.AssetExecutionContext, config: ReportConfig,
                    "niah_chance": niah[0]["chance"] if niah else math.nan, **peak}
         write_json_atomic(d / "report.json", {"provenance": provenance(ckpt, wkv6_kernel), "summary": summary,
                                               "curve": curve, "niah": niah})
-        md = (f"Loss vs context (stateful, {rp.lc_seqs} windows spread over the validation split, 95% bootstrap "
-              f"CIs over windows), degradation ppl(512)/ppl(64) = **{curve['degradation_ppl_512_over_64']:.3f}**"
+        md = (f"Loss vs context (stateful, {rp.lc_seqs} windows spread over the validation split, 95% "
+              f"CIs over windows: t below 30 windows, else bootstrap), degradation ppl(512)/ppl(64) = **{curve['degradation_ppl_512_over_64']:.3f}**"
               "\n\n**Loss at each position bucket** (the loss AT those positions)\n\n" + md_table(curve["buckets"])
               + "\n\n**Mean loss over the first n positions**\n\n" + md_table(curve["by_length"])
               + f"\n\n**Needle in a haystack**: \"{NIAH_FORM}\" with a random number as the answer, scored "

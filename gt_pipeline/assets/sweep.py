@@ -5,7 +5,7 @@ whole grid, or any subset, is launched as a backfill, from the UI (Materialize -
 by one command (README "Research sweep"). Each partition trains with the same `TrainingConfig` (the seed
 comes from the partition) through the training assets' own body (`train_variant`), then measures its
 validation loss on one fixed set of windows spread over the whole split (the same windows for every
-run, so runs compare window for window) with a bootstrap CI.
+run, so runs compare window for window) with a CI over windows.
 
 Several trainings share one GPU: every partition is its own run (one process), and the `sweep_gpu` pool
 caps how many run at once: `dagster instance concurrency set sweep_gpu K` on a persistent instance
@@ -57,12 +57,12 @@ class SweepConfig(TrainingConfig):
     held-out evaluation every run is compared on."""
 
     eval_windows: int = Field(default=64, description="Validation windows (of seq_len tokens, spread over the whole "
-                              "split, the same for every run) for the compared loss and its bootstrap CI")
+                              "split, the same for every run) for the compared loss and its CI")
 
 
 def held_out_eval(d: Path, cfg: TrainConfig, shards: Path, n_windows: int) -> dict[str, Any]:
-    """Loss of the model published in `d` on `n_windows` fixed spread windows of cfg.seq_len tokens (bootstrap
-    CI); for a hybrid also the loss increase with each branch zero- and mean-ablated in all layers, paired by
+    """Loss of the model published in `d` on `n_windows` fixed spread windows of cfg.seq_len tokens (CI
+    over windows); for a hybrid also the loss increase with each branch zero- and mean-ablated in all layers, paired by
     window (branch means from the test split)."""
     sh = data.TokenShards(shards, verify=False)
     val = sh.split("validation")
@@ -71,7 +71,7 @@ def held_out_eval(d: Path, cfg: TrainConfig, shards: Path, n_windows: int) -> di
     model, _ = load_trained(Artifact(SWEEP_ASSET, "building", d), str(cfg.resolved_device()))
     batch = min(cfg.batch_size, 16)
     base = evaluate.window_losses(model, x, y, batch=batch)
-    ci = stats.bootstrap_mean_ci(base, seed=EVAL_SEED)
+    ci = stats.mean_ci(base, seed=EVAL_SEED)
     out: dict[str, Any] = {"seed": cfg.seed, "eval_val_loss": ci.mean, "eval_val_loss_lo": ci.lo,
                            "eval_val_loss_hi": ci.hi, "eval_windows": ci.n, "eval_tokens": ci.n * cfg.seq_len}
     if all(("rwkv" in b.branches and "mamba" in b.branches) for b in model.blocks):
@@ -83,7 +83,7 @@ def held_out_eval(d: Path, cfg: TrainConfig, shards: Path, n_windows: int) -> di
                 cm = (models.ablate(model, branch) if kind == "zero"
                       else models.mean_ablate(model, branch, means[branch]))
                 with cm:
-                    dci = stats.paired_bootstrap_diff(evaluate.window_losses(model, x, y, batch=batch), base,
+                    dci = stats.paired_mean_diff(evaluate.window_losses(model, x, y, batch=batch), base,
                                                       seed=EVAL_SEED)
                 out[f"ablate_{kind}_{branch}"] = dci.mean
                 out[f"ablate_{kind}_{branch}_lo"], out[f"ablate_{kind}_{branch}_hi"] = dci.lo, dci.hi

@@ -80,7 +80,7 @@ def spread_windows(tokens: np.ndarray, n: int, length: int, seed: int = 0) -> tu
 def window_losses(model, x: torch.Tensor, y: torch.Tensor, *, batch: int = 8, chunk: int = 512,
                   device: str | torch.device | None = None) -> np.ndarray:
     """Mean token cross-entropy of each window: x, y int64 (n, T) -> float64 (n,). Windows are the units
-    the bootstrap resamples (tokens inside a window are correlated, windows far apart nearly are not)."""
+    every CI is over (tokens inside a window are correlated, windows far apart nearly are not)."""
     dev = device if device is not None else next(model.parameters()).device
     out = [stateful_token_losses(model, x[i : i + batch].to(dev), y[i : i + batch].to(dev), chunk).double().mean(1).cpu()
            for i in range(0, len(x), batch)]
@@ -88,8 +88,8 @@ def window_losses(model, x: torch.Tensor, y: torch.Tensor, *, batch: int = 8, ch
 
 
 def loss_ci(per_window: np.ndarray, seed: int = 0) -> dict[str, float]:
-    """Mean loss with its bootstrap CI over windows, and the perplexity at the mean and the CI ends."""
-    ci = stats.bootstrap_mean_ci(per_window, seed=seed)
+    """Mean loss with its CI over windows (stats.mean_ci), and the perplexity at the mean and the CI ends."""
+    ci = stats.mean_ci(per_window, seed=seed)
     return {"loss": ci.mean, "loss_lo": ci.lo, "loss_hi": ci.hi, "ppl": math.exp(ci.mean), "windows": ci.n}
 
 
@@ -97,7 +97,7 @@ def loss_ci(per_window: np.ndarray, seed: int = 0) -> dict[str, float]:
 @dataclass
 class Ablation:
     """One ablated evaluation: `kind` zero | mean | gate, `branch`, `layers` ('all' or a layer index);
-    loss and the paired (per-window) increase over the baseline with its bootstrap CI."""
+    loss and the paired (per-window) increase over the baseline with its CI over windows (stats.mean_ci)."""
 
     label: str
     kind: str
@@ -182,7 +182,7 @@ def ablation_study(model, x: torch.Tensor, y: torch.Tensor, held_out: torch.Tens
 
     x, y int64 (n, T): the evaluation windows; held_out int64 (m, T'): OTHER windows, on which the branch
     means for mean-ablation and nothing else are measured. Every delta is paired by window (same windows
-    with and without the ablation) with a bootstrap CI over windows (seeded).
+    with and without the ablation) with a CI over windows (stats.mean_ci) (seeded).
     `progress(evaluations_done, evaluations_at_most)` after each evaluation (those that do not apply to the
     model are skipped, so the count may end below the total)."""
     n_layer = len(model.blocks)
@@ -201,7 +201,7 @@ def ablation_study(model, x: torch.Tensor, y: torch.Tensor, held_out: torch.Tens
     runs: list[Ablation] = []
 
     def record(label: str, kind: str, branch: str, layers: str, w: np.ndarray) -> None:
-        d = stats.paired_bootstrap_diff(w, base_w, seed=seed)
+        d = stats.paired_mean_diff(w, base_w, seed=seed)
         runs.append(Ablation(label, kind, branch, layers, float(w.mean()), d.mean, d.lo, d.hi))
 
     means = branch_means(model, held_out, batch=batch)
@@ -259,7 +259,7 @@ def long_context_curve(model, tokens: np.ndarray, lengths: Iterable[int], n_seq:
                        progress: Progress | None = None) -> dict[str, Any]:
     """Loss vs context on n_seq windows of the longest length L, spread over the whole split, run statefully:
     (a) loss per position bucket [2^k - 1, 2^(k+1) - 1) - the loss AT those positions, not a running mean -
-    with a bootstrap CI over windows; (b) for each length l, the mean loss over the first l positions (CI too);
+    with a CI over windows (stats.mean_ci); (b) for each length l, the mean loss over the first l positions (CI too);
     (c) the seeds' degradation ratio ppl(512)/ppl(64) (of the cumulative means).
     `progress(tokens_done, tokens_total)` as the windows are read."""
     lengths = sorted(lengths)
@@ -272,12 +272,12 @@ def long_context_curve(model, tokens: np.ndarray, lengths: Iterable[int], n_seq:
     losses = torch.cat(rows).double().numpy()  # (n_seq, L)
     buckets = []
     for lo, hi in position_buckets(longest):
-        ci = stats.bootstrap_mean_ci(losses[:, lo:hi].mean(1), seed=seed)
+        ci = stats.mean_ci(losses[:, lo:hi].mean(1), seed=seed)
         buckets.append({"positions": f"[{lo}, {hi})", "start": lo, "end": hi, "loss": ci.mean, "loss_lo": ci.lo,
                         "loss_hi": ci.hi, "windows": ci.n})
     by_length = []
     for n in lengths:
-        ci = stats.bootstrap_mean_ci(losses[:, :n].mean(1), seed=seed)
+        ci = stats.mean_ci(losses[:, :n].mean(1), seed=seed)
         by_length.append({"context": n, "loss": ci.mean, "loss_lo": ci.lo, "loss_hi": ci.hi, "ppl": math.exp(ci.mean)})
     ppl = {r["context"]: r["ppl"] for r in by_length}
     ratio = ppl[512] / ppl[64] if 512 in ppl and 64 in ppl else math.nan

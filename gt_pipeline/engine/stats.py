@@ -2,8 +2,12 @@
 
 Plain numpy (no scipy, no Dagster). Every interval is two-sided at `level` (default 95%).
 
-- `bootstrap_mean_ci(values)`: percentile bootstrap of the mean over independent units (validation
-  windows or documents), seeded, so a report recomputed on the same numbers gives the same interval.
+- `mean_ci(values)`: the CI of a mean over independent units (validation windows or documents): the
+  percentile bootstrap (`bootstrap_mean_ci`, seeded, so a report recomputed on the same numbers gives the
+  same interval) from BOOTSTRAP_MIN_N units on, Student t below, where the percentile bootstrap is too
+  narrow (simulated coverage of a nominal 95% interval on normal data: 0.80 at n = 4, 0.88 at n = 8,
+  0.92 at n = 16; t: 0.95).
+- `paired_mean_diff(a, b)`: mean(a - b) over paired units (windows scored by two models), as `mean_ci`.
 - `t_ci(values)`: mean +/- t_{1-a/2, n-1} * s / sqrt(n), for a handful of seeds (the bootstrap is
   unreliable at n = 2..5). n = 1 gives a NaN half-width: one seed says nothing about seed noise.
 - `paired_diff(a, b)`: a - b over the keys both share (seeds), t interval of the per-key differences.
@@ -22,6 +26,7 @@ import numpy as np
 
 DEFAULT_LEVEL = 0.95
 DEFAULT_BOOT = 2000
+BOOTSTRAP_MIN_N = 30  # below this many units `mean_ci` uses Student t (module docstring)
 
 
 @dataclass(frozen=True)
@@ -145,14 +150,22 @@ def paired_diff(a: Mapping, b: Mapping, *, level: float = DEFAULT_LEVEL) -> CI:
     return CI(ci.mean, ci.lo, ci.hi, ci.n, level, "paired t")
 
 
-def paired_bootstrap_diff(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, *,
-                          level: float = DEFAULT_LEVEL, n_boot: int = DEFAULT_BOOT, seed: int = 0) -> CI:
-    """Bootstrap CI of mean(a - b) where a[i], b[i] are measured on the same unit i (window)."""
-    a, b = _finite_1d(a, "paired_bootstrap_diff a"), _finite_1d(b, "paired_bootstrap_diff b")
+def mean_ci(values: Sequence[float] | np.ndarray, *, level: float = DEFAULT_LEVEL, n_boot: int = DEFAULT_BOOT,
+            seed: int = 0) -> CI:
+    """CI of the mean of `values` (float [n], one per independent unit): bootstrap for n >= BOOTSTRAP_MIN_N,
+    Student t below (the module docstring says why)."""
+    v = _finite_1d(values, "mean_ci")
+    return bootstrap_mean_ci(v, level=level, n_boot=n_boot, seed=seed) if v.size >= BOOTSTRAP_MIN_N else t_ci(v, level=level)
+
+
+def paired_mean_diff(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, *,
+                     level: float = DEFAULT_LEVEL, n_boot: int = DEFAULT_BOOT, seed: int = 0) -> CI:
+    """CI of mean(a - b) where a[i], b[i] are measured on the same unit i (window), as `mean_ci`."""
+    a, b = _finite_1d(a, "paired_mean_diff a"), _finite_1d(b, "paired_mean_diff b")
     if a.shape != b.shape:
-        raise ValueError(f"paired_bootstrap_diff: a has {a.size} units, b has {b.size}; they must be paired")
-    ci = bootstrap_mean_ci(a - b, level=level, n_boot=n_boot, seed=seed)
-    return CI(ci.mean, ci.lo, ci.hi, ci.n, level, "paired bootstrap")
+        raise ValueError(f"paired_mean_diff: a has {a.size} units, b has {b.size}; they must be paired")
+    ci = mean_ci(a - b, level=level, n_boot=n_boot, seed=seed)
+    return CI(ci.mean, ci.lo, ci.hi, ci.n, level, f"paired {ci.method}")
 
 
 def wilson_ci(hits: int, n: int, *, level: float = DEFAULT_LEVEL) -> CI:
