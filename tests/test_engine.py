@@ -479,3 +479,14 @@ def test_cuda_graph_compile_is_refused_under_ddp_before_anything_is_read(tmp_pat
         _train(small(compile="reduce-overhead"), tmp_path / "no_shards", tmp_path, torch.device("cpu"), ctx,
                on_log=None, on_step_end=None, log_every_s=0, progress=False, verify_shards=False)
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_held_out_text_is_the_test_split_and_its_absence_is_named(shards):
+    sh = data.TokenShards(shards)
+    assert np.array_equal(evaluate.held_out_split(sh), sh.split("test"))
+
+    class NoTest:
+        path, splits = Path("/somewhere/shards"), ("train", "validation")
+
+    with pytest.raises(ValueError, match="no test split.*apart from the validation windows"):
+        evaluate.held_out_split(NoTest())

@@ -205,7 +205,7 @@ def ablation_report(context: dg.AssetExecutionContext, config: ReportConfig, pro
         shards = data.TokenShards(_shards_of(st, ckpt).path, verify=False)
         val = shards.split("validation")
         x, y = evaluate.spread_windows(val, rp.eval_seqs, rp.eval_len, seed=EVAL_SEED)
-        held, _ = evaluate.spread_windows(_held_out(shards), rp.eval_seqs, rp.eval_len, seed=EVAL_SEED)
+        held, _ = evaluate.spread_windows(evaluate.held_out_split(shards), rp.eval_seqs, rp.eval_len, seed=EVAL_SEED)
         p = Progress("ablation_report", 1, context.log.info, unit="evals")
         res = evaluate.ablation_study(model, x, y, held, seed=EVAL_SEED, progress=p)
         p.finish()
@@ -302,11 +302,6 @@ def long_context_report(context: dg.AssetExecutionContext, config: ReportConfig,
     result = _build_report(context, "long_context_report", config, prof, st, ckpt, wkv6_kernel, build)
     return _report_output(context, result, {k: float(v) for k, v in result.artifact.metadata.items()}, profile.name)
 
-
-
-def _held_out(shards) -> Any:
-    """Text for branch means and gate statistics, apart from the evaluation windows: the test split."""
-    return shards.split("test") if "test" in shards.splits else shards.split("validation")
 
 
 def _bar_png(runs: list[dict[str, Any]], base: float) -> bytes:

@@ -75,7 +75,7 @@ def held_out_eval(d: Path, cfg: TrainConfig, shards: Path, n_windows: int) -> di
     out: dict[str, Any] = {"seed": cfg.seed, "eval_val_loss": ci.mean, "eval_val_loss_lo": ci.lo,
                            "eval_val_loss_hi": ci.hi, "eval_windows": ci.n, "eval_tokens": ci.n * cfg.seq_len}
     if all(("rwkv" in b.branches and "mamba" in b.branches) for b in model.blocks):
-        test = sh.split("test") if "test" in sh.splits else val
+        test = evaluate.held_out_split(sh)
         held, _ = evaluate.spread_windows(test, min(n, len(test) // (cfg.seq_len + 1)), cfg.seq_len, seed=EVAL_SEED)
         means = evaluate.branch_means(model, held, batch=batch)
         for branch in ("rwkv", "mamba"):

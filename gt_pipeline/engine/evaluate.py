@@ -77,6 +77,17 @@ def spread_windows(tokens: np.ndarray, n: int, length: int, seed: int = 0) -> tu
 
 
 @torch.no_grad()
+def held_out_split(shards) -> np.ndarray:
+    """The text for branch means and gate statistics, apart from the evaluation windows (which are spread over the
+    validation split): the test split. ValueError without one: means taken from the evaluation windows themselves
+    would not be held out."""
+    if "test" not in shards.splits:
+        raise ValueError(f"token_shards at {shards.path} have no test split (splits: {sorted(shards.splits)}): the "
+                         "branch means and gate statistics need text apart from the validation windows; rebuild "
+                         "token_shards with a test split")
+    return shards.split("test")
+
+
 def window_losses(model, x: torch.Tensor, y: torch.Tensor, *, batch: int = 8, chunk: int = 512,
                   device: str | torch.device | None = None) -> np.ndarray:
     """Mean token cross-entropy of each window: x, y int64 (n, T) -> float64 (n,). Windows are the units
