@@ -76,6 +76,10 @@ def test_compare_reports_t_cis_over_seeds_and_paired_differences():
     assert (ab["model"], ab["ablation"], ab["branch"], ab["seeds"]) == ("GF-MH", "zero", "mamba", 3)
     assert ab["delta_loss"] == pytest.approx(0.2) and ab["delta_lo"] == pytest.approx(0.2 - half / 2)
     assert ab["verdict"].startswith("loss higher without it")
+    lone = compare.compare(runs + [run("WS", 7, 5.0)])  # seed 7: no reference model trained it
+    md = sweep.comparison_markdown(lone, [], {}, b"")
+    assert "Not compared (no seed trained by both): WS vs GF-MH, WS vs GPT." in md
+    assert "WS vs" not in md.split("Inside the noise")[1].split("\n")[0]
 
 
 TINY = {"steps": 6, "batch_size": 2, "seq_len": 32, "eval_every": 3, "eval_batches": 1, "checkpoint_every": 6,

@@ -162,7 +162,9 @@ def comparison_markdown(result: dict[str, Any], excluded: list[dict[str, Any]], 
     lines = [f"Config-matched runs only (same data fingerprint and recipe); {lvl} CIs: Student t over seeds "
              "for each variant, paired by seed for the differences. A difference whose CI contains 0 is "
              "**inside the noise**: the sweep cannot tell those two apart.", ""]
-    noise = [d for d in result["differences"] if not d["verdict"].startswith(("lower", "higher"))]
+    unknown = [d for d in result["differences"] if d["verdict"] == "no common seed"]
+    noise = [d for d in result["differences"]
+             if not d["verdict"].startswith(("lower", "higher")) and d["verdict"] != "no common seed"]
     for d in result["differences"]:
         if d["verdict"].startswith(("lower", "higher")):
             lines.append(f"- {d['model']} vs {d['vs']}: {d['diff']:+.4f} nats [{d['diff_lo']:+.4f}, {d['diff_hi']:+.4f}]"
@@ -170,6 +172,9 @@ def comparison_markdown(result: dict[str, Any], excluded: list[dict[str, Any]], 
     if noise:
         lines.append("- Inside the noise (or unknown with one seed): "
                      + ", ".join(f"{d['model']} vs {d['vs']}" for d in noise) + ".")
+    if unknown:
+        lines.append("- Not compared (no seed trained by both): "
+                     + ", ".join(f"{d['model']} vs {d['vs']}" for d in unknown) + ".")
     lines += ["", f"![comparison](data:image/png;base64,{base64.b64encode(png).decode()})", "",
               "**Per variant**", "", md_table(result["variants"]), "", "**Paired differences of val loss** (model - reference)",
               "", md_table(result["differences"]) or "(no reference model among the runs)", ""]
