@@ -92,6 +92,33 @@ def test_debate_terms_send_gradients_to_the_gate_and_both_branches():
     assert m.blocks[1].fusion.gate.weight.grad.abs().sum() > 0
 
 
+def test_better_branch_target_with_mamba_residual_compares_rwkv_without_any_mamba_output():
+    """With mamba_residual the Mamba output is also added beside the fusion: 'RWKV alone' must drop it too,
+    so the target equals the comparison of the model with Mamba zero-ablated vs the Mamba-only model."""
+    torch.manual_seed(3)
+    m = models.get_model("GF-MH", V, size="demo", mamba_residual=True)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x, y = torch.randint(0, V, (2, 11)), torch.randint(0, V, (2, 11))
+    tau = objectives.better_branch_target(m, x, y)
+    m.eval()
+
+    def ce(logits):
+        return F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none")
+
+    with torch.no_grad(), models.force_gate(m, 1.0):
+        for b in m.blocks:
+            b.ablated.add("mamba")  # RWKV alone: m = 0 inside the fusion and beside it
+        ce_r = ce(m(x).logits)
+        for b in m.blocks:
+            b.ablated.clear()
+    with torch.no_grad(), models.force_gate(m, 0.0):
+        ce_m = ce(m(x).logits)
+    assert torch.equal(tau, 0.5 * (1 + torch.sign(ce_m - ce_r)))
+    assert all(b.mamba_residual for b in m.blocks), "the residual setting is restored"
+
+
 @pytest.mark.parametrize("kw,match", [
     (dict(model="HY", lambda_arb=0.1), "lambda_arb.*HY"),
     (dict(model="WS", lambda_arb=0.1), "lambda_arb.*unconstrained"),

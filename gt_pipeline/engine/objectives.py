@@ -10,14 +10,20 @@ Twin-debate loss (`TrainConfig.lambda_div`, `lambda_arb`; 0 = off):
   branches to disagree.
 * arbiter_ce: "arbiter CE towards the better branch", defined per token. From the same input and starting
   state, the whole model runs twice without gradient in eval mode (no RWKV dropping): once with every fusion
-  forced to the RWKV branch alone (models.force_gate 1: g = 1, s = 1, w_a = 1) and once to the Mamba branch
-  alone (force_gate 0). Their next-token CEs at position t are ce_r[b, t], ce_m[b, t]; the target is
+  forced to the RWKV branch alone (models.force_gate 1: g = 1, s = 1, w_a = 1, and with `mamba_residual` the
+  Mamba output added beside the fusion switched off too) and once to the Mamba branch alone (force_gate 0). Their next-token CEs at position t are ce_r[b, t], ce_m[b, t]; the target is
   tau = 1 where ce_r < ce_m (RWKV alone predicts y_t better), 0 where ce_r > ce_m, 0.5 on ties. arbiter_ce is
   the mean over layers, tokens and the gate's channels of the binary cross-entropy
   -(tau log w + (1 - tau) log(1 - w)) of each layer's RWKV weight w at t (g of GF*, s of HGF* per channel,
   w_a of the arbiters GRU / MINGRU / LINREC), in fp32 with the logs clamped at log(1e-8). It costs two extra
   forwards per micro-batch. Models without such a weight (HY, RF, CP; WS, whose alpha is an unconstrained
   scalar, not a probability) are refused.
+  Caveats a user should weigh: (1) the model was not trained with a branch forced off, so each single-branch
+  forward is off its training distribution, and the branch the model already leans on tends to win the
+  comparison: the term can reinforce the imbalance it is meant to arbitrate; (2) under bf16 autocast the
+  gates are bf16, so 1 - w rounds to multiples of 2^-8 near 1 and to 0 past ~0.998, where the clamped log
+  is constant and the term has no gradient; (3) a layer whose RWKV output was dropped (`rwkv_drop_prob`)
+  still counts in both terms.
 Each term is logged per step: `loss_ce`, `loss_div`, `loss_arb` (train_loss is their weighted sum).
 
 Stateful training (`TrainConfig.stateful`): the train split is read as `data.StatefulTracks` (B contiguous
@@ -97,15 +103,20 @@ def better_branch_target(lm, x: torch.Tensor, y: torch.Tensor, state=None) -> to
     """tau (B, T) float: 1 where the model with every fusion forced to RWKV alone has the lower next-token CE at
     t, 0 where Mamba alone has, 0.5 on ties (module doc). Eval mode, no gradient; the training mode is restored."""
     was_training = lm.training
+    residual = [(b, b.mamba_residual) for b in lm.blocks if getattr(b, "mamba_residual", False)]
     lm.eval()
     try:
         ce = []
         for g in (1.0, 0.0):
+            for b, _ in residual:  # RWKV alone: no Mamba output beside the fusion either
+                b.mamba_residual = g == 0.0
             with models.force_gate(lm, g):
                 logits = lm(x, state=state).logits                                        # (B, T, V)
             ce.append(F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none"))  # (B, T)
     finally:
         lm.train(was_training)
+        for b, on in residual:
+            b.mamba_residual = on
     return 0.5 * (1 + torch.sign(ce[1] - ce[0]))
 
 
