@@ -277,16 +277,24 @@ def test_new_options_reject_bad_values():
 
 # ------------------------------------------------------------------------------------------------ GPU paths
 @pytest.mark.gpu
-def test_gru_arbiter_cudnn_equals_grucell_loop_on_cuda(no_tf32):
+@pytest.mark.parametrize("with_h0", [False, True], ids=["zero_h0", "carried_h0"])
+def test_gru_arbiter_cudnn_equals_grucell_loop_on_cuda(no_tf32, with_h0):
     torch.manual_seed(5)
     arb = GRUArbiter(32).cuda()
     with torch.no_grad():
         arb.head.weight.normal_(0, 0.5)
     a, m = torch.randn(4, 50, 32, device="cuda"), torch.randn(4, 50, 32, device="cuda")
-    fused, w_a, st = arb(a, m)
-    ref_f, ref_w, ref_h = gru_arbiter_ref(arb, a, m)
+    h0 = torch.randn(4, 32, device="cuda") if with_h0 else None
+    fused, w_a, st = arb(a, m, None if h0 is None else {"arbiter_h": h0})
+    ref_f, ref_w, ref_h = gru_arbiter_ref(arb, a, m, h0)
     assert_close("cuDNN GRU fused", fused, ref_f, 1e-4, 1e-4)
     assert_close("cuDNN GRU final h", st["arbiter_h"], ref_h, 1e-4, 1e-4)
+    # under bf16 autocast the recurrence still runs in fp32 (the carried h stays fp32), the mix in bf16
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        fused_bf, _, st_bf = arb(a.bfloat16(), m.bfloat16(), None if h0 is None else {"arbiter_h": h0})
+    assert st_bf["arbiter_h"].dtype == torch.float32
+    assert_close("cuDNN GRU final h under autocast", st_bf["arbiter_h"], ref_h, 2e-2, 2e-2)
+    assert_close("cuDNN GRU fused under autocast", fused_bf.float(), ref_f, 3e-2, 3e-2)
 
 
 @pytest.mark.gpu
