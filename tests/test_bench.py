@@ -38,7 +38,15 @@ def test_concurrent_workers_time_together_and_report_the_aggregate(capsys):
     assert k2["aggregate_tokens_per_s"] <= sum(k2["per_process_tokens_per_s"]) * 1.0001
 
 
+def test_concurrent_streams_run_as_threads_of_one_process(capsys):
+    out = run(capsys, TINY + ["--concurrent", "2", "--streams"])
+    (k2,) = out["results"]
+    assert k2["workers"] == "CUDA streams of one process" and len(k2["per_process_tokens_per_s"]) == 2
+    assert k2["aggregate_tokens_per_s"] == pytest.approx(2 * 32 * 3 * 2 / k2["span_s"])
+
+
 @pytest.mark.parametrize("extra, match", [
+    (["--streams"], "goes with --concurrent"),
     (["--concurrent", "0,2"], ">= 1"),
     (["--concurrent", "two"], "integers like 1,2,4,8"),
     (["--concurrent", "2", "--compare"], "one model"),
@@ -46,3 +54,10 @@ def test_concurrent_workers_time_together_and_report_the_aggregate(capsys):
 def test_concurrent_bad_input_is_named(extra, match):
     with pytest.raises(SystemExit, match=match):
         bench.main(TINY + extra)
+
+
+def test_a_failing_stream_worker_fails_the_measurement_with_its_error():
+    argv = TINY[:]
+    argv[argv.index("GF-MH")] = "NO-SUCH-MODEL"
+    with pytest.raises(RuntimeError, match=r"--streams: worker \d failed: .*NO-SUCH-MODEL"):
+        bench.main(argv + ["--concurrent", "2", "--streams"])

@@ -15,6 +15,7 @@ artifact's train split drawn as training draws them (`--shards`). `--warmup` unt
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import sys
@@ -53,9 +54,10 @@ def profile_steps(step, device: torch.device, n: int = 3, top: int = 20) -> dict
 
 def bench_model(name: str, size: str, vocab: int, batch: int, seq: int, steps: int, warmup: int,
                 device: torch.device, compile: bool | str = "auto", profile: int = 0, overrides: dict | None = None,
-                shards=None, barrier=None) -> dict:
+                shards=None, barrier=None, warmup_lock=None) -> dict:
     """One model's timed steps. `barrier()` (when given) runs between warm-up and the timed steps: the
-    concurrent workers of `--concurrent` start timing together."""
+    concurrent workers of `--concurrent` start timing together. `warmup_lock` (threads of one process) lets one
+    worker at a time warm up, so torch.compile never traces two workers at once."""
     torch.manual_seed(0)
     model = models.get_model(name, vocab, size=size, **(overrides or {})).to(device)
     cfg = TrainConfig(model=name, size=size, vocab_size=vocab, steps=steps + warmup, batch_size=batch, seq_len=seq,
@@ -87,8 +89,9 @@ def bench_model(name: str, size: str, vocab: int, batch: int, seq: int, steps: i
         torch.cuda.reset_peak_memory_stats(device)
     t_warm = time.perf_counter()
     losses = []
-    for _ in range(warmup):
-        losses.append(train_step(model, fwd, opt, next_batches(), 1.0, autocast, before_sync=prefetch)[0])
+    with warmup_lock if warmup_lock is not None else contextlib.nullcontext():
+        for _ in range(warmup):
+            losses.append(train_step(model, fwd, opt, next_batches(), 1.0, autocast, before_sync=prefetch)[0])
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     warmup_s = time.perf_counter() - t_warm  # includes compilation under --compile
@@ -135,35 +138,78 @@ def file_barrier(directory: str, worker: int, workers: int, timeout_s: float = 9
     return wait
 
 
-def concurrent_runs(argv: list[str], ks: list[int], steps: int) -> list[dict]:
-    """For each k, k bench processes of one model at once (each its own CUDA context, as k concurrent
-    trainings of a sweep are); they warm up, meet at a barrier, then time `steps` steps. The aggregate
-    is all their tokens over the span from the first start to the last end of the timed windows."""
+def _process_workers(argv: list[str], k: int) -> list[dict]:
+    """k bench processes (each its own CUDA context, as the sweep's K runs are), meeting at a file barrier."""
     import subprocess
     import tempfile
 
+    with tempfile.TemporaryDirectory(prefix="gt_bench_barrier_") as d:
+        procs = [subprocess.Popen([sys.executable, "-m", "gt_pipeline.engine.bench", *argv, "--barrier", d,
+                                   "--worker", f"{i}/{k}"], stdout=subprocess.PIPE, text=True) for i in range(k)]
+        outs = [p.communicate()[0] for p in procs]
+    bad = [i for i, p in enumerate(procs) if p.returncode != 0]
+    if bad:
+        raise RuntimeError(f"--concurrent {k}: worker(s) {bad} failed (exit codes "
+                           f"{[procs[i].returncode for i in bad]}); their stderr is above")
+    return [json.loads(o)["results"][0] for o in outs]
+
+
+def _stream_workers(bench_kwargs: dict, k: int) -> list[dict]:
+    """k trainings as threads of this process, each on its own CUDA stream (one context: the GPU may run their
+    kernels side by side), meeting at a threading barrier. A failing thread fails the whole measurement."""
+    import threading
+
+    device = bench_kwargs["device"]
+    meet, one_at_a_time = threading.Barrier(k, timeout=900), threading.Lock()
+    out: list[dict | BaseException | None] = [None] * k
+
+    def work(i: int) -> None:
+        try:
+            ctx = torch.cuda.stream(torch.cuda.Stream(device)) if device.type == "cuda" else contextlib.nullcontext()
+            with ctx:
+                out[i] = bench_model(**bench_kwargs, barrier=meet.wait, warmup_lock=one_at_a_time)
+        except BaseException as e:  # noqa: BLE001 - reported below with the thread's index
+            out[i] = e
+            meet.abort()
+
+    threads = [threading.Thread(target=work, args=(i,), name=f"bench-stream-{i}") for i in range(k)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    failed = [(i, r) for i, r in enumerate(out) if isinstance(r, BaseException)]
+    real = [(i, r) for i, r in failed if not isinstance(r, threading.BrokenBarrierError)]
+    if failed:
+        i, e = (real or failed)[0]
+        raise RuntimeError(f"--concurrent {k} --streams: worker {i} failed: {type(e).__name__}: {e}") from e
+    return out  # type: ignore[return-value]
+
+
+def concurrent_runs(argv: list[str], ks: list[int], steps: int, streams: dict | None = None) -> list[dict]:
+    """For each k, k trainings of one model at once: k processes (`argv`: the bench's own arguments), or with
+    `streams` (bench_model's keyword arguments) k threads of this process on their own CUDA streams. They warm
+    up, meet at a barrier, then time `steps` steps. The aggregate is all their tokens over the span from the
+    first start to the last end of the timed windows."""
     rows = []
     for k in ks:
-        with tempfile.TemporaryDirectory(prefix="gt_bench_barrier_") as d:
-            procs = [subprocess.Popen([sys.executable, "-m", "gt_pipeline.engine.bench", *argv, "--barrier", d,
-                                       "--worker", f"{i}/{k}"], stdout=subprocess.PIPE, text=True) for i in range(k)]
-            outs = [p.communicate()[0] for p in procs]
-        bad = [i for i, p in enumerate(procs) if p.returncode != 0]
-        if bad:
-            raise RuntimeError(f"--concurrent {k}: worker(s) {bad} failed (exit codes "
-                               f"{[procs[i].returncode for i in bad]}); their stderr is above")
-        res = [json.loads(o)["results"][0] for o in outs]
+        res = _stream_workers(streams, k) if streams is not None else _process_workers(argv, k)
         start = min(r["timed_window_unix"][0] for r in res)
         end = max(r["timed_window_unix"][1] for r in res)
         tokens = sum(r["batch"] * r["seq_len"] * r["steps_timed"] for r in res)
         rows.append({"k": k, "aggregate_tokens_per_s": tokens / (end - start), "span_s": end - start,
                      "per_process_tokens_per_s": [r["tokens_per_s"] for r in res],
                      "peak_memory_mib_per_process": [r["peak_memory_mib"] for r in res],
-                     "warmup_s": [r["warmup_s"] for r in res], "paths": res[0]["paths"], "model": res[0]["model"]})
+                     "warmup_s": [r["warmup_s"] for r in res], "paths": res[0]["paths"], "model": res[0]["model"],
+                     "workers": "CUDA streams of one process" if streams is not None else "processes"})
     single = next((r["aggregate_tokens_per_s"] for r in rows if r["k"] == 1), None)
     for r in rows:
         r["speedup_vs_k1"] = r["aggregate_tokens_per_s"] / single if single else None
     return rows
+
+
+def _overrides(a: argparse.Namespace) -> dict:
+    return {k: v for k, v in (("hidden_size", a.hidden), ("n_layer", a.layers), ("mamba_backend", a.mamba_backend),
+                              ("mamba_conv", a.mamba_conv), ("wkv6_impl", a.wkv6_impl)) if v is not None}
 
 
 def _machine(device: torch.device) -> str:
@@ -198,6 +244,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--concurrent", default=None, metavar="K[,K...]",
                     help="aggregate throughput of K processes training the (one) model at once, for each K "
                          "(e.g. 1,2,4,8: several small trainings sharing one GPU)")
+    ap.add_argument("--streams", action="store_true",
+                    help="with --concurrent: the K trainings as threads of one process, each on its own CUDA "
+                         "stream, instead of K processes (whose contexts the GPU time-slices)")
     ap.add_argument("--barrier", default=None, help=argparse.SUPPRESS)  # set by --concurrent for its workers
     ap.add_argument("--worker", default="0/1", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -212,19 +261,25 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"--concurrent wants integers >= 1, got {a.concurrent!r}")
         argv = list(argv) if argv is not None else sys.argv[1:]
         i = argv.index("--concurrent")
-        worker_argv = argv[:i] + argv[i + 2:]
+        worker_argv = [v for v in argv[:i] + argv[i + 2:] if v != "--streams"]
+        streams = None
+        if a.streams:
+            streams = dict(name=a.models, size=a.size, vocab=a.vocab, batch=a.batch, seq=a.seq, steps=a.steps,
+                           warmup=a.warmup, device=torch.device(a.device), compile=False if a.compile == "off" else a.compile,
+                           overrides=_overrides(a), shards=a.shards)
         print(json.dumps({"benchmark": "concurrent_training_throughput", "date": time.strftime("%Y-%m-%d"),
                           "machine": _machine(torch.device(a.device)), "torch": torch.__version__,
                           "batch": a.batch, "seq_len": a.seq, "steps_timed": a.steps,
-                          "results": concurrent_runs(worker_argv, ks, a.steps)}, indent=2))
+                          "results": concurrent_runs(worker_argv, ks, a.steps, streams)}, indent=2))
         return
+    if a.streams:
+        raise SystemExit("--streams goes with --concurrent K[,K...]")
     barrier = None
     if a.barrier is not None:
         w, n = (int(v) for v in a.worker.split("/"))
         barrier = file_barrier(a.barrier, w, n)
     device = torch.device(a.device)
-    over = {k: v for k, v in (("hidden_size", a.hidden), ("n_layer", a.layers), ("mamba_backend", a.mamba_backend),
-                              ("mamba_conv", a.mamba_conv), ("wkv6_impl", a.wkv6_impl)) if v is not None}
+    over = _overrides(a)
     compile = False if a.compile == "off" else a.compile
     results = []
     for m in a.models.split(","):
