@@ -86,7 +86,12 @@ def torchrun_driver(shards: Path, work: Path, cfg: dict, *extra: str) -> subproc
     work.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--max-restarts",
            "0", __file__, "--config", json.dumps(cfg), "--shards", str(shards), "--work", str(work), *extra]
-    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    try:
+        return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired as e:  # say how far the ranks got, not only that they hung
+        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        files = sorted(p.name for p in work.rglob("*")) if work.exists() else []
+        pytest.fail(f"torchrun did not finish in 300 s; files in {work}: {files}\nstderr tail:\n{err[-4000:]}")
 
 
 # ---------------------------------------------------------------------------------------------------------
