@@ -23,8 +23,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import math
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -501,6 +503,13 @@ def train(
     try:
         return _train(cfg, shards_dir, work_dir, device, dist_ctx, on_log=on_log, on_step_end=on_step_end,
                       log_every_s=log_every_s, progress=progress, verify_shards=verify_shards)
+    except BaseException as exc:
+        if dist_ctx.enabled:
+            # The failed run's DDP wrapper (its reducer holds the process group) lives on in the traceback's frames;
+            # free it now, while the group is up, not at interpreter exit after teardown destroyed the group.
+            traceback.clear_frames(exc.__traceback__)
+            gc.collect()
+        raise
     finally:
         distributed.teardown(dist_ctx)
 
