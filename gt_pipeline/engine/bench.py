@@ -212,7 +212,8 @@ def _overrides(a: argparse.Namespace) -> dict:
                               ("mamba_conv", a.mamba_conv), ("wkv6_impl", a.wkv6_impl)) if v is not None}
 
 
-def _machine(device: torch.device) -> str:
+def machine_name(device: torch.device) -> str:
+    """The GPU's name on CUDA, else the CPU's (for the benchmarks' JSON)."""
     return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
 
 
@@ -268,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
                            warmup=a.warmup, device=torch.device(a.device), compile=False if a.compile == "off" else a.compile,
                            overrides=_overrides(a), shards=a.shards)
         print(json.dumps({"benchmark": "concurrent_training_throughput", "date": time.strftime("%Y-%m-%d"),
-                          "machine": _machine(torch.device(a.device)), "torch": torch.__version__,
+                          "machine": machine_name(torch.device(a.device)), "torch": torch.__version__,
                           "batch": a.batch, "seq_len": a.seq, "steps_timed": a.steps,
                           "results": concurrent_runs(worker_argv, ks, a.steps, streams)}, indent=2))
         return
@@ -299,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps({
         "benchmark": "train_step_throughput",
         "date": time.strftime("%Y-%m-%d"),
-        "machine": _machine(device),
+        "machine": machine_name(device),
         "torch": torch.__version__,
         "results": results,
     }, indent=2))

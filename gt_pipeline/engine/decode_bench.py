@@ -32,6 +32,7 @@ import psutil
 import torch
 
 import models
+from gt_pipeline.engine.bench import machine_name
 from gt_pipeline.engine.decode import DecodeStep, prefill
 
 PEER = "GPT"
@@ -218,9 +219,8 @@ def run(model_names: list[str], batches: list[int], contexts: list[int], *, size
     return {
         "benchmark": "decode_throughput",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"device": torch.cuda.get_device_name(device) if device.type == "cuda"
-                    else platform.processor() or platform.machine(),
-                    "cpu_threads": torch.get_num_threads(), "python": platform.python_version()},
+        "machine": {"device": machine_name(device), "cpu_threads": torch.get_num_threads(),
+                    "python": platform.python_version()},
         "torch": torch.__version__, "cuda": torch.version.cuda,
         "shapes": {"size": size, "vocab": vocab, "batches": batches, "contexts": contexts,
                    "new_tokens": new_tokens, "warmup": warmup, "prefill_tokens_per_call": prefill_tokens,
