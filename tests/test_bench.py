@@ -61,3 +61,42 @@ def test_a_failing_stream_worker_fails_the_measurement_with_its_error():
     argv[argv.index("GF-MH")] = "NO-SUCH-MODEL"
     with pytest.raises(RuntimeError, match=r"--streams: worker \d failed: .*NO-SUCH-MODEL"):
         bench.main(argv + ["--concurrent", "2", "--streams"])
+
+
+def test_out_file_holds_every_finished_model_and_progress_goes_to_stderr(capsys, tmp_path):
+    out_file = tmp_path / "bench.json"
+    argv = TINY[:]
+    argv[argv.index("GF-MH")] = "GF-MH,GPT"
+    bench.main(argv + ["--out", str(out_file)])
+    printed = capsys.readouterr()
+    doc = json.loads(printed.out)
+    assert json.loads(out_file.read_text()) == doc  # the file after the last model is the printed document
+    assert [r["model"] for r in doc["results"]] == ["GF-MH", "GPT"]
+    gfmh, gpt = doc["results"]
+    assert gfmh["ratio_vs_first"] == 1.0 and gpt["ratio_vs_last"] == 1.0
+    assert gpt["ratio_vs_first"] == pytest.approx(gpt["tokens_per_s"] / gfmh["tokens_per_s"])
+    # progress on stderr, in order: each model's warm-up, its timing and its rate
+    lines = [ln.split("] ", 1)[1] for ln in printed.err.splitlines() if ln.startswith("[bench ")]
+    assert [ln.split(":")[0] for ln in lines] == ["GF-MH"] * 3 + ["GPT"] * 3
+    assert lines[0].startswith("GF-MH: 1 warm-up steps") and lines[1].endswith("timing 3 steps")
+    assert lines[5].startswith("GPT: ") and "tok/s" in lines[5]
+
+
+def test_a_run_stopped_after_the_first_model_leaves_it_in_the_out_file(tmp_path, monkeypatch, capsys):
+    out_file = tmp_path / "bench.json"
+    real = bench.bench_model
+
+    def fail_on_gpt(name, *a, **k):
+        if name == "GPT":
+            raise KeyboardInterrupt  # as a timeout's signal would stop it
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(bench, "bench_model", fail_on_gpt)
+    argv = TINY[:]
+    argv[argv.index("GF-MH")] = "GF-MH,GPT"
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(argv + ["--out", str(out_file)])
+    kept = json.loads(out_file.read_text())
+    assert [r["model"] for r in kept["results"]] == ["GF-MH"] and kept["results"][0]["tokens_per_s"] > 0
+    err = capsys.readouterr().err
+    assert "GF-MH: warm-up done in" in err and "tok/s" in err

@@ -89,12 +89,14 @@ def bench_model(name: str, size: str, vocab: int, batch: int, seq: int, steps: i
         torch.cuda.reset_peak_memory_stats(device)
     t_warm = time.perf_counter()
     losses = []
+    note(f"{name}: {warmup} warm-up steps ({paths['compile']})")
     with warmup_lock if warmup_lock is not None else contextlib.nullcontext():
         for _ in range(warmup):
             losses.append(train_step(model, fwd, opt, next_batches(), 1.0, autocast, before_sync=prefetch)[0])
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     warmup_s = time.perf_counter() - t_warm  # includes compilation under --compile
+    note(f"{name}: warm-up done in {warmup_s:.1f} s; timing {steps} steps")
     if barrier is not None:
         barrier()
     wall0 = time.time()
@@ -117,6 +119,23 @@ def bench_model(name: str, size: str, vocab: int, batch: int, seq: int, steps: i
         "peak_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         "final_loss": loss, "timed_window_unix": [wall0, wall1],
     }
+
+
+def note(msg: str) -> None:
+    """Progress on stderr (stdout carries the JSON): a long cold compilation shows where it is."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def write_partial(path: str | None, doc: dict) -> None:
+    """`--out`: the JSON document so far, replaced atomically after every model, so a run stopped part-way
+    keeps the models it finished."""
+    if path is None:
+        return
+    from pathlib import Path
+
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2))
+    tmp.replace(path)
 
 
 REFERENCE_PATH = {"mamba_backend": "torch", "mamba_conv": "torch", "wkv6_impl": "sequential"}
@@ -248,6 +267,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--streams", action="store_true",
                     help="with --concurrent: the K trainings as threads of one process, each on its own CUDA "
                          "stream, instead of K processes (whose contexts the GPU time-slices)")
+    ap.add_argument("--out", default=None, metavar="FILE",
+                    help="also write the JSON to FILE, rewritten after every model (a run stopped part-way keeps "
+                         "the finished models there)")
     ap.add_argument("--barrier", default=None, help=argparse.SUPPRESS)  # set by --concurrent for its workers
     ap.add_argument("--worker", default="0/1", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -283,6 +305,8 @@ def main(argv: list[str] | None = None) -> None:
     over = _overrides(a)
     compile = False if a.compile == "off" else a.compile
     results = []
+    doc = {"benchmark": "train_step_throughput", "date": time.strftime("%Y-%m-%d"), "machine": machine_name(device),
+           "torch": torch.__version__, "results": results}
     for m in a.models.split(","):
         res = bench_model(m, a.size, a.vocab, a.batch, a.seq, a.steps, a.warmup, device, compile, a.profile, over,
                           a.shards, barrier)
@@ -294,16 +318,12 @@ def main(argv: list[str] | None = None) -> None:
             res["max_loss_diff_vs_reference"] = max(diffs)
             res["mean_loss_diff_vs_reference_last_50"] = sum(diffs[-50:]) / len(diffs[-50:])
         results.append(res)
-    base = results[-1]["tokens_per_s"]
-    for r in results:
-        r["ratio_vs_last"] = r["tokens_per_s"] / base
-    print(json.dumps({
-        "benchmark": "train_step_throughput",
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": machine_name(device),
-        "torch": torch.__version__,
-        "results": results,
-    }, indent=2))
+        note(f"{m}: {res['tokens_per_s']:,.0f} tok/s ({res['ms_per_step']:.2f} ms/step, {res['params']:,} params)")
+        first, last = results[0]["tokens_per_s"], results[-1]["tokens_per_s"]  # the peers: first and last so far
+        for r in results:
+            r["ratio_vs_first"], r["ratio_vs_last"] = r["tokens_per_s"] / first, r["tokens_per_s"] / last
+        write_partial(a.out, doc)
+    print(json.dumps(doc, indent=2))
 
 
 if __name__ == "__main__":
