@@ -40,8 +40,14 @@ def test_resumed_run_equals_uninterrupted_run_bit_for_bit(shards, tmp_path):
     with pytest.raises(Stop):
         train(small(), shards, tmp_path / "b", on_step_end=crash_after_6)
     assert [p.name for p in list_checkpoints(tmp_path / "b" / "checkpoints")] == ["step_0000004"]
-    resumed = train(small(), shards, tmp_path / "b")
+    rows: list[dict] = []
+    said: list[tuple[str, int]] = []  # (message, how many log rows had been logged when it was said)
+    resumed = train(small(), shards, tmp_path / "b", on_log=rows.append,
+                    on_event=lambda m: said.append((m, len(rows))))
     assert resumed.resumed_from_step == 4 and whole.resumed_from_step == 0
+    # announced when it happens, before the first resumed step is logged
+    assert len(said) == 1 and said[0][0].startswith("resumed from the checkpoint at step 4 (") and said[0][1] == 0
+    assert said[0][0].endswith(f"{small().steps - 4} steps to go")
     for (name, a), (_, b) in zip(whole.model.state_dict().items(), resumed.model.state_dict().items()):
         assert torch.equal(a, b), f"{name} differs after resume"
     assert [r["train_loss"] for r in whole.log] == [r["train_loss"] for r in resumed.log]

@@ -270,10 +270,8 @@ def train_variant(context: dg.AssetExecutionContext, name: str, variant: str, co
         else:
             context.log.info(f"training {model_name} ({cfg.size}) for {cfg.steps} steps; checkpoints in {work}")
             # The store verified token_shards' sha256 manifest when it handed us the Artifact.
-            res = train(cfg, token_shards.path, work, on_log=on_log, on_step_end=on_step_end, progress=True,
-                        verify_shards=False)
-            if res.resumed_from_step:
-                context.log.info(f"resumed from the checkpoint at step {res.resumed_from_step}")
+            res = train(cfg, token_shards.path, work, on_log=on_log, on_step_end=on_step_end,
+                        on_event=context.log.info, progress=True, verify_shards=False)
             context.log.info(f"steady-state {res.steady_tokens_per_s:,.0f} tok/s (after {res.warmup_steps} warm-up "
                              f"steps, without evaluation); run average {res.tokens_per_s:,.0f} tok/s")
             meta = write_training_artifact(d, cfg, res, token_shards.path, paths)

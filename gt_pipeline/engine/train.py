@@ -490,6 +490,7 @@ def train(
     *,
     on_log: Callable[[dict[str, Any]], None] | None = None,
     on_step_end: Callable[[int, torch.nn.Module], None] | None = None,
+    on_event: Callable[[str], None] | None = None,
     log_every_s: float = 5.0,
     progress: bool = False,
     verify_shards: bool = True,
@@ -497,12 +498,12 @@ def train(
     """Train `cfg.model` on `shards_dir`; checkpoints go to `work_dir/checkpoints`, resumed if present.
 
     Under torchrun (WORLD_SIZE > 1) this is one rank of a data-parallel run (module docstring); every rank
-    returns the same trained weights, and only rank 0 calls `on_log`, shows progress and writes checkpoints.
-    `on_step_end` runs on every rank."""
+    returns the same trained weights, and only rank 0 calls `on_log` and `on_event` (a line for the run's log,
+    e.g. the resume, when it happens), shows progress and writes checkpoints. `on_step_end` runs on every rank."""
     dist_ctx, device = distributed.setup(cfg.resolved_device())
     try:
         return _train(cfg, shards_dir, work_dir, device, dist_ctx, on_log=on_log, on_step_end=on_step_end,
-                      log_every_s=log_every_s, progress=progress, verify_shards=verify_shards)
+                      on_event=on_event, log_every_s=log_every_s, progress=progress, verify_shards=verify_shards)
     except BaseException as exc:
         if dist_ctx.enabled:
             # The failed run's DDP wrapper (its reducer holds the process group) lives on in the traceback's frames;
@@ -514,7 +515,7 @@ def train(
         distributed.teardown(dist_ctx)
 
 
-def _train(cfg, shards_dir, work_dir, device, dist_ctx, *, on_log, on_step_end, log_every_s, progress,
+def _train(cfg, shards_dir, work_dir, device, dist_ctx, *, on_log, on_step_end, on_event, log_every_s, progress,
            verify_shards) -> TrainResult:
     from gt_pipeline.engine import objectives  # loads torch._dynamo (torch.compiler.disable): only when training
 
@@ -575,6 +576,8 @@ def _train(cfg, shards_dir, work_dir, device, dist_ctx, *, on_log, on_step_end, 
         if tracks is not None:
             tracks.load_state_dict(state["tracks"])
             carrier.state = objectives.carried_state_from_tensors(rng, device)
+        if main and on_event is not None:
+            on_event(f"resumed from the checkpoint at step {start} ({existing[-1]}): {cfg.steps - start} steps to go")
     ddp = None
     if dist_ctx.enabled:
         # After the resume load: DDP broadcasts rank 0's weights at wrap time (all ranks hold the same anyway).

@@ -84,11 +84,9 @@ def run(args: argparse.Namespace, pipes=None) -> dict[str, Any] | None:
         say(f"training {cfg.model} ({cfg.size}) on {os.environ.get('WORLD_SIZE', '1')} ranks for {cfg.steps} steps; "
             f"checkpoints in {args.work_dir}")
     res = train(cfg, args.shards, args.work_dir, on_log=lambda row: say(format_log_row(row, cfg.steps)),
-                verify_shards=False)
+                on_event=say, verify_shards=False)
     if res.rank != 0:
         return None
-    if res.resumed_from_step:
-        say(f"resumed from the checkpoint at step {res.resumed_from_step}")
     args.out.mkdir(parents=True, exist_ok=True)
     meta = write_training_artifact(args.out, cfg, res, args.shards, run_paths(cfg, res.world_size))
     if pipes is not None:
