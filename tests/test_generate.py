@@ -63,7 +63,8 @@ def test_bad_arguments_are_named(one_thread):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """The data chain + kernel + a 6-step trained_gf_mh in a fresh store, tracking on (local SQLite)."""
+    """The data chain + kernel + a 6-step trained_gf_mh in a fresh store, tracking on (local SQLite): (GT_HOME, the
+    materialization's metadata, the run's log messages)."""
     home = tmp_path_factory.mktemp("gt_home")
     old = os.environ.pop("MLFLOW_TRACKING_URI", None)
     assets = [data_assets.wikitext103_raw, data_assets.bpe_tokenizer, data_assets.token_shards,
@@ -71,30 +72,35 @@ def trained(tmp_path_factory):
     run_config = {"ops": {"bpe_tokenizer": {"config": {"vocab_size": 512}},
                           "trained_gf_mh": {"config": {"steps": 6, "eval_every": 3, "batch_size": 2, "seq_len": 32,
                                                        "experiment": "eco-test"}}}}
+    instance = dg.DagsterInstance.ephemeral()
     res = dg.materialize(assets, selection=dg.AssetSelection.assets("trained_gf_mh").upstream(),
                          resources={**resources_from_env({"GT_PROFILE": "demo", "GT_HOME": str(home)}),
                                     "source": DemoWikiTextSource(size_mb=0.2)},
-                         run_config=run_config, instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
+                         run_config=run_config, instance=instance, raise_on_error=False)
     if old is not None:
         os.environ["MLFLOW_TRACKING_URI"] = old
     assert res.success, [e.event_specific_data.error.message for e in res.get_step_failure_events()]
     (mat,) = res.asset_materializations_for_node("trained_gf_mh")
-    return home, {k: v.value for k, v in mat.metadata.items()}
+    log = [e.user_message for e in instance.all_logs(res.run_id)]
+    return home, {k: v.value for k, v in mat.metadata.items()}, log
 
 
 @pytest.mark.slow
 def test_materialization_shows_samples_of_held_out_prompts(trained):
-    _, m = trained
+    _, m, log = trained
     md = m["samples"]
     assert "**Samples** (held-out validation prompts; top-k 20, temperature 1.0, seed 0; stateful" in md
     assert md.count("\n> **") == 3
+    # the run log says when the samples start and how long they took (a cold CPU kernel build shows there)
+    said = [line for line in log if line.startswith("samples: ")]
+    assert said[0].startswith("samples: continuing held-out prompts on the CPU") and said[1].startswith("samples: done in")
 
 
 @pytest.mark.slow
 def test_materialization_logged_an_mlflow_run(trained):
     from mlflow.tracking import MlflowClient
 
-    home, m = trained
+    home, m, _ = trained
     c = MlflowClient(tracking_uri=f"sqlite:///{home.resolve() / 'mlflow.db'}")
     (run,) = c.search_runs([c.get_experiment_by_name("eco-test").experiment_id])
     art = Path(m["path"])
@@ -111,7 +117,7 @@ def test_materialization_logged_an_mlflow_run(trained):
 
 @pytest.mark.slow
 def test_generate_cli_on_the_trained_artifact(trained):
-    _, m = trained
+    _, m, _ = trained
     art = Path(m["path"])
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     out = subprocess.run([sys.executable, "-m", "gt_pipeline.engine.generate", "--checkpoint", str(art), "--prompt",
