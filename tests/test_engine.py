@@ -483,7 +483,7 @@ def test_cuda_graph_compile_is_refused_under_ddp_before_anything_is_read(tmp_pat
     ctx = distributed.DistContext(rank=0, world_size=2)
     with pytest.raises(ValueError, match="reduce-overhead.*DDP"):
         _train(small(compile="reduce-overhead"), tmp_path / "no_shards", tmp_path, torch.device("cpu"), ctx,
-               on_log=None, on_step_end=None, log_every_s=0, progress=False, verify_shards=False)
+               on_log=None, on_step_end=None, on_event=None, log_every_s=0, progress=False, verify_shards=False)
     assert not (tmp_path / "checkpoints").exists()
 
 
