@@ -277,8 +277,8 @@ def train_variant(context: dg.AssetExecutionContext, name: str, variant: str, co
                              f"steps, without evaluation); run average {res.tokens_per_s:,.0f} tok/s")
             meta = write_training_artifact(d, cfg, res, token_shards.path, paths)
         # generated once, with the model: a cache hit shows them again without loading the model
-        context.log.info("samples: continuing held-out prompts on the CPU (the first time on a machine, this "
-                         "builds the CPU wkv6 extension, up to a minute)")
+        context.log.info("samples: continuing held-out prompts on the CPU (the first time on a machine, a model "
+                         "with RWKV-6 layers builds the CPU wkv6 extension here: up to a minute)")
         t0 = time.perf_counter()
         meta["samples_md"] = samples_markdown(st, Artifact(name, fp, d), token_shards)
         context.log.info(f"samples: done in {time.perf_counter() - t0:.1f} s")
