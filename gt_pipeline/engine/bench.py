@@ -231,6 +231,21 @@ def _overrides(a: argparse.Namespace) -> dict:
                               ("mamba_conv", a.mamba_conv), ("wkv6_impl", a.wkv6_impl)) if v is not None}
 
 
+def parse_int_list(text: str, flag: str) -> list[int]:
+    """'1,2,4,8' -> [1, 2, 4, 8]; ValueError naming the flag and the bad entry unless every entry is an int >= 1."""
+    out = []
+    for part in text.split(","):
+        try:
+            v = int(part)
+        except ValueError:
+            raise ValueError(f"{flag}: {part.strip()!r} is not an integer (give comma-separated integers like "
+                             f"1,2,4,8)") from None
+        if v < 1:
+            raise ValueError(f"{flag}: every value must be >= 1, got {v}")
+        out.append(v)
+    return out
+
+
 def machine_name(device: torch.device) -> str:
     """The GPU's name on CUDA, else the CPU's (for the benchmarks' JSON)."""
     return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
@@ -277,11 +292,9 @@ def main(argv: list[str] | None = None) -> None:
         if "," in a.models or a.compare or a.profile:
             raise SystemExit("--concurrent takes one model and neither --compare nor --profile")
         try:
-            ks = [int(k) for k in a.concurrent.split(",")]
-        except ValueError:
-            raise SystemExit(f"--concurrent wants integers like 1,2,4,8, got {a.concurrent!r}") from None
-        if not ks or min(ks) < 1:
-            raise SystemExit(f"--concurrent wants integers >= 1, got {a.concurrent!r}")
+            ks = parse_int_list(a.concurrent, "--concurrent")
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
         argv = list(argv) if argv is not None else sys.argv[1:]
         i = argv.index("--concurrent")
         worker_argv = [v for v in argv[:i] + argv[i + 2:] if v != "--streams"]

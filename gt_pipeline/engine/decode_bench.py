@@ -32,7 +32,7 @@ import psutil
 import torch
 
 import models
-from gt_pipeline.engine.bench import machine_name
+from gt_pipeline.engine.bench import machine_name, parse_int_list
 from gt_pipeline.engine.decode import DecodeStep, prefill
 
 PEER = "GPT"
@@ -50,20 +50,6 @@ def parse_models(text: str) -> list[str]:
         raise ValueError("--models: give at least one model name, e.g. GF-MH,GPT")
     names = list(dict.fromkeys(names))
     return names if PEER in names else names + [PEER]
-
-
-def parse_sizes(text: str, flag: str) -> list[int]:
-    """'1,64' -> [1, 64]; ValueError naming the flag and the bad entry unless every entry is an int >= 1."""
-    out = []
-    for part in text.split(","):
-        try:
-            v = int(part)
-        except ValueError:
-            raise ValueError(f"{flag}: {part.strip()!r} is not an integer (give comma-separated integers)") from None
-        if v < 1:
-            raise ValueError(f"{flag}: every value must be >= 1, got {v}")
-        out.append(v)
-    return out
 
 
 def state_bytes(state: models.ModelState) -> int:
@@ -258,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = ap.parse_args(argv)
     try:
-        out = run(a.models.split(","), parse_sizes(a.batch, "--batch"), parse_sizes(a.contexts, "--contexts"),
+        out = run(a.models.split(","), parse_int_list(a.batch, "--batch"), parse_int_list(a.contexts, "--contexts"),
                   size=a.size, vocab=a.vocab, new_tokens=a.new_tokens, warmup=a.warmup,
                   prefill_tokens=a.prefill_tokens, device=a.device, graph=not a.no_graph,
                   memory_budget_bytes=None if a.memory_budget_gb is None else int(a.memory_budget_gb * 2**30))
