@@ -26,6 +26,7 @@ import torch
 import data
 import models
 from gt_pipeline.engine.checkpoint import load_model_weights
+from gt_pipeline.engine.decode import prefill
 from gt_pipeline.store import ArtifactStore
 
 
@@ -59,10 +60,8 @@ def generate(model: torch.nn.Module, prompt_ids: list[int], max_new_tokens: int,
         if stateful:
             # GPT: a KV cache with room for the prompt and every new token (each is fed back)
             state = None if model.is_recurrent else model.kv_cache(1, len(prompt_ids) + max_new_tokens)
-            last = None
-            for s in range(0, ids.shape[1], chunk):  # the prompt, `chunk` tokens per call
-                o = model(ids[:, s : s + chunk], state=state)
-                state, last = o.state, o.logits[0, -1]  # (V,)
+            state, last = prefill(model, ids, chunk=chunk, state=state)  # the prompt, `chunk` tokens per call
+            last = last[0]  # (V,)
             for _ in range(max_new_tokens):
                 nxt = _pick(last, top_k, temperature, gen, greedy)
                 out.append(nxt)
