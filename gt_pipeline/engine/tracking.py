@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import torch
+from filelock import FileLock
 
 DEFAULT_EXPERIMENT = "groundthink"
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
@@ -95,23 +96,6 @@ def gate_means(model: torch.nn.Module, x: torch.Tensor) -> dict[str, float]:
     return per_layer
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path | None):
-    """An exclusive advisory lock on `path` (created if missing) for the block; no-op for None."""
-    if path is None:
-        yield
-        return
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 class RunTracker:
     """One MLflow run; `start` opens it, `finish` closes it (FINISHED, or FAILED with `failed=True`)."""
 
@@ -136,7 +120,9 @@ class RunTracker:
         # The first use of a SQLite store creates its tables, and the first run of an experiment creates it:
         # concurrent sweep processes do both one at a time under a file lock beside the database.
         db = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
-        with _file_lock(db.with_name(db.name + ".lock") if db is not None else None):
+        if db is not None:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(db.with_name(db.name + ".lock"))) if db is not None else contextlib.nullcontext():
             client = MlflowClient(tracking_uri=uri)
             exp = client.get_experiment_by_name(experiment)
             if exp is None:
