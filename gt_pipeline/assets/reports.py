@@ -26,7 +26,7 @@ from gt_pipeline import gates
 from gt_pipeline.assets.common import OWNER, artifact_output, md_table
 from gt_pipeline.assets.training import load_trained
 from gt_pipeline.checks import gate_results
-from gt_pipeline.engine import evaluate
+from gt_pipeline.engine import evaluate, stats
 from gt_pipeline.engine.progress import Progress
 from gt_pipeline.engine.train import resolve_device
 from gt_pipeline.resources import ProfileResource, StoreResource
@@ -288,7 +288,8 @@ def long_context_report(context: dg.AssetExecutionContext, config: ReportConfig,
         write_json_atomic(d / "report.json", {"provenance": provenance(ckpt, wkv6_kernel), "summary": summary,
                                               "curve": curve, "niah": niah})
         md = (f"Loss vs context (stateful, {rp.lc_seqs} windows spread over the validation split, 95% "
-              f"CIs over windows: t below 30 windows, else bootstrap), degradation ppl(512)/ppl(64) = **{curve['degradation_ppl_512_over_64']:.3f}**"
+              f"CIs over windows: t below {stats.BOOTSTRAP_MIN_N} windows, else bootstrap), degradation "
+              f"ppl(512)/ppl(64) = **{curve['degradation_ppl_512_over_64']:.3f}**"
               "\n\n**Loss at each position bucket** (the loss AT those positions)\n\n" + md_table(curve["buckets"])
               + "\n\n**Mean loss over the first n positions**\n\n" + md_table(curve["by_length"])
               + f"\n\n**Needle in a haystack**: \"{NIAH_FORM}\" with a random number as the answer, scored "
