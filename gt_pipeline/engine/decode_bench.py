@@ -25,21 +25,16 @@ import argparse
 import datetime as dt
 import json
 import platform
-import sys
 import time
 
 import psutil
 import torch
 
 import models
-from gt_pipeline.engine.bench import machine_name, parse_int_list
+from gt_pipeline.engine.bench import machine_name, note, parse_int_list
 from gt_pipeline.engine.decode import DecodeStep, prefill
 
 PEER = "GPT"
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def parse_models(text: str) -> list[str]:
@@ -131,7 +126,7 @@ def bench_cell(model: models.LM, batch: int, context: int, *, new_tokens: int, w
         row["skipped"] = True
         row["reason"] = (f"estimated {est['total'] / 2**30:.2f} GiB (state {est['state'] / 2**30:.2f} + prefill "
                          f"working set {est['prefill_working_set'] / 2**30:.2f}) > {free / 2**30:.2f} GiB {what}")
-        _log(f"{name} B={batch} N={context}: skipped, {row['reason']}")
+        note(f"{name} B={batch} N={context}: skipped, {row['reason']}")
         return row
     row["skipped"] = False
     if device.type == "cuda":
@@ -153,7 +148,7 @@ def bench_cell(model: models.LM, batch: int, context: int, *, new_tokens: int, w
         step = DecodeStep(model, state, graph=captured, amp_dtype=amp_dtype)   # its own copy of the start state
         decode[mode] = _time_decode(step, last, warmup, new_tokens, device)
         end_state = step.state
-        _log(f"{name} B={batch} N={context} {mode}: {decode[mode]['tokens_per_s']:.0f} tok/s, "
+        note(f"{name} B={batch} N={context} {mode}: {decode[mode]['tokens_per_s']:.0f} tok/s, "
              f"{decode[mode]['ms_per_step']:.3f} ms/step")
         del step
     row["decode"] = decode
@@ -197,7 +192,7 @@ def run(model_names: list[str], batches: list[int], contexts: list[int], *, size
                 except torch.cuda.OutOfMemoryError as e:   # the estimate was short: record it, go on with the next cell
                     rows.append({"model": name, "batch": B, "context": N, "skipped": True,
                                  "reason": f"out of memory despite the estimate: {str(e).splitlines()[0]}"})
-                    _log(f"{name} B={B} N={N}: out of memory")
+                    note(f"{name} B={B} N={N}: out of memory")
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
         del model
