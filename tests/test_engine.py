@@ -30,13 +30,14 @@ class Stop(Exception):
     pass
 
 
+def crash_after_6(step, model):
+    """on_step_end that stops a run after step 6 (checkpoint_every 4: the last checkpoint is step 4)."""
+    if step == 6:
+        raise Stop
+
+
 def test_resumed_run_equals_uninterrupted_run_bit_for_bit(shards, tmp_path):
     whole = train(small(), shards, tmp_path / "a")
-
-    def crash_after_6(step, model):
-        if step == 6:
-            raise Stop
-
     with pytest.raises(Stop):
         train(small(), shards, tmp_path / "b", on_step_end=crash_after_6)
     assert [p.name for p in list_checkpoints(tmp_path / "b" / "checkpoints")] == ["step_0000004"]
@@ -59,11 +60,6 @@ def test_resume_on_cuda_continues_the_rwkv_drop_draws(shards, tmp_path):
     drops the same layers at the same steps as the uninterrupted one."""
     cfg = small(device="cuda", compile=False, model_overrides={"rwkv_drop_prob": 0.5})
     whole = train(cfg, shards, tmp_path / "a")
-
-    def crash_after_6(step, model):
-        if step == 6:
-            raise Stop
-
     with pytest.raises(Stop):
         train(cfg, shards, tmp_path / "b", on_step_end=crash_after_6)
     resumed = train(cfg, shards, tmp_path / "b")
