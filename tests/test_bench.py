@@ -26,8 +26,11 @@ def test_compare_on_shards_reports_both_curves_from_the_same_batches(capsys, dem
     assert out["timed_window_unix"][1] > out["timed_window_unix"][0]
 
 
-def test_concurrent_workers_time_together_and_report_the_aggregate(capsys):
-    out = run(capsys, TINY + ["--concurrent", "1,2"])
+def test_concurrent_workers_time_together_and_report_the_aggregate(capsys, tmp_path):
+    out_file = tmp_path / "k.json"
+    out = run(capsys, TINY + ["--concurrent", "1,2", "--out", str(out_file)])
+    # --out holds the same document as stdout (only the parent writes it, not its workers)
+    assert json.loads(out_file.read_text()) == out
     assert out["benchmark"] == "concurrent_training_throughput"
     k1, k2 = out["results"]
     assert (k1["k"], k2["k"], len(k2["per_process_tokens_per_s"])) == (1, 2, 2)

@@ -20,6 +20,7 @@ import json
 import platform
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -204,13 +205,15 @@ def _stream_workers(bench_kwargs: dict, k: int) -> list[dict]:
     return out  # type: ignore[return-value]
 
 
-def concurrent_runs(argv: list[str], ks: list[int], steps: int, streams: dict | None = None) -> list[dict]:
+def concurrent_runs(argv: list[str], ks: list[int], steps: int, streams: dict | None = None,
+                    on_row: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """For each k, k trainings of one model at once: k processes (`argv`: the bench's own arguments), or with
     `streams` (bench_model's keyword arguments) k threads of this process on their own CUDA streams. They warm
     up, meet at a barrier, then time `steps` steps. The aggregate is all their tokens over the span from the
-    first start to the last end of the timed windows."""
-    rows = []
+    first start to the last end of the timed windows. `on_row` gets the rows so far after every k."""
+    rows: list[dict] = []
     for k in ks:
+        note(f"--concurrent {k}: {'threads on CUDA streams' if streams is not None else 'processes'}")
         res = _stream_workers(streams, k) if streams is not None else _process_workers(argv, k)
         start = min(r["timed_window_unix"][0] for r in res)
         end = max(r["timed_window_unix"][1] for r in res)
@@ -220,9 +223,12 @@ def concurrent_runs(argv: list[str], ks: list[int], steps: int, streams: dict | 
                      "peak_memory_mib_per_process": [r["peak_memory_mib"] for r in res],
                      "warmup_s": [r["warmup_s"] for r in res], "paths": res[0]["paths"], "model": res[0]["model"],
                      "workers": "CUDA streams of one process" if streams is not None else "processes"})
-    single = next((r["aggregate_tokens_per_s"] for r in rows if r["k"] == 1), None)
-    for r in rows:
-        r["speedup_vs_k1"] = r["aggregate_tokens_per_s"] / single if single else None
+        single = next((r["aggregate_tokens_per_s"] for r in rows if r["k"] == 1), None)
+        for r in rows:
+            r["speedup_vs_k1"] = r["aggregate_tokens_per_s"] / single if single else None
+        note(f"--concurrent {k}: {rows[-1]['aggregate_tokens_per_s']:,.0f} tok/s aggregate")
+        if on_row is not None:
+            on_row(rows)
     return rows
 
 
@@ -298,15 +304,20 @@ def main(argv: list[str] | None = None) -> None:
         argv = list(argv) if argv is not None else sys.argv[1:]
         i = argv.index("--concurrent")
         worker_argv = [v for v in argv[:i] + argv[i + 2:] if v != "--streams"]
+        if a.out is not None:  # the workers print to this process; only it writes --out
+            j = worker_argv.index("--out")
+            del worker_argv[j:j + 2]
         streams = None
         if a.streams:
             streams = dict(name=a.models, size=a.size, vocab=a.vocab, batch=a.batch, seq=a.seq, steps=a.steps,
                            warmup=a.warmup, device=torch.device(a.device), compile=False if a.compile == "off" else a.compile,
                            overrides=_overrides(a), shards=a.shards)
-        print(json.dumps({"benchmark": "concurrent_training_throughput", "date": time.strftime("%Y-%m-%d"),
-                          "machine": machine_name(torch.device(a.device)), "torch": torch.__version__,
-                          "batch": a.batch, "seq_len": a.seq, "steps_timed": a.steps,
-                          "results": concurrent_runs(worker_argv, ks, a.steps, streams)}, indent=2))
+        doc = {"benchmark": "concurrent_training_throughput", "date": time.strftime("%Y-%m-%d"),
+               "machine": machine_name(torch.device(a.device)), "torch": torch.__version__,
+               "batch": a.batch, "seq_len": a.seq, "steps_timed": a.steps, "results": []}
+        doc["results"] = concurrent_runs(worker_argv, ks, a.steps, streams,
+                                         on_row=lambda rows: write_partial(a.out, {**doc, "results": rows}))
+        print(json.dumps(doc, indent=2))
         return
     if a.streams:
         raise SystemExit("--streams goes with --concurrent K[,K...]")
