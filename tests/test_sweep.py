@@ -143,3 +143,73 @@ def test_sweep_is_registered_partitioned_by_seed_and_variant_in_its_pool():
     assert len(keys) == len(VARIANTS) * len(sweep.SEEDS) and "0|gf_mh" in keys and "4|mamba2" in keys
     assert graph.get(dg.AssetKey("fusion_comparison_report")).group_name == "reports"
     assert {k.to_user_string() for k in defs.resolve_job_def("sweep").asset_layer.selected_asset_keys} == {"sweep_run"}
+
+
+# ------------------------------------------------------------------------------- `make sweep SWEEP_MPS=1`
+# The Makefile's MPS wiring, with stand-ins for the two programs it drives (this machine has neither a GPU
+# nor the driver's MPS control): each appends what it was called with, and under which MPS pipe, to a log.
+MPS_CONTROL = """#!/bin/sh
+if [ "$1" = -d ]; then echo "mps -d $CUDA_MPS_PIPE_DIRECTORY" >> "$LOG"; else echo "mps $(cat)" >> "$LOG"; fi
+"""
+DAGSTER = """#!/bin/sh
+echo "dagster pipe=${CUDA_MPS_PIPE_DIRECTORY:-none} $*" >> "$LOG"
+case "$*" in *fusion_comparison_report*)
+  [ -n "$FAIL_REPORT" ] && exit 3
+  mkdir -p "$GT_HOME/fusion_comparison_report" && echo '{"fingerprint": "f"}' > "$GT_HOME/fusion_comparison_report/LATEST.json";;
+esac
+"""
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_sweep(tmp_path, *args, mps_on_path=True, **env):
+    import os
+    import subprocess
+
+    venv, tools = tmp_path / "venv", tmp_path / "tools"
+    (venv / "bin").mkdir(parents=True)
+    tools.mkdir()
+    (venv / "bin" / "dagster").write_text(DAGSTER)
+    (venv / ".installed").touch()  # newer than pyproject.toml: make installs nothing
+    if mps_on_path:
+        (tools / "nvidia-cuda-mps-control").write_text(MPS_CONTROL)
+    for f in [*tools.iterdir(), venv / "bin" / "dagster"]:
+        f.chmod(0o755)
+    log = tmp_path / "log"
+    env = {**os.environ, "PATH": f"{tools}:{os.environ['PATH']}", "LOG": str(log), "GT_HOME": str(tmp_path / "gt"),
+           **env}
+    p = subprocess.run(["make", "-s", "-C", str(REPO), "sweep", f"VENV={venv}", "SWEEP_VARIANTS=gf_mh gpt",
+                        "SWEEP_SEEDS=0", "SWEEP_K=2", *args], env=env, capture_output=True, text=True, timeout=120)
+    return p, log.read_text().splitlines() if log.exists() else []
+
+
+def test_make_sweep_mps_runs_every_training_under_one_daemon_and_stops_it(tmp_path):
+    p, log = make_sweep(tmp_path, "SWEEP_MPS=1")
+    assert p.returncode == 0, p.stderr
+    assert log[0].startswith("mps -d /tmp/gt_mps_pipe.") and log[-1] == "mps quit"
+    pipe = log[0].split()[-1]
+    calls = log[1:-1]
+    assert len(calls) == 4 and all(c.startswith(f"dagster pipe={pipe} ") for c in calls)  # data, 2 partitions, report
+    assert sorted(c.split("--partition ")[1].split()[0] for c in calls if "--partition" in c) == ["0|gf_mh", "0|gpt"]
+    assert "MPS control daemon up" in p.stdout
+
+
+def test_make_sweep_mps_stops_the_daemon_when_the_sweep_fails(tmp_path):
+    p, log = make_sweep(tmp_path, "SWEEP_MPS=1", FAIL_REPORT="1")
+    assert p.returncode != 0
+    assert log[0].startswith("mps -d ") and log[-1] == "mps quit"
+
+
+def test_make_sweep_without_mps_starts_no_daemon(tmp_path):
+    p, log = make_sweep(tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert len(log) == 4 and all(c.startswith("dagster pipe=none ") for c in log)
+
+
+@pytest.mark.parametrize("arg, on_path, message", [
+    ("SWEEP_MPS=1", False, "nvidia-cuda-mps-control is not on PATH"),
+    ("SWEEP_MPS=yes", True, "SWEEP_MPS must be 0 or 1, got 'yes'"),
+])
+def test_make_sweep_mps_bad_setting_stops_before_anything_runs(tmp_path, arg, on_path, message):
+    p, log = make_sweep(tmp_path, arg, mps_on_path=on_path)
+    assert p.returncode != 0 and message in p.stderr
+    assert log == []
