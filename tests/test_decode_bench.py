@@ -168,10 +168,17 @@ def _per_layer_state_bytes(cfg):
     return 4 * (H * N * N + C + conv_dim * cfg.d_conv + mamba_heads * cfg.mamba_headdim * cfg.d_state)
 
 
-def test_bench_json_numbers(one_thread, capsys):
+def test_bench_json_numbers(one_thread, capsys, tmp_path, monkeypatch):
+    written = []  # the --out file's row count at every rewrite
+    real_write = decode_bench.write_partial
+    monkeypatch.setattr(decode_bench, "write_partial",
+                        lambda path, doc: (written.append(len(doc["results"])), real_write(path, doc)))
     decode_bench.main(["--models", "gf_mh", "--size", "demo", "--vocab", str(V), "--batch", "1,2",
-                       "--contexts", "5,9", "--new-tokens", "2", "--warmup", "1", "--device", "cpu"])
+                       "--contexts", "5,9", "--new-tokens", "2", "--warmup", "1", "--device", "cpu",
+                       "--out", str(tmp_path / "d.json")])
     out = json.loads(capsys.readouterr().out)
+    assert written == list(range(1, 9))                         # rewritten after every cell
+    assert json.loads((tmp_path / "d.json").read_text()) == out
     assert out["benchmark"] == "decode_throughput" and {"machine", "torch", "date", "shapes"} <= out.keys()
     assert list(out["models"]) == ["GF-MH", "GPT"]              # the peer is added
     rows = out["results"]

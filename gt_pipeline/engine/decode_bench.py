@@ -26,12 +26,13 @@ import datetime as dt
 import json
 import platform
 import time
+from collections.abc import Callable
 
 import psutil
 import torch
 
 import models
-from gt_pipeline.engine.bench import machine_name, note, parse_int_list
+from gt_pipeline.engine.bench import machine_name, note, parse_int_list, write_partial
 from gt_pipeline.engine.decode import DecodeStep, prefill
 
 PEER = "GPT"
@@ -161,9 +162,11 @@ def bench_cell(model: models.LM, batch: int, context: int, *, new_tokens: int, w
 
 def run(model_names: list[str], batches: list[int], contexts: list[int], *, size: str = "5m", vocab: int = 16000,
         new_tokens: int = 64, warmup: int = 4, prefill_tokens: int = 32768, device: str | torch.device = "cpu",
-        graph: bool = True, memory_budget_bytes: int | None = None) -> dict:
+        graph: bool = True, memory_budget_bytes: int | None = None,
+        on_cell: Callable[[dict], None] | None = None) -> dict:
     """The whole benchmark as a dict (what main prints). Arguments as the command-line flags; names are
-    canonicalised and GPT added (parse_models); ValueError naming a bad value."""
+    canonicalised and GPT added (parse_models); ValueError naming a bad value. `on_cell` gets the document
+    so far after every cell (main's --out)."""
     names = parse_models(",".join(model_names))
     for flag, values in (("--batch", batches), ("--contexts", contexts)):
         if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
@@ -174,7 +177,21 @@ def run(model_names: list[str], batches: list[int], contexts: list[int], *, size
             raise ValueError(f"{flag}: must be an int >= {lo}, got {v!r}")
     device = torch.device(device)
     amp_dtype = torch.bfloat16 if device.type == "cuda" else None
-    info, rows = {}, []
+    info: dict[str, dict] = {}
+    rows: list[dict] = []
+    doc = {
+        "benchmark": "decode_throughput",
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"device": machine_name(device), "cpu_threads": torch.get_num_threads(),
+                    "python": platform.python_version()},
+        "torch": torch.__version__, "cuda": torch.version.cuda,
+        "shapes": {"size": size, "vocab": vocab, "batches": batches, "contexts": contexts,
+                   "new_tokens": new_tokens, "warmup": warmup, "prefill_tokens_per_call": prefill_tokens,
+                   "dtype": "bfloat16 autocast" if amp_dtype is not None else "float32",
+                   "prefill": "parallel forward returning the final state, chunked, state / KV cache carried"},
+        "models": info,
+        "results": rows,
+    }
     for name in names:
         torch.manual_seed(0)
         model = models.get_model(name, vocab, size=size).to(device).eval()
@@ -195,21 +212,11 @@ def run(model_names: list[str], batches: list[int], contexts: list[int], *, size
                     note(f"{name} B={B} N={N}: out of memory")
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+                _compare_to_peer(rows)
+                if on_cell is not None:
+                    on_cell(doc)
         del model
-    _compare_to_peer(rows)
-    return {
-        "benchmark": "decode_throughput",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"device": machine_name(device), "cpu_threads": torch.get_num_threads(),
-                    "python": platform.python_version()},
-        "torch": torch.__version__, "cuda": torch.version.cuda,
-        "shapes": {"size": size, "vocab": vocab, "batches": batches, "contexts": contexts,
-                   "new_tokens": new_tokens, "warmup": warmup, "prefill_tokens_per_call": prefill_tokens,
-                   "dtype": "bfloat16 autocast" if amp_dtype is not None else "float32",
-                   "prefill": "parallel forward returning the final state, chunked, state / KV cache carried"},
-        "models": info,
-        "results": rows,
-    }
+    return doc
 
 
 def _compare_to_peer(rows: list[dict]) -> None:
@@ -237,12 +244,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--memory-budget-gb", type=float, default=None,
                     help="skip cells estimated above this many GiB (default: the free device memory)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default=None, metavar="FILE",
+                    help="also write the JSON to FILE, rewritten after every cell (a run stopped part-way keeps "
+                         "the cells it finished)")
     a = ap.parse_args(argv)
     try:
         out = run(a.models.split(","), parse_int_list(a.batch, "--batch"), parse_int_list(a.contexts, "--contexts"),
                   size=a.size, vocab=a.vocab, new_tokens=a.new_tokens, warmup=a.warmup,
                   prefill_tokens=a.prefill_tokens, device=a.device, graph=not a.no_graph,
-                  memory_budget_bytes=None if a.memory_budget_gb is None else int(a.memory_budget_gb * 2**30))
+                  memory_budget_bytes=None if a.memory_budget_gb is None else int(a.memory_budget_gb * 2**30),
+                  on_cell=lambda doc: write_partial(a.out, doc))
     except ValueError as e:
         ap.error(str(e))
     print(json.dumps(out, indent=2))
