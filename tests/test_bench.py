@@ -103,3 +103,11 @@ def test_a_run_stopped_after_the_first_model_leaves_it_in_the_out_file(tmp_path,
     assert [r["model"] for r in kept["results"]] == ["GF-MH"] and kept["results"][0]["tokens_per_s"] > 0
     err = capsys.readouterr().err
     assert "GF-MH: warm-up done in" in err and "tok/s" in err
+
+
+@pytest.mark.parametrize("argv", [
+    ["--models", "GF-MH", "--concurrent", "1,2", "--out", "k.json", "--streams", "--steps", "3"],
+    ["--concurrent=1,2", "--models", "GF-MH", "--out=k.json", "--steps", "3", "--streams"],
+])
+def test_concurrent_workers_get_neither_the_k_list_nor_the_out_file(argv):
+    assert bench._without(argv, ("--concurrent", "--out"), ("--streams",)) == ["--models", "GF-MH", "--steps", "3"]

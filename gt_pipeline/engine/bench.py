@@ -237,6 +237,19 @@ def _overrides(a: argparse.Namespace) -> dict:
                               ("mamba_conv", a.mamba_conv), ("wkv6_impl", a.wkv6_impl)) if v is not None}
 
 
+def _without(argv: list[str], valued: tuple[str, ...], bare: tuple[str, ...]) -> list[str]:
+    """argv less the options in `valued` (as `--flag V` or `--flag=V`) and the switches in `bare`."""
+    out, skip = [], False
+    for v in argv:
+        if skip:
+            skip = False
+        elif v in valued:
+            skip = True
+        elif v not in bare and not v.startswith(tuple(f + "=" for f in valued)):
+            out.append(v)
+    return out
+
+
 def parse_int_list(text: str, flag: str) -> list[int]:
     """'1,2,4,8' -> [1, 2, 4, 8]; ValueError naming the flag and the bad entry unless every entry is an int >= 1."""
     out = []
@@ -301,12 +314,9 @@ def main(argv: list[str] | None = None) -> None:
             ks = parse_int_list(a.concurrent, "--concurrent")
         except ValueError as e:
             raise SystemExit(str(e)) from None
-        argv = list(argv) if argv is not None else sys.argv[1:]
-        i = argv.index("--concurrent")
-        worker_argv = [v for v in argv[:i] + argv[i + 2:] if v != "--streams"]
-        if a.out is not None:  # the workers print to this process; only it writes --out
-            j = worker_argv.index("--out")
-            del worker_argv[j:j + 2]
+        # each worker is one training: not --concurrent or --streams, and not --out (only this process writes it)
+        worker_argv = _without(list(argv) if argv is not None else sys.argv[1:], ("--concurrent", "--out"),
+                               ("--streams",))
         streams = None
         if a.streams:
             streams = dict(name=a.models, size=a.size, vocab=a.vocab, batch=a.batch, seq=a.seq, steps=a.steps,
