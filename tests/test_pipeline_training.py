@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -201,28 +202,31 @@ def test_cli_interrupted_training_resumes_and_equals_an_uninterrupted_run(tmp_pa
         return subprocess.Popen([dagster, "asset", "materialize", "--select", select, "-c", str(cfg)], cwd=REPO, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
-    whole, broken = tmp_path / "whole", tmp_path / "broken"
-    for home in (whole, broken):  # the data chain once per store
-        p = cli(home, "+token_shards,wkv6_kernel")
-        assert p.wait(timeout=600) == 0, p.stdout.read()[-3000:]
-    p = cli(broken, "trained_gf_mh")
+    home = tmp_path / "gt"
+    p = cli(home, "+token_shards,wkv6_kernel")
+    assert p.wait(timeout=600) == 0, p.stdout.read()[-3000:]
+    p = cli(home, "trained_gf_mh")
     deadline = time.time() + 600
-    while not list(broken.glob("trained_gf_mh/*.work/checkpoints/step_*/state.json")):
+    while not list(home.glob("trained_gf_mh/*.work/checkpoints/step_*/state.json")):
         assert p.poll() is None and time.time() < deadline, "training ended before its first checkpoint"
         time.sleep(0.2)
     os.killpg(p.pid, signal.SIGKILL)
     p.wait()
-    assert not list(broken.glob("trained_gf_mh/*/manifest.json"))  # nothing published by the killed run
-    resumed = cli(broken, "trained_gf_mh")
+    assert not list(home.glob("trained_gf_mh/*/manifest.json"))  # nothing published by the killed run
+    resumed = cli(home, "trained_gf_mh")
     out = resumed.communicate(timeout=600)[0]
     assert resumed.returncode == 0, out[-3000:]
     # said when it happens: before the resumed run logs its last step
     assert 0 < out.index("resumed from the checkpoint at step") < out.index("step 24/24")
-    uninterrupted = cli(whole, "trained_gf_mh")
+    # the uninterrupted run in the same store, on the same data: the resumed artifact and its checkpoints moved
+    # out of the store first, so this one trains from step 0
+    shutil.move(home / "trained_gf_mh", tmp_path / "resumed")
+    uninterrupted = cli(home, "trained_gf_mh")
     out2 = uninterrupted.communicate(timeout=600)[0]
     assert uninterrupted.returncode == 0, out2[-3000:]
-    (a,) = whole.glob("trained_gf_mh/*/model.safetensors")
-    (b,) = broken.glob("trained_gf_mh/*/model.safetensors")
+    assert "resumed from the checkpoint" not in out2
+    (a,) = home.glob("trained_gf_mh/*/model.safetensors")
+    (b,) = (tmp_path / "resumed").glob("*/model.safetensors")
     assert a.parent.name == b.parent.name  # same fingerprint
     wa, wb = load_file(str(a)), load_file(str(b))
     assert wa.keys() == wb.keys()
