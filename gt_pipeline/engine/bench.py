@@ -295,6 +295,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--hidden", type=int, help="override the preset's hidden size")
     ap.add_argument("--layers", type=int, help="override the preset's layer count")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--trace-rnn", action="store_true",
+                    help="experiment: let Dynamo trace nn.GRU (torch._dynamo.config.allow_rnn), so the GRU "
+                         "arbiter's compiled step is one graph instead of breaking around each GRU; the "
+                         "pipeline does not set it")
     ap.add_argument("--concurrent", default=None, metavar="K[,K...]",
                     help="aggregate throughput of K processes training the (one) model at once, for each K "
                          "(e.g. 1,2,4,8: several small trainings sharing one GPU)")
@@ -335,6 +339,11 @@ def main(argv: list[str] | None = None) -> None:
     if a.barrier is not None:
         w, n = (int(v) for v in a.worker.split("/"))
         barrier = file_barrier(a.barrier, w, n)
+    if a.trace_rnn:
+        from torch import _dynamo
+
+        _dynamo.config.allow_rnn = True
+        note("--trace-rnn: torch._dynamo.config.allow_rnn = True")
     device = torch.device(a.device)
     over = _overrides(a)
     compile = False if a.compile == "off" else a.compile
@@ -344,6 +353,8 @@ def main(argv: list[str] | None = None) -> None:
     for m in a.models.split(","):
         res = bench_model(m, a.size, a.vocab, a.batch, a.seq, a.steps, a.warmup, device, compile, a.profile, over,
                           a.shards, barrier)
+        if a.trace_rnn:
+            res["paths"]["dynamo_allow_rnn"] = True
         if a.compare:
             ref = bench_model(m, a.size, a.vocab, a.batch, a.seq, a.steps, a.warmup, device, False, 0,
                               {**over, **REFERENCE_PATH}, a.shards)
