@@ -21,11 +21,13 @@ import platform
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 import models
 import data
+from gt_pipeline.store import write_json_atomic
 from gt_pipeline.engine.train import (BatchFeed, TrainConfig, build_optimizer, compile_label, resolve_compile, step_function,
                                       train_step)
 
@@ -130,13 +132,8 @@ def note(msg: str) -> None:
 def write_partial(path: str | None, doc: dict) -> None:
     """`--out`: the JSON document so far, replaced atomically after every model, so a run stopped part-way
     keeps the models it finished."""
-    if path is None:
-        return
-    from pathlib import Path
-
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2))
-    tmp.replace(path)
+    if path is not None:
+        write_json_atomic(Path(path), doc)
 
 
 REFERENCE_PATH = {"mamba_backend": "torch", "mamba_conv": "torch", "wkv6_impl": "sequential"}
