@@ -68,6 +68,8 @@ def bench_model(name: str, size: str, vocab: int, batch: int, seq: int, steps: i
     resolved = resolve_compile(compile, device)
     paths = {"compile": compile_label(resolved),
              **models.describe_paths(model, device, amp=device.type == "cuda", compiled=resolved is not False)}
+    if resolved is not False and torch._dynamo.config.allow_rnn:  # bench --trace-rnn
+        paths["dynamo_allow_rnn"] = True
     opt = build_optimizer(model, cfg, fused=device.type == "cuda")
     fwd = step_function(model, resolved)
 
@@ -308,6 +310,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--barrier", default=None, help=argparse.SUPPRESS)  # set by --concurrent for its workers
     ap.add_argument("--worker", default="0/1", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    if a.trace_rnn:  # before any training: --streams threads run in this process (--concurrent workers get the flag)
+        from torch import _dynamo
+
+        _dynamo.config.allow_rnn = True
+        note("--trace-rnn: torch._dynamo.config.allow_rnn = True")
     if a.concurrent is not None:
         if "," in a.models or a.compare or a.profile:
             raise SystemExit("--concurrent takes one model and neither --compare nor --profile")
@@ -336,11 +343,6 @@ def main(argv: list[str] | None = None) -> None:
     if a.barrier is not None:
         w, n = (int(v) for v in a.worker.split("/"))
         barrier = file_barrier(a.barrier, w, n)
-    if a.trace_rnn:
-        from torch import _dynamo
-
-        _dynamo.config.allow_rnn = True
-        note("--trace-rnn: torch._dynamo.config.allow_rnn = True")
     device = torch.device(a.device)
     over = _overrides(a)
     compile = False if a.compile == "off" else a.compile
@@ -350,8 +352,6 @@ def main(argv: list[str] | None = None) -> None:
     for m in a.models.split(","):
         res = bench_model(m, a.size, a.vocab, a.batch, a.seq, a.steps, a.warmup, device, compile, a.profile, over,
                           a.shards, barrier)
-        if a.trace_rnn:
-            res["paths"]["dynamo_allow_rnn"] = True
         if a.compare:
             ref = bench_model(m, a.size, a.vocab, a.batch, a.seq, a.steps, a.warmup, device, False, 0,
                               {**over, **REFERENCE_PATH}, a.shards)
