@@ -121,3 +121,15 @@ def test_trace_rnn_is_set_before_stream_workers_train(capsys, monkeypatch):
     assert torch._dynamo.config.allow_rnn is True
     # the paths name it only for a compiled step, where Dynamo reads it
     assert "dynamo_allow_rnn" not in out["results"][0]["paths"]
+
+
+@pytest.mark.parametrize("out, message", [
+    ("{tmp}/missing/k.json", "the directory of '{tmp}/missing/k.json' does not exist"),
+    ("{tmp}", "'{tmp}' is a directory; give a file name"),
+])
+def test_out_that_cannot_be_written_is_refused_before_anything_runs(out, message, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        bench.main(TINY + ["--out", out.format(tmp=tmp_path)])
+    captured = capsys.readouterr()
+    assert "--out: " + message.format(tmp=tmp_path) in captured.err
+    assert "[bench" not in captured.err  # no model started

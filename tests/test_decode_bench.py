@@ -224,7 +224,8 @@ def test_bench_skips_cells_over_the_memory_budget(one_thread):
     (["--contexts", "0"], "--contexts: every value must be >= 1, got 0"),
     (["--contexts", "1k"], "--contexts: '1k' is not an integer"),
     (["--new-tokens", "0"], "--new-tokens: must be an int >= 1, got 0"),
-], ids=["unknown_model", "batch_0", "context_0", "context_not_int", "no_new_tokens"])
+    (["--out", "/nonexistent_dir/d.json"], "--out: the directory of '/nonexistent_dir/d.json' does not exist"),
+], ids=["unknown_model", "batch_0", "context_0", "context_not_int", "no_new_tokens", "out_dir_missing"])
 def test_bench_bad_input_names_the_problem(argv, message, capsys):
     with pytest.raises(SystemExit):
         decode_bench.main(argv + ["--device", "cpu"])

@@ -131,6 +131,17 @@ def note(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def out_file(text: str) -> str:
+    """argparse type of `--out FILE`: refused at the start, not after the first model has run, when FILE's
+    directory does not exist or FILE is a directory."""
+    p = Path(text)
+    if not p.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"the directory of {text!r} does not exist ({p.parent})")
+    if p.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory; give a file name")
+    return text
+
+
 def write_partial(path: str | None, doc: dict) -> None:
     """`--out`: the JSON document so far, replaced atomically after every model, so a run stopped part-way
     keeps the models it finished."""
@@ -304,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--streams", action="store_true",
                     help="with --concurrent: the K trainings as threads of one process, each on its own CUDA "
                          "stream, instead of K processes (whose contexts the GPU time-slices)")
-    ap.add_argument("--out", default=None, metavar="FILE",
+    ap.add_argument("--out", default=None, metavar="FILE", type=out_file,
                     help="also write the JSON to FILE, rewritten after every model (a run stopped part-way keeps "
                          "the finished models there)")
     ap.add_argument("--barrier", default=None, help=argparse.SUPPRESS)  # set by --concurrent for its workers

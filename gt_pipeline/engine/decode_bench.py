@@ -32,7 +32,7 @@ import psutil
 import torch
 
 import models
-from gt_pipeline.engine.bench import machine_name, note, parse_int_list, write_partial
+from gt_pipeline.engine.bench import machine_name, note, out_file, parse_int_list, write_partial
 from gt_pipeline.engine.decode import DecodeStep, prefill
 
 PEER = "GPT"
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--memory-budget-gb", type=float, default=None,
                     help="skip cells estimated above this many GiB (default: the free device memory)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out", default=None, metavar="FILE",
+    ap.add_argument("--out", default=None, metavar="FILE", type=out_file,
                     help="also write the JSON to FILE, rewritten after every cell (a run stopped part-way keeps "
                          "the cells it finished)")
     a = ap.parse_args(argv)
