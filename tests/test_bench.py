@@ -113,12 +113,13 @@ def test_concurrent_workers_get_neither_the_k_list_nor_the_out_file(argv):
     assert bench._without(argv, ("--concurrent", "--out"), ("--streams",)) == ["--models", "GF-MH", "--steps", "3"]
 
 
-def test_trace_rnn_is_set_before_stream_workers_train(capsys, monkeypatch):
+def test_trace_rnn_is_set_before_stream_workers_train(capsys):
     import torch._dynamo
 
-    monkeypatch.setattr(torch._dynamo.config, "allow_rnn", False)  # restored after the test
-    out = run(capsys, TINY + ["--concurrent", "1", "--streams", "--trace-rnn", "--compile", "off"])
-    assert torch._dynamo.config.allow_rnn is True
+    with torch._dynamo.config.patch(allow_rnn=False):  # Dynamo's own patch restores the setting afterwards
+        out = run(capsys, TINY + ["--concurrent", "1", "--streams", "--trace-rnn", "--compile", "off"])
+        assert torch._dynamo.config.allow_rnn is True
+    assert torch._dynamo.config.allow_rnn is False
     # the paths name it only for a compiled step, where Dynamo reads it
     assert "dynamo_allow_rnn" not in out["results"][0]["paths"]
 
