@@ -61,6 +61,34 @@ def test_bad_arguments_are_named(one_thread):
         generate(model, [1], 3, temperature=0)
 
 
+def test_samples_run_where_the_model_trained(monkeypatch):
+    from gt_pipeline.assets.training_extras import sample_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert [sample_device(d) for d in ("cpu", "cuda", "NVIDIA H200")] == ["cpu", "cpu", "cpu"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    # "cuda" is the device type of a build; the metadata of a cache hit names the GPU
+    assert [sample_device(d) for d in ("cpu", "cuda", "NVIDIA H200")] == ["cpu", "cuda", "cuda"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["GF-MH", "GRU", "MINGRU", "HGF", "RWKV6", "MAMBA2", "GPT"])
+def test_generation_on_cuda_gives_the_cpu_tokens(name, no_tf32):
+    """Samples are generated on the training GPU: the same greedy tokens as the CPU, and the logits of every
+    step within fp32 tolerance."""
+    torch.manual_seed(0)
+    cpu = models.get_model(name, 97, size="demo").eval()
+    gpu = models.get_model(name, 97, size="demo").eval()
+    gpu.load_state_dict(cpu.state_dict())
+    gpu.cuda()
+    prompt = [5, 17, 3, 42, 8, 1, 60]
+    assert generate(gpu, prompt, 16, greedy=True) == generate(cpu, prompt, 16, greedy=True)
+    with torch.no_grad():
+        ids = torch.tensor([prompt])
+        want, got = cpu(ids).logits, gpu(ids.cuda()).logits.cpu()
+    err = (got - want).abs().max().item()
+    assert err < 1e-4, f"{name}: CUDA logits differ from the CPU's by {err:.2e}"
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """The data chain + kernel + a 6-step trained_gf_mh in a fresh store, tracking on (local SQLite): (GT_HOME, the
@@ -93,7 +121,8 @@ def test_materialization_shows_samples_of_held_out_prompts(trained):
     assert md.count("\n> **") == 3
     # the run log says when the samples start and how long they took (a cold CPU kernel build shows there)
     said = [line for line in log if line.startswith("samples: ")]
-    assert said[0].startswith("samples: continuing held-out prompts on the CPU") and said[1].startswith("samples: done in")
+    on = "cuda" if torch.cuda.is_available() else "cpu"        # the device the fixture's model trained on
+    assert said[0].startswith(f"samples: continuing held-out prompts on {on}") and said[1].startswith("samples: done in")
 
 
 @pytest.mark.slow

@@ -27,7 +27,7 @@ from pydantic import Field
 
 import data
 from gt_pipeline.assets.common import OWNER, artifact_output, md_table
-from gt_pipeline.assets.training_extras import TrainingTracking, probe_batch, samples_markdown
+from gt_pipeline.assets.training_extras import TrainingTracking, probe_batch, sample_device, samples_markdown
 from gt_pipeline.engine.artifact import write_training_artifact
 from gt_pipeline.engine.train import (TrainConfig, eval_windows, format_log_row, optional_packages, path_fallbacks,
                                       run_paths, train, without_default_objectives)
@@ -277,10 +277,12 @@ def train_variant(context: dg.AssetExecutionContext, name: str, variant: str, co
                              f"steps, without evaluation); run average {res.tokens_per_s:,.0f} tok/s")
             meta = write_training_artifact(d, cfg, res, token_shards.path, paths)
         # generated once, with the model: a cache hit shows them again without loading the model
-        context.log.info("samples: continuing held-out prompts on the CPU (the first time on a machine, a model "
-                         "with RWKV-6 layers builds the CPU wkv6 extension here: up to a minute)")
+        dev = sample_device(cfg.resolved_device().type)
+        context.log.info(f"samples: continuing held-out prompts on {dev}" + (
+            " (the first time on a machine, a model with RWKV-6 layers builds the CPU wkv6 extension here: up "
+            "to a minute)" if dev == "cpu" else ""))
         t0 = time.perf_counter()
-        meta["samples_md"] = samples_markdown(st, Artifact(name, fp, d), token_shards)
+        meta["samples_md"] = samples_markdown(st, Artifact(name, fp, d), token_shards, dev)
         context.log.info(f"samples: done in {time.perf_counter() - t0:.1f} s")
         return {**meta, **(after(d, cfg) if after is not None else {})}
 
@@ -317,7 +319,8 @@ def train_variant(context: dg.AssetExecutionContext, name: str, variant: str, co
             "steps": m["steps"], "resumed_from_step": m["resumed_from_step"] if not result.cache_hit else 0,
             "world_size": m.get("world_size", 1), "global_batch_size": m.get("global_batch_size", cfg.batch_size * cfg.grad_accum),
             **{k: m[k] for k in ("seed", "eval_val_loss", "eval_val_loss_lo", "eval_val_loss_hi") if k in m},
-            "samples": dg.MetadataValue.md(m.get("samples_md") or samples_markdown(st, result.artifact, token_shards)),
+            "samples": dg.MetadataValue.md(m.get("samples_md") or samples_markdown(
+                st, result.artifact, token_shards, sample_device(m["device"]))),
         },
         preview_md=training_markdown(result.artifact.path, m),
     )
