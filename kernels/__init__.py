@@ -8,6 +8,9 @@ pure-PyTorch twins with the same signature. `build_extension(device)` builds or 
 and reports the toolchain; `smoke_test(backend)` checks it against `wkv6_ref`;
 `toolchain_fingerprint(device)` is what a cache key should hash. Importing this package is cheap:
 nothing is compiled until the first call. This package never imports dagster.
+
+`kernels.gru` (imported on its own) holds the GRU arbiter's recurrence as Triton kernels, `gru_scan`, with
+its sequential twin `gru_scan_ref`.
 """
 from .build import build_extension, toolchain_fingerprint
 from .reference import wkv6_chunked_ref, wkv6_ref
