@@ -14,13 +14,21 @@ logits is the sigmoid of their difference: w_a = sigmoid(l_a - l_m), w_m = 1 - w
 Each returns (fused, w_a (B, T, 1), new state); `forced_gate` (models.force_gate) replaces w_a by a constant.
 States start at zero and `ModelState.reset_rows` zeroes them, which is a fresh start for all three.
 
-Fast paths (each exact, the same math as the sequential definition; tests compare them in fp64):
-* GRU: torch's fused multi-step GRU (`nn.GRU`, cuDNN on CUDA, ATen's C++ loop on CPU) with the GRUCell's
-  parameters: the input projections of all T steps are one matmul, and only the hidden recurrence runs step by
-  step inside one library call, with no Python per step. It cannot be parallel over T (the GRU is nonlinear in
-  h, no associative scan exists). It runs in fp32 with autocast off (cuDNN's GRU has no bf16 path everywhere,
-  and the recurrence is cheap next to the mixers). Under torch.compile Dynamo leaves the RNN call to eager
-  (a graph break around one fused call), the rest compiles.
+Fast paths (the same math as the sequential definitions; tests compare them in fp64, the GRU's bf16 path with
+bf16 tolerances):
+* GRU: the input projections of all T steps are one matmul; only the hidden recurrence runs step by step
+  (it cannot be parallel over T: the GRU is nonlinear in h, no associative scan exists). Two backends, chosen
+  per call (`GRUArbiter.path`):
+  - "triton" (CUDA under bf16 autocast, the training path): `kernels.gru.gru_scan`, persistent Triton
+    kernels that run all T steps in one launch each way, with w_hh on chip. As every matmul under autocast,
+    the products h @ w_hh^T take bf16 operands (fp32 accumulation); the state h, the gates and gi stay fp32.
+    It is a torch.library custom op, so a compiled step stays one graph. On the H200 the kernels alone run at
+    0.78x cuDNN's speed, but the GRU model trained 7% faster than through cuDNN, whose call breaks the step's
+    graph (two machines, not yet one run: BENCHMARKS.md, issue 17; `engine.bench --gru-backend` is the A/B).
+  - "cudnn" (everything else: fp32 / fp64, the CPU): torch's fused multi-step GRU (`nn.GRU`, cuDNN on CUDA,
+    ATen's C++ loop on CPU) in fp32 or wider with autocast off. Dynamo leaves that call to eager (a graph break).
+  A CUDA call under autocast that cannot take "triton" (no triton, or C not in kernels.gru.SUPPORTED_C) is
+  logged once and runs "cudnn".
 * MINGRU: the recurrence is linear in h (coefficients do not depend on h), so h_t = A_t h_0 + sum_s A_t/A_s b_s
   with A_t = prod_{s<=t} (1 - z_s), b_s = z_s g(u_s): a cumulative sum and a logcumsumexp over T (Heinsen's
   log-space scan), computed in fp64 (see mingru_scan). `mingru_ref` is the sequential loop.
@@ -28,14 +36,33 @@ Fast paths (each exact, the same math as the sequential definition; tests compar
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kernels import gru as gru_kernels
+
 from .fusion import RMSNorm
 
 __all__ = ["GRUArbiter", "MinGRUArbiter", "LinearRecurrenceArbiter", "make_arbiter", "ARBITER_KINDS",
-           "gru_arbiter_ref", "mingru_scan", "mingru_ref", "log_g"]
+           "set_gru_backend", "GRU_BACKENDS", "gru_arbiter_ref", "mingru_scan", "mingru_ref", "log_g"]
+
+log = logging.getLogger(__name__)
+_LOGGED: set[str] = set()   # fallbacks already logged in this process (each once)
+
+GRU_BACKENDS = ("auto", "cudnn")
+_GRU_BACKEND = {"prefer": "auto"}   # "auto": Triton where it applies (GRUArbiter.path); set_gru_backend changes it
+
+
+def set_gru_backend(prefer: str) -> None:
+    """Make every GRU arbiter in this process take `prefer`: "auto" (the Triton recurrence where it applies,
+    cuDNN elsewhere) or "cudnn" (always nn.GRU). For A/B comparisons of whole models (bench --gru-backend)."""
+    if prefer not in GRU_BACKENDS:
+        raise ValueError(f"set_gru_backend takes one of {GRU_BACKENDS}, got {prefer!r}")
+    _GRU_BACKEND["prefer"] = prefer
+
 
 ARBITER_KINDS = ("GRU", "MINGRU", "LINREC")
 
@@ -80,8 +107,31 @@ class GRUArbiter(nn.Module):
         self.head = _zero_head(dim)
         self.forced_gate: float | None = None
 
+    def path(self, a: torch.Tensor) -> str:
+        """The recurrence backend a call on `a` takes (module docstring): "triton" or "cudnn"."""
+        if _GRU_BACKEND["prefer"] == "cudnn" or not (a.is_cuda and torch.is_autocast_enabled("cuda")):
+            return "cudnn"
+        why = ("triton is not installed" if gru_kernels.triton is None else
+               f"hidden size {self.dim} is not one of {gru_kernels.SUPPORTED_C}"
+               if self.dim not in gru_kernels.SUPPORTED_C else None)
+        if why is not None:
+            msg = f"GRU arbiter: the Triton recurrence does not apply ({why}); running cuDNN's fp32 GRU"
+            if msg not in _LOGGED:
+                _LOGGED.add(msg)
+                log.warning(msg)
+            return "cudnn"
+        return "triton"
+
     def forward(self, a, m, state: dict | None = None):
         """a, m (B, T, C); state {"arbiter_h": (B, C)} or None (zeros). Returns fused, w_a (B, T, 1), state."""
+        if self.path(a) == "triton":
+            x = torch.cat([a, m], dim=-1)                                                 # (B, T, 2C)
+            gi = F.linear(x, self.gru.weight_ih_l0, self.gru.bias_ih_l0)                  # (B, T, 3C) autocast
+            h0 = (a.new_zeros(a.shape[0], self.dim, dtype=torch.float32) if state is None
+                  else state["arbiter_h"].float())                                        # (B, C)
+            hs, hT = gru_kernels.gru_scan(gi, h0, self.gru.weight_hh_l0, self.gru.bias_hh_l0)  # fp32
+            fused, w_a = _weigh(self.head, hs, a, m, self.forced_gate)
+            return fused, w_a, {"arbiter_h": hT}
         cd = _compute_dtype(a)
         x = torch.cat([a, m], dim=-1).to(cd)                                              # (B, T, 2C)
         h0 = (x.new_zeros(1, a.shape[0], self.dim) if state is None

@@ -25,6 +25,7 @@ from .config import BASELINE_NAMES, HYBRID_NAMES, MODEL_NAMES, SIZE_PRESETS, Mod
 
 # hybrids whose fusion has a gate force_gate can set (HY's gains, RF and CP have none)
 GATED_NAMES = ("GF", "GF-MH", "GF-RH", "GF-XM", "GF-XR", "HGF", "HGF-MH", "HGF-RH", "WS", "GRU", "MINGRU", "LINREC")
+from .arbiter import GRUArbiter
 from .lm import LM, make_block
 from .mamba2 import Mamba2
 from .rwkv6 import RWKV6TimeMix
@@ -216,7 +217,8 @@ def describe_paths(model: nn.Module, device: str | torch.device, amp: bool = Tru
     torch.compile when `compiled`), as they
     resolve them at run time: `rwkv_wkv6` ("chunked" / "sequential"), `mamba_ssd` ("wkv6" / "triton" / "torch"),
     `mamba_wkv6` (the wkv6 kernels of the Mamba SSD when it runs on them) and `mamba_conv`
-    ("causal_conv1d" / "torch"); "n/a" where the model has no such layer. A fallback a layer takes is logged
+    ("causal_conv1d" / "torch"); "n/a" where the model has no such layer. A model with a GRU arbiter adds
+    `arbiter_gru` ("triton" / "cudnn", models.arbiter). A fallback a layer takes is logged
     by the layer itself (models.mamba2)."""
     dev = torch.device(device)
     param_dtype = next(model.parameters()).dtype
@@ -232,4 +234,8 @@ def describe_paths(model: nn.Module, device: str | torch.device, amp: bool = Tru
             if out["mamba_ssd"] == "wkv6":
                 r = torch.empty(1, 1, m.nheads, m.d_state, device=dev, dtype=act)
                 out["mamba_wkv6"] = kernels.resolve_impl(kernels.pick_impl(m.wkv6_impl, r), r)
+        elif isinstance(m, GRUArbiter):   # only models with a GRU arbiter carry this key
+            with torch.autocast("cuda", dtype=torch.bfloat16) if act == torch.bfloat16 and dev.type == "cuda" \
+                    else contextlib.nullcontext():
+                out["arbiter_gru"] = m.path(torch.empty(1, 1, m.dim, device=dev, dtype=act))
     return out

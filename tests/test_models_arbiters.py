@@ -278,23 +278,57 @@ def test_new_options_reject_bad_values():
 # ------------------------------------------------------------------------------------------------ GPU paths
 @pytest.mark.gpu
 @pytest.mark.parametrize("with_h0", [False, True], ids=["zero_h0", "carried_h0"])
-def test_gru_arbiter_cudnn_equals_grucell_loop_on_cuda(no_tf32, with_h0):
+def test_gru_arbiter_cudnn_and_triton_paths_equal_grucell_loop_on_cuda(no_tf32, with_h0):
     torch.manual_seed(5)
     arb = GRUArbiter(32).cuda()
     with torch.no_grad():
         arb.head.weight.normal_(0, 0.5)
     a, m = torch.randn(4, 50, 32, device="cuda"), torch.randn(4, 50, 32, device="cuda")
     h0 = torch.randn(4, 32, device="cuda") if with_h0 else None
+    assert arb.path(a) == "cudnn"
     fused, w_a, st = arb(a, m, None if h0 is None else {"arbiter_h": h0})
     ref_f, ref_w, ref_h = gru_arbiter_ref(arb, a, m, h0)
     assert_close("cuDNN GRU fused", fused, ref_f, 1e-4, 1e-4)
     assert_close("cuDNN GRU final h", st["arbiter_h"], ref_h, 1e-4, 1e-4)
-    # under bf16 autocast the recurrence still runs in fp32 (the carried h stays fp32), the mix in bf16
+    # under bf16 autocast the Triton recurrence runs (bf16 products, the carried h fp32), the mix in bf16
     with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert arb.path(a) == "triton"
         fused_bf, _, st_bf = arb(a.bfloat16(), m.bfloat16(), None if h0 is None else {"arbiter_h": h0})
     assert st_bf["arbiter_h"].dtype == torch.float32
-    assert_close("cuDNN GRU final h under autocast", st_bf["arbiter_h"], ref_h, 2e-2, 2e-2)
-    assert_close("cuDNN GRU fused under autocast", fused_bf.float(), ref_f, 3e-2, 3e-2)
+    assert_close("Triton GRU final h under autocast", st_bf["arbiter_h"], ref_h, 2e-2, 2e-2)
+    assert_close("Triton GRU fused under autocast", fused_bf.float(), ref_f, 3e-2, 3e-2)
+
+
+@pytest.mark.gpu
+def test_gru_arbiter_triton_path_gradients_match_cudnn_fp32_at_the_training_shape(no_tf32):
+    """B 64, T 512, C 128 (the 5m preset): the Triton path under autocast against cuDNN in fp32, loss and every
+    gradient of the arbiter's parameters and inputs within bf16 tolerance."""
+    torch.manual_seed(1)
+    arb = GRUArbiter(128).cuda()
+    with torch.no_grad():
+        arb.head.weight.normal_(0, 0.1)
+    a = torch.randn(64, 512, 128, device="cuda", requires_grad=True)
+    m = torch.randn(64, 512, 128, device="cuda", requires_grad=True)
+    target = torch.randn(64, 512, 128, device="cuda")
+
+    def grads(autocast: bool):
+        arb.zero_grad(set_to_none=True)
+        a.grad = m.grad = None
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            assert arb.path(a) == ("triton" if autocast else "cudnn")
+            fused, _, st = arb(a, m)
+            loss = ((fused.float() - target) ** 2).mean() + st["arbiter_h"].square().mean()
+        loss.backward()
+        return loss.item(), {"a": a.grad.clone(), "m": m.grad.clone(),
+                             **{n: p.grad.clone() for n, p in arb.named_parameters()}}
+
+    want_loss, want = grads(False)
+    got_loss, got = grads(True)
+    assert abs(got_loss - want_loss) <= 1e-2 * abs(want_loss), (got_loss, want_loss)
+    for n in want:
+        scale = float(want[n].abs().max())
+        err = float((got[n] - want[n]).abs().max())
+        assert err <= 3e-2 * scale + 1e-6, f"grad {n}: max abs err {err:.3e} vs scale {scale:.3e}"
 
 
 @pytest.mark.gpu
