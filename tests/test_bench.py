@@ -113,15 +113,17 @@ def test_concurrent_workers_get_neither_the_k_list_nor_the_out_file(argv):
     assert bench._without(argv, ("--concurrent", "--out"), ("--streams",)) == ["--models", "GF-MH", "--steps", "3"]
 
 
-def test_trace_rnn_is_set_before_stream_workers_train(capsys):
-    import torch._dynamo
+def test_gru_backend_switch_is_set_before_training(capsys, monkeypatch):
+    from models import arbiter
 
-    with torch._dynamo.config.patch(allow_rnn=False):  # Dynamo's own patch restores the setting afterwards
-        out = run(capsys, TINY + ["--concurrent", "1", "--streams", "--trace-rnn", "--compile", "off"])
-        assert torch._dynamo.config.allow_rnn is True
-    assert torch._dynamo.config.allow_rnn is False
-    # the paths name it only for a compiled step, where Dynamo reads it
-    assert "dynamo_allow_rnn" not in out["results"][0]["paths"]
+    monkeypatch.setitem(arbiter._GRU_BACKEND, "prefer", "auto")   # restored after the test
+    argv = TINY[:1] + ["GRU"] + TINY[2:] + ["--compile", "off"]
+    out = run(capsys, argv + ["--gru-backend", "cudnn"])
+    assert arbiter._GRU_BACKEND["prefer"] == "cudnn"
+    assert out["results"][0]["paths"]["arbiter_gru"] == "cudnn"
+    with pytest.raises(SystemExit):
+        bench.main(argv + ["--gru-backend", "triton"])               # not a choice: argparse refuses it
+    assert "invalid choice: 'triton'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("out, message", [

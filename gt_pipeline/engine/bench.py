@@ -68,8 +68,6 @@ def bench_model(name: str, size: str, vocab: int, batch: int, seq: int, steps: i
     resolved = resolve_compile(compile, device)
     paths = {"compile": compile_label(resolved),
              **models.describe_paths(model, device, amp=device.type == "cuda", compiled=resolved is not False)}
-    if resolved is not False and torch._dynamo.config.allow_rnn:  # bench --trace-rnn
-        paths["dynamo_allow_rnn"] = True
     opt = build_optimizer(model, cfg, fused=device.type == "cuda")
     fwd = step_function(model, resolved)
 
@@ -305,10 +303,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--hidden", type=int, help="override the preset's hidden size")
     ap.add_argument("--layers", type=int, help="override the preset's layer count")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--trace-rnn", action="store_true",
-                    help="experiment: let Dynamo trace nn.GRU (torch._dynamo.config.allow_rnn), so the GRU "
-                         "arbiter's compiled step is one graph instead of breaking around each GRU; the "
-                         "pipeline does not set it")
+    ap.add_argument("--gru-backend", default=None, choices=["auto", "cudnn"],
+                    help="the GRU arbiter's recurrence: auto (default: the Triton kernels on CUDA under autocast) "
+                         "or cudnn (nn.GRU, a graph break under compile): A/B of models.arbiter.set_gru_backend")
     ap.add_argument("--concurrent", default=None, metavar="K[,K...]",
                     help="aggregate throughput of K processes training the (one) model at once, for each K "
                          "(e.g. 1,2,4,8: several small trainings sharing one GPU)")
@@ -321,11 +318,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--barrier", default=None, help=argparse.SUPPRESS)  # set by --concurrent for its workers
     ap.add_argument("--worker", default="0/1", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
-    if a.trace_rnn:  # before any training: --streams threads run in this process (--concurrent workers get the flag)
-        from torch import _dynamo
+    if a.gru_backend is not None:   # before any training (--streams threads run in this process)
+        from models.arbiter import set_gru_backend
 
-        _dynamo.config.allow_rnn = True
-        note("--trace-rnn: torch._dynamo.config.allow_rnn = True")
+        set_gru_backend(a.gru_backend)
     if a.concurrent is not None:
         if "," in a.models or a.compare or a.profile:
             raise SystemExit("--concurrent takes one model and neither --compare nor --profile")
