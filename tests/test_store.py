@@ -185,8 +185,14 @@ def test_two_concurrent_builders_do_not_tear_the_directory(tmp_path):
     counter = tmp_path / "calls.txt"
     with ctx.Manager() as mgr:
         barrier = mgr.Barrier(2)
-        with ctx.Pool(2) as pool:
+        # close + join, not the context manager's terminate(): a worker that inherited an ignored SIGTERM (a
+        # suite started from a nohup'd background shell) outlives terminate() and the join waits forever
+        pool = ctx.Pool(2)
+        try:
             digests = pool.starmap(_concurrent_builder, [(str(tmp_path / "store"), str(counter), barrier)] * 2)
+        finally:
+            pool.close()
+            pool.join()
     assert len(counter.read_text().split()) == 1  # built once; the second waited on the lock and hit
     assert digests[0] == digests[1]
     verify_dir(tmp_path / "store" / "asset" / "fp1")
