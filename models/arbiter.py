@@ -45,12 +45,12 @@ import torch.nn.functional as F
 from kernels import gru as gru_kernels
 
 from .fusion import RMSNorm
+from .mamba2 import log_once
 
 __all__ = ["GRUArbiter", "MinGRUArbiter", "LinearRecurrenceArbiter", "make_arbiter", "ARBITER_KINDS",
            "set_gru_backend", "GRU_BACKENDS", "gru_arbiter_ref", "mingru_scan", "mingru_ref", "log_g"]
 
 log = logging.getLogger(__name__)
-_LOGGED: set[str] = set()   # fallbacks already logged in this process (each once)
 
 GRU_BACKENDS = ("auto", "cudnn")
 _GRU_BACKEND = {"prefer": "auto"}   # "auto": Triton where it applies (GRUArbiter.path); set_gru_backend changes it
@@ -115,10 +115,7 @@ class GRUArbiter(nn.Module):
                f"hidden size {self.dim} is not one of {gru_kernels.SUPPORTED_C}"
                if self.dim not in gru_kernels.SUPPORTED_C else None)
         if why is not None:
-            msg = f"GRU arbiter: the Triton recurrence does not apply ({why}); running cuDNN's fp32 GRU"
-            if msg not in _LOGGED:
-                _LOGGED.add(msg)
-                log.warning(msg)
+            log_once(f"GRU arbiter: the Triton recurrence does not apply ({why}); running cuDNN's fp32 GRU", log)
             return "cudnn"
         return "triton"
 

@@ -63,13 +63,14 @@ TORCH_SSD_CHUNK = 64   # (short calls, e.g. one-token decoding, use chunk = T: n
 
 
 log = logging.getLogger(__name__)
-_LOGGED: set[str] = set()   # fallbacks already logged in this process (each once)
+_LOGGED: set[str] = set()   # fallbacks already logged in this process (each once), models.arbiter's too
 
 
-def _log_once(msg: str) -> None:
+def log_once(msg: str, logger: logging.Logger = log) -> None:
+    """A fallback a layer takes, logged the first time this process takes it (layers resolve paths per call)."""
     if msg not in _LOGGED:
         _LOGGED.add(msg)
-        log.warning(msg)
+        logger.warning(msg)
 
 
 _OPS: tuple | None = None   # filled once, eagerly (Mamba2.__init__), so torch.compile reads a constant
@@ -303,7 +304,7 @@ class Mamba2(nn.Module):
             if problem is None:
                 return "wkv6"
             fallback = "triton" if available else "torch"
-            _log_once(f"Mamba2 backend 'auto' on CUDA: the fastest SSD path (wkv6) does not apply ({problem}); "
+            log_once(f"Mamba2 backend 'auto' on CUDA: the fastest SSD path (wkv6) does not apply ({problem}); "
                       f"using the {fallback} SSD (same maths, tested against it)")
             return fallback
         return "triton" if available and self.backend != "torch" else "torch"
@@ -320,7 +321,7 @@ class Mamba2(nn.Module):
         if self.conv_impl == "torch" or xBC.device.type not in CAUSAL_CONV1D_DEVICES or traced:
             return "torch"
         if _mamba_ssm_ops()[1] is None:
-            _log_once("Mamba2 conv_impl 'auto': causal_conv1d is not importable, so the depthwise conv runs in "
+            log_once("Mamba2 conv_impl 'auto': causal_conv1d is not importable, so the depthwise conv runs in "
                       "PyTorch (same maths, tested against it); pip install -e '.[cuda]' for the CUDA kernel")
             return "torch"
         if conv_state is not None or xBC.dtype not in CAUSAL_CONV1D_DTYPES or not 2 <= self.d_conv <= 4:
