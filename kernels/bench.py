@@ -81,12 +81,16 @@ def _quantiles(ts: list[float]) -> dict:
     return {"median_ms": statistics.median(ts), "p20_ms": q(0.2), "p80_ms": q(0.8), "reps": len(ts)}
 
 
-def _time_cuda(fn, reps: int, flush: torch.Tensor) -> dict:
-    fn()
+def _time_cuda(fn, reps: int, flush: torch.Tensor | None, warmup: int = 1) -> dict:
+    """Quantiles (ms) of `reps` CUDA-event timings of fn() after `warmup` calls; `flush` (a large buffer, or
+    None for no flush) is zeroed before each repetition."""
+    for _ in range(warmup):
+        fn()
     torch.cuda.synchronize()
     ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
     for start, end in ev:
-        flush.zero_()  # evict L2 (50 MB on H100) so every repetition reads from HBM
+        if flush is not None:
+            flush.zero_()  # evict L2 (50 MB on H100) so every repetition reads from HBM
         start.record()
         fn()
         end.record()

@@ -20,38 +20,14 @@ import argparse
 import datetime as dt
 import json
 import platform
-import statistics
-import sys
 
 import torch
 
 from . import gru
+from .bench import _log, _time_cuda
 from .gru import PRECISIONS, gru_scan
 
 SWEEP = [(4, 16), (8, 16), (4, 32), (8, 32)]          # (num_warps, BLOCK_B)
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def _quantiles(ts: list[float]) -> dict:
-    ts = sorted(ts)
-    q = lambda p: ts[min(len(ts) - 1, int(round(p * (len(ts) - 1))))]  # noqa: E731
-    return {"median_ms": statistics.median(ts), "p20_ms": q(0.2), "p80_ms": q(0.8), "reps": len(ts)}
-
-
-def _time_cuda(fn, reps: int) -> dict:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for start, end in ev:
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    return _quantiles([s.elapsed_time(e) for s, e in ev])
 
 
 def _contenders(B: int, T: int, C: int) -> dict:
@@ -123,7 +99,7 @@ def sweep(B: int, T: int, C: int, reps: int) -> list[dict]:
         for nw, bb in SWEEP:
             gru._BLOCK_B, gru._num_warps = bb, (lambda C, nw=nw: nw)
             _, fwd_bwd = _contenders(B, T, C)["gru_scan_bf16_scan_only"]
-            rows.append({"num_warps": nw, "BLOCK_B": bb, "forward_backward": _time_cuda(fwd_bwd, reps),
+            rows.append({"num_warps": nw, "BLOCK_B": bb, "forward_backward": _time_cuda(fwd_bwd, reps, None, warmup=3),
                          **{k: v for k, v in kernel_stats(B, T, C).items() if k in ("forward", "backward")}})
             _log(f"sweep num_warps={nw} BLOCK_B={bb}: {rows[-1]['forward_backward']['median_ms']:.3f} ms")
     finally:
@@ -155,8 +131,8 @@ def main(argv=None) -> None:
         "timings": {},
     }
     for name, (fwd, fwd_bwd) in _contenders(B, T, C).items():
-        out["timings"][name] = {"forward": _time_cuda(fwd, args.reps),
-                                "forward_backward": _time_cuda(fwd_bwd, args.reps)}
+        out["timings"][name] = {"forward": _time_cuda(fwd, args.reps, None, warmup=3),
+                                "forward_backward": _time_cuda(fwd_bwd, args.reps, None, warmup=3)}
         _log(f"{name}: fwd+bwd {out['timings'][name]['forward_backward']['median_ms']:.3f} ms")
     base = out["timings"]["cudnn_fp32"]["forward_backward"]["median_ms"]
     out["speedup_vs_cudnn_forward_backward"] = {
