@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from .config import ModelConfig
@@ -233,6 +234,10 @@ def _rope(x, base: float = 10000.0, offset: int = 0):
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
+# SDPA backends of a KV-cache call: every one except cuDNN's (see CausalSelfAttention.forward)
+_CACHE_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, dim: int, head_size: int):
         super().__init__()
@@ -261,7 +266,10 @@ class CausalSelfAttention(nn.Module):
             # one query sees every cached key; T > 1 queries (a prompt chunk after earlier ones) are causal
             # aligned to the end: query i may see keys 0..pos+i (causal_lower_right keeps the flash kernels)
             mask = None if T == 1 else causal_lower_right(T, S)
-            y = F.scaled_dot_product_attention(q, kc[:, :, :S], vc[:, :, :S], attn_mask=mask).to(v.dtype)
+            # The key length S grows with every call, and cuDNN's attention builds an execution plan per new
+            # shape (milliseconds each), so a cached call leaves cuDNN out of SDPA's choices.
+            with sdpa_kernel(_CACHE_SDPA_BACKENDS):
+                y = F.scaled_dot_product_attention(q, kc[:, :, :S], vc[:, :, :S], attn_mask=mask).to(v.dtype)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 

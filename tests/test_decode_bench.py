@@ -80,6 +80,29 @@ def test_kv_cache_refuses_what_it_cannot_do(one_thread):
         prefill(gpt, idx)
 
 
+def test_kv_cache_attention_leaves_cudnn_out(one_thread, monkeypatch):
+    # A cached call's key length changes every step; cuDNN's SDPA builds a plan per shape, so the cache path
+    # must run with cuDNN disabled, and the training path (fixed shapes) with the global setting untouched.
+    seen = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    gpt, idx = _model("GPT"), _tokens(2, 6)
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    with torch.no_grad():
+        state, _ = prefill(gpt, idx, chunk=4, state=gpt.kv_cache(2, 8))     # chunks of 4 and 2 queries
+        gpt(idx[:, :1], state=state)                                          # one decoding step
+    n_cached = len(seen)
+    assert n_cached == 3 * len(gpt.blocks) and not any(seen), f"cuDNN enabled in cached calls: {seen}"
+    gpt(idx)                                                                  # training path: no cache
+    assert all(seen[n_cached:]) and len(seen) == n_cached + len(gpt.blocks)
+    assert torch.backends.cuda.cudnn_sdp_enabled(), "the cache path left cuDNN SDPA disabled globally"
+
+
 # -------------------------------------------------------------------------------------------- decode step
 # Both sides are fed the same tokens (not each its own argmax), so a near-tie cannot make them diverge.
 @torch.no_grad()
