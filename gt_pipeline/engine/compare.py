@@ -138,14 +138,17 @@ def compare(runs: list[Run], level: float = stats.DEFAULT_LEVEL) -> dict[str, An
 
 
 def chart_png(result: dict[str, Any], runs: list[Run]) -> bytes:
-    """Bar chart of mean val loss per model with its CI as error bars, beside every run's val-loss curve."""
+    """Bar chart of mean val loss per model with its CI as error bars, beside every run's val-loss curve (its
+    axes span the second half of training, where the models separate; the legend, outside the axes, follows the
+    bars' order)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = result["variants"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4), dpi=80)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(11.0, 5.0 + 0.6 * len(rows)), 4.5), dpi=80,
+                                   gridspec_kw={"width_ratios": [1.2, 1]})
     means = [r["val_loss"] for r in rows]
     err = [[r["val_loss"] - r["val_loss_lo"] if math.isfinite(r["val_loss_lo"]) else 0 for r in rows],
            [r["val_loss_hi"] - r["val_loss"] if math.isfinite(r["val_loss_hi"]) else 0 for r in rows]]
@@ -155,16 +158,28 @@ def chart_png(result: dict[str, Any], runs: list[Run]) -> bytes:
     pad = max(0.05, 0.2 * (hi - lo))
     ax1.set_ylim(lo - pad, hi + pad)
     ax1.set_ylabel(f"val loss (mean over seeds, {result['level']:.0%} CI)")
-    ax1.tick_params(axis="x", rotation=45)
-    colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(r["model"] for r in rows)}
-    for r in runs:
-        if r.curve:
-            ax2.plot(*zip(*r.curve), lw=1, color=colors.get(r.model, "k"), alpha=0.8,
-                     label=r.model if r.seed == min(x.seed for x in runs if x.model == r.model) else None)
+    plt.setp(ax1.get_xticklabels(), rotation=60, ha="right", rotation_mode="anchor")
+    cmap = plt.cm.tab10 if len(rows) <= 10 else plt.cm.tab20
+    colors = {m: cmap(i % cmap.N) for i, m in enumerate(r["model"] for r in rows)}
+    curves = [r for r in runs if r.curve]
+    for r in curves:
+        ax2.plot(*zip(*r.curve), lw=1, color=colors.get(r.model, "k"), alpha=0.8,
+                 label=r.model if r.seed == min(x.seed for x in runs if x.model == r.model) else None)
     ax2.set_xlabel("step")
     ax2.set_ylabel("val loss")
-    if any(r.curve for r in runs):
-        ax2.legend(fontsize=7)
+    if curves:
+        last = max(step for r in curves for step, _ in r.curve)
+        late = [v for r in curves for step, v in r.curve if step >= last / 2 and math.isfinite(v)]
+        if late and len({step for r in curves for step, _ in r.curve}) >= 4:
+            span = max(late) - min(late)
+            ax2.set_xlim(last / 2 - 0.02 * last, last + 0.02 * last)
+            ax2.set_ylim(min(late) - 0.1 * span - 1e-3, max(late) + 0.1 * span + 1e-3)
+            ax2.set_ylabel("val loss (second half of training)")
+        order = {m: i for i, m in enumerate(colors)}                       # the legend in the bar chart's order
+        handles, labels = ax2.get_legend_handles_labels()
+        pairs = sorted(zip(handles, labels), key=lambda hl: order.get(hl[1], len(order)))
+        ax2.legend([h for h, _ in pairs], [lab for _, lab in pairs], fontsize=7, loc="upper left",
+                   bbox_to_anchor=(1.01, 1.0), ncol=1 if len(rows) <= 12 else 2, frameon=False)
     fig.tight_layout()
     import io
 
