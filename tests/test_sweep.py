@@ -126,6 +126,7 @@ def test_tiny_demo_sweep_reports_every_variant_over_seeds_and_names_a_mismatched
     md = m["preview"]
     assert "data:image/png;base64," in md and "Excluded runs" in md and ex["run"] in md
     assert "inside the noise" in md.lower() or "outside the noise" in md.lower()
+    assert "a cost of this sweep rather than the model's own speed" in md   # what steady_tokens_per_s is
     # the canonical per-seed numbers are the runs' own held-out evaluations
     losses = sorted(a.metadata["eval_val_loss"] for a in sweep.published_runs(sweep.ArtifactStore(tmp_path))
                     if a.inputs["config"]["model"] == "GF-MH")

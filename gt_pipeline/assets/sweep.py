@@ -176,7 +176,10 @@ def comparison_markdown(result: dict[str, Any], excluded: list[dict[str, Any]], 
         lines.append("- Not compared (no seed trained by both): "
                      + ", ".join(f"{d['model']} vs {d['vs']}" for d in unknown) + ".")
     lines += ["", f"![comparison](data:image/png;base64,{base64.b64encode(png).decode()})", "",
-              "**Per variant**", "", md_table(result["variants"]), "", "**Paired differences of val loss** (model - reference)",
+              "**Per variant**", "", md_table(result["variants"]), "",
+              "(steady_tokens_per_s: each run's steady training rate while the sweep's other runs shared the "
+              "device, a cost of this sweep rather than the model's own speed; `engine.bench` measures that.)", "",
+              "**Paired differences of val loss** (model - reference)",
               "", md_table(result["differences"]) or "(no reference model among the runs)", ""]
     if result["ablation"]:
         lines += ["**Branch ablation per hybrid** (val loss increase when a branch's output is replaced by 0 or by its "
