@@ -23,8 +23,8 @@ bf16 tolerances):
     kernels that run all T steps in one launch each way, with w_hh on chip. As every matmul under autocast,
     the products h @ w_hh^T take bf16 operands (fp32 accumulation); the state h, the gates and gi stay fp32.
     It is a torch.library custom op, so a compiled step stays one graph. On the H200 the kernels alone run at
-    0.78x cuDNN's speed, but the GRU model trained 7% faster than through cuDNN, whose call breaks the step's
-    graph (two machines, not yet one run: BENCHMARKS.md, issue 17; `engine.bench --gru-backend` is the A/B).
+    0.78x cuDNN's speed, but the GRU model trains 1.04x as fast as through cuDNN, whose call breaks the step's
+    graph (one machine, `engine.bench --gru-backend auto|cudnn`: BENCHMARKS.md, issue 17).
   - "cudnn" (everything else: fp32 / fp64, the CPU): torch's fused multi-step GRU (`nn.GRU`, cuDNN on CUDA,
     ATen's C++ loop on CPU) in fp32 or wider with autocast off. Dynamo leaves that call to eager (a graph break).
   A CUDA call under autocast that cannot take "triton" (no triton, or C not in kernels.gru.SUPPORTED_C) is
