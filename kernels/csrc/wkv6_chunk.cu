@@ -3,9 +3,12 @@
 // C = 16 steps. The sequential kernels in wkv6_cuda.cu stay the reference backend (fp32 inputs,
 // head sizes 32 and 128); kernels/wkv6.py picks between them.
 //
-// Per (b, h) one block of 256 threads walks the chunks in order (backward: two sweeps), keeping the
-// 64 x 64 state in shared memory in fp32. Within a chunk, with t, s local positions, lw = -exp(w) the
-// log-decay, Ex_t = sum_{m<t} lw_m (exclusive), Ei_t = Ex_{t+1} (inclusive), Et = Ei_{C-1}:
+// Per (b, h) one block of 256 threads walks the chunks in order, keeping the 64 x 64 state in shared
+// memory in fp32 (the forward may use two blocks per (b, h), each owning half of the value columns). The
+// backward's two sweeps are independent and run side by side in one launch (two blocks per (b, h)); a
+// small third kernel then forms gw from both sweeps' per-step terms. Within a chunk, with t, s local
+// positions, lw = -exp(w) the log-decay, Ex_t = sum_{m<t} lw_m (exclusive), Ei_t = Ex_{t+1}
+// (inclusive), Et = Ei_{C-1}:
 //   y_t   = (r_t e^{Ex_t}) S0  +  sum_{s<t} A_ts v_s  +  (r_t.u.k_t) v_t
 //   A_ts  = sum_i r_t[i] k_s[i] e^{Ex_t[i] - Ei_s[i]}                       (s < t)
 //   S_end = e^{Et} S0  +  sum_s (k_s e^{Et - Ei_s})^T v_s
@@ -30,7 +33,8 @@
 //   gk_s = sum_{t>s} dA_ts r_t e^{Ex_t - Ei_s} + e^{Et-Ei_s} (G v_s) + u r_s dA_ss,
 //   G   <- e^{Et} G + sum_t (r_t e^{Ex_t})^T gy_t,
 //   dL/dlw_m = P + sum_{t>m} b_t - sum_{s>=m} k_s * (gk_s - u r_s dA_ss - r_{s+1} dA_{s+1,s})
-//   (a running sum in fp64), gw = dL/dlw * lw; P and the term s = T-1 leave out the pair of step
+//   (sweep 2 writes the kd_s terms, chunk_gw_kernel sums backwards in fp64), gw = dL/dlw * lw;
+//   P and the term s = T-1 leave out the pair of step
 //   T-1 with the final-state gradient for the same reason. b_t likewise leaves out k_{t-1} dA_{t,t-1}: the pair
 //   (s, s+1) has no decay between its ends and would enter both sums with weight 1 and cancel; left
 //   out of both, every remaining term carries at least one decay, so a vanishing decay gives gw = 0
@@ -69,7 +73,7 @@ using FragC = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
 // ---------------------------------------------------------------------------------- shared memory
 // One carve-out for all three kernels (the backward sweeps use a superset of the forward's arrays).
 struct Smem {
-  float *R, *K, *LW, *Ex, *Ei, *B, *KD;  // [C][PF]
+  float *R, *K, *LW, *Ex, *Ei;          // [C][PF]
   float *D;                               // [C][PF] per-step decay e^{lw}
   float *Et, *EEt, *U, *X1, *X2, *Z, *XS; // [N]; EEt = e^{Et}; X1, X2: the neighbouring chunk's edge row;
                                           // XS: the edge row's state product without the edge pair
@@ -84,7 +88,7 @@ struct Smem {
 __host__ __device__ constexpr size_t align128(size_t x) { return (x + 127) / 128 * 128; }
 
 __host__ __device__ constexpr size_t smem_bytes() {
-  return 8 * align128(C * PF * 4) + 7 * align128(N * 4) + align128(N * PB * 2) + align128(N * PS * 4) + 3 * align128(C * PS * 4) +
+  return 6 * align128(C * PF * 4) + 7 * align128(N * 4) + align128(N * PB * 2) + align128(N * PS * 4) + 3 * align128(C * PS * 4) +
          8 * align128(C * PB * 2) + 2 * align128(C * PA * 2) + 2 * align128(N * PB * 2);
 }
 
@@ -92,8 +96,8 @@ __device__ Smem carve(unsigned char* p) {
   Smem s;
   auto take = [&p](size_t bytes) { unsigned char* q = p; p += align128(bytes); return q; };
   s.R = (float*)take(C * PF * 4); s.K = (float*)take(C * PF * 4); s.LW = (float*)take(C * PF * 4);
-  s.Ex = (float*)take(C * PF * 4); s.Ei = (float*)take(C * PF * 4); s.B = (float*)take(C * PF * 4);
-  s.KD = (float*)take(C * PF * 4); s.D = (float*)take(C * PF * 4);
+  s.Ex = (float*)take(C * PF * 4); s.Ei = (float*)take(C * PF * 4);
+  s.D = (float*)take(C * PF * 4);
   s.Et = (float*)take(N * 4); s.EEt = (float*)take(N * 4); s.U = (float*)take(N * 4); s.X1 = (float*)take(N * 4); s.X2 = (float*)take(N * 4);
   s.Z = (float*)take(N * 4); s.XS = (float*)take(N * 4);
   s.S = (float*)take(N * PS * 4);
@@ -155,23 +159,20 @@ struct RawW<bf16> {
 };
 
 // Raw inputs of one chunk held in registers while the previous chunk computes.
-template <typename Tw, bool DY, bool BSCR>
+template <typename Tw, bool DY>
 struct Prefetch {
   uint2 r, k, v, dy;
   RawW<Tw> w;
-  float4 b;
   __device__ void load(const Slot& sl, int64_t off, bool valid, const bf16* R, const bf16* K, const bf16* V,
-                       const Tw* W, const bf16* G, const float* Bs) {
+                       const Tw* W, const bf16* G) {
     if (!valid) {
       r = k = v = dy = make_uint2(0u, 0u);
       w.zero();
-      b = make_float4(0.f, 0.f, 0.f, 0.f);
       return;
     }
     r = ld_raw(R + off); k = ld_raw(K + off); v = ld_raw(V + off);
     w.load(W + off);
     if (DY) dy = ld_raw(G + off);
-    if (BSCR) b = ld4(Bs + off);
   }
   // valid = false leaves zeros and a zero log-decay (the step is the identity on the state)
   __device__ void store(const Smem& s, const Slot& sl, bool valid) const {
@@ -186,7 +187,6 @@ struct Prefetch {
     put4(s.LW + o, valid ? make_float4(lw_of(wf.x), lw_of(wf.y), lw_of(wf.z), lw_of(wf.w)) : make_float4(0.f, 0.f, 0.f, 0.f));
     *reinterpret_cast<uint2*>(s.V + sl.t * PB + sl.i0) = v;
     if (DY) *reinterpret_cast<uint2*>(s.DY + sl.t * PB + sl.i0) = dy;
-    if (BSCR) put4(s.B + o, b);
   }
 };
 
@@ -314,21 +314,24 @@ __device__ __forceinline__ uint32_t split3(float x0, float x1, int part) {
   out.x = h0; out.y = h1;
   return *reinterpret_cast<uint32_t*>(&out);
 }
-template <bool MID>  // MID: also the third term Sm (the backward's transposed products use it)
-__device__ __forceinline__ void split_state(const Smem& s, int tid) {
+// MID: also the third term Sm (the backward's transposed products use it). NJ, j0: only columns j0 .. j0+NJ-1
+// (a forward block that owns part of the value columns).
+template <bool MID, int NJ = N>
+__device__ __forceinline__ void split_state(const Smem& s, int tid, int j0 = 0) {
 #pragma unroll
-  for (int e = 4 * tid; e < N * N; e += 4 * NT) {
-    const int i = e >> 6, j = e & 63;
+  for (int e = 4 * tid; e < N * NJ; e += 4 * NT) {
+    const int i = e / NJ, j = j0 + e % NJ;
     const float4 x = ld4(s.S + i * PS + j);
     *reinterpret_cast<uint2*>(s.Sh + i * PB + j) = make_uint2(split3(x.x, x.y, 0), split3(x.z, x.w, 0));
     *reinterpret_cast<uint2*>(s.Sl + i * PB + j) = make_uint2(split3(x.x, x.y, 1), split3(x.z, x.w, 1));
     if (MID) *reinterpret_cast<uint2*>(s.Sm + i * PB + j) = make_uint2(split3(x.x, x.y, 2), split3(x.z, x.w, 2));
   }
 }
-__device__ __forceinline__ void decay_state(const Smem& s, int tid) {
+template <int NJ = N>
+__device__ __forceinline__ void decay_state(const Smem& s, int tid, int j0 = 0) {
 #pragma unroll
-  for (int e = 4 * tid; e < N * N; e += 4 * NT) {
-    const int i = e >> 6, j = e & 63;
+  for (int e = 4 * tid; e < N * NJ; e += 4 * NT) {
+    const int i = e / NJ, j = j0 + e % NJ;
     const float g = s.EEt[i];
     const float4 x = ld4(s.S + i * PS + j);
     put4(s.S + i * PS + j, make_float4(x.x * g, x.y * g, x.z * g, x.w * g));
@@ -359,13 +362,15 @@ __device__ __forceinline__ void state_update_tile(const Smem& s, int q, const bf
   wmma::store_matrix_sync(s.S + ti * 16 * PS + tj * 16, acc, PS, wmma::mem_row_major);
 }
 
-// out[:, 16 tj ..] += Xsplit (C x 64, row-major) . Msplit[:, 16 tj ..] (64 x 64, row-major): 3 mmas per k-step.
+// out[:, 16 tj ..] += Xsplit (C x 64, row-major) . Msplit[:, 16 tj ..] (64 x 64, row-major): 3 mmas per k-step,
+// k-steps KK0 .. KK1-1 (of 16 rows of M each).
+template <int KK0 = 0, int KK1 = 4>
 __device__ __forceinline__ void rows_times_state(FragC& acc, const bf16* Xh, const bf16* Xl, const bf16* Mh,
                                                  const bf16* Ml, int tj) {
   FragAr xh, xl;
   FragBr mh, ml;
 #pragma unroll
-  for (int kk = 0; kk < 4; ++kk) {
+  for (int kk = KK0; kk < KK1; ++kk) {
     wmma::load_matrix_sync(xh, Xh + kk * 16, PB);
     wmma::load_matrix_sync(xl, Xl + kk * 16, PB);
     wmma::load_matrix_sync(mh, Mh + kk * 16 * PB + tj * 16, PB);
@@ -444,79 +449,100 @@ __device__ __forceinline__ void init_state(const Smem& s, const float* src, int 
 }
 
 // =============================================================================================== forward
-template <typename Tw>
-__global__ void __launch_bounds__(NT, 1)  // one block per (b, h): registers are not worth trading for occupancy
+// VS blocks per (b, h), each owning NJ = 64 / VS value columns (j0 ..) of y and of the state: every block
+// recomputes the chunk's scores (they do not depend on v), and updates and splits only its own columns. VS = 2
+// doubles the blocks where B H alone leaves half of the GPU's block slots empty (launch_forward). Warps 0-3 form
+// y: with VS = 1 one 16-column tile each; with VS = 2 two warps per tile, each over half of the state's rows
+// (O1 + O2). Warps 4-7 update the state, one row of tiles each.
+template <typename Tw, int VS>
+__global__ void __launch_bounds__(NT, 2)
 chunk_forward_kernel(int T, int H, const bf16* __restrict__ r, const bf16* __restrict__ k,
                      const bf16* __restrict__ v, const Tw* __restrict__ w, const float* __restrict__ u,
                      const float* __restrict__ h0, bf16* __restrict__ y, float* __restrict__ hT) {
+  constexpr int NJ = N / VS, NTJ = NJ / 16;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   const Smem s = carve(smem_raw);
-  const int tid = threadIdx.x, warp = tid >> 5, bh = blockIdx.x, b = bh / H, h = bh % H;
+  const int tid = threadIdx.x, warp = tid >> 5, bh = blockIdx.x / VS, b = bh / H, h = bh % H;
+  const int j0 = (blockIdx.x % VS) * NJ, tj0 = j0 / 16;
   const int64_t base = ((int64_t)b * T * H + h) * N, stride = (int64_t)H * N;
   const Slot sl(tid);
+  const bool own_col = sl.i0 >= j0 && sl.i0 < j0 + NJ;  // this thread's 4 columns of y are this block's
   if (tid < N) s.U[tid] = u[h * N + tid];
   init_state(s, h0 ? h0 + (int64_t)bh * N * N : nullptr, tid);
   __syncthreads();
-  split_state<false>(s, tid);
-  Prefetch<Tw, false, false> pf;
+  split_state<false, NJ>(s, tid, j0);
+  Prefetch<Tw, false> pf;
   const int nch = (T + C - 1) / C;
   auto off = [&](int c) { return base + (int64_t)(c * C + sl.t) * stride + sl.i0; };
-  pf.load(sl, off(0), sl.t < T, r, k, v, w, nullptr, nullptr);
+  pf.load(sl, off(0), sl.t < T, r, k, v, w, nullptr);
   pf.store(s, sl, sl.t < T);
   __syncthreads();
   for (int c = 0; c < nch; ++c) {
     const bool more = c + 1 < nch, next_valid = (c + 1) * C + sl.t < T;
-    if (more) pf.load(sl, off(c + 1), next_valid, r, k, v, w, nullptr, nullptr);
+    if (more) pf.load(sl, off(c + 1), next_valid, r, k, v, w, nullptr);
     cumsum(s, tid);
     __syncthreads();
     scaled_rk<2, 2>(s, sl);
     scores(s, tid);
-    decay_state(s, tid);  // S <- e^{Et} S (the bf16 pair Sh/Sl still holds the undecayed S0 for y)
+    decay_state<NJ>(s, tid, j0);  // S <- e^{Et} S (the bf16 pair Sh/Sl still holds the undecayed S0 for y)
     __syncthreads();
-    if (warp < 4) {  // y tile j = warp: A V + (r e^{Ex}) S0
+    if (warp < 4) {  // y tile tj: A V + (r e^{Ex}) S0
+      const int tj = tj0 + warp % NTJ, half = warp / NTJ;  // VS = 1: half = 0
       FragC acc;
       wmma::fill_fragment(acc, 0.f);
-      FragAr a;
-      FragBr bv;
-      wmma::load_matrix_sync(bv, s.V + warp * 16, PB);
-      wmma::load_matrix_sync(a, s.Ah, PA);
-      wmma::mma_sync(acc, a, bv, acc);
-      wmma::load_matrix_sync(a, s.Al, PA);
-      wmma::mma_sync(acc, a, bv, acc);
-      rows_times_state(acc, s.Rh, s.Rl, s.Sh, s.Sl, warp);
-      wmma::store_matrix_sync(s.O1 + warp * 16, acc, PS, wmma::mem_row_major);
-    } else {  // state tiles 4 (warp - 4) .. +3
+      if (half == 0) {
+        FragAr a;
+        FragBr bv;
+        wmma::load_matrix_sync(bv, s.V + tj * 16, PB);
+        wmma::load_matrix_sync(a, s.Ah, PA);
+        wmma::mma_sync(acc, a, bv, acc);
+        wmma::load_matrix_sync(a, s.Al, PA);
+        wmma::mma_sync(acc, a, bv, acc);
+        rows_times_state<0, 4 / VS>(acc, s.Rh, s.Rl, s.Sh, s.Sl, tj);
+        wmma::store_matrix_sync(s.O1 + tj * 16, acc, PS, wmma::mem_row_major);
+      } else {
+        rows_times_state<4 / VS, 4>(acc, s.Rh, s.Rl, s.Sh, s.Sl, tj);
+        wmma::store_matrix_sync(s.O2 + tj * 16, acc, PS, wmma::mem_row_major);
+      }
+    } else {  // state tiles (warp - 4, tj0 ..)
 #pragma unroll
-      for (int q = 0; q < 4; ++q) state_update_tile<false>(s, 4 * (warp - 4) + q, s.Kh, s.Kl, nullptr, s.V);
+      for (int q = 0; q < NTJ; ++q) state_update_tile<false>(s, 4 * (warp - 4) + tj0 + q, s.Kh, s.Kl, nullptr, s.V);
     }
     __syncthreads();
-    if (c * C + sl.t < T) {
+    if (own_col && c * C + sl.t < T) {
       const float* o = s.O1 + sl.t * PS + sl.i0;
-      const __nv_bfloat162 y01 = __floats2bfloat162_rn(o[0], o[1]), y23 = __floats2bfloat162_rn(o[2], o[3]);
+      float4 x = make_float4(o[0], o[1], o[2], o[3]);
+      if (VS > 1) {
+        const float* o2 = s.O2 + sl.t * PS + sl.i0;
+        x = make_float4(x.x + o2[0], x.y + o2[1], x.z + o2[2], x.w + o2[3]);
+      }
+      const __nv_bfloat162 y01 = __floats2bfloat162_rn(x.x, x.y), y23 = __floats2bfloat162_rn(x.z, x.w);
       uint2 raw;
       raw.x = *reinterpret_cast<const uint32_t*>(&y01);
       raw.y = *reinterpret_cast<const uint32_t*>(&y23);
       *reinterpret_cast<uint2*>(y + off(c)) = raw;
     }
-    split_state<false>(s, tid);
+    split_state<false, NJ>(s, tid, j0);
     if (more) pf.store(s, sl, next_valid);
     __syncthreads();
   }
-  for (int e = tid; e < N * N; e += NT) hT[(int64_t)bh * N * N + e] = s.S[(e >> 6) * PS + (e & 63)];
+  for (int e = tid; e < N * NJ; e += NT) {
+    const int i = e / NJ, j = j0 + e % NJ;
+    hT[(int64_t)bh * N * N + i * N + j] = s.S[i * PS + j];
+  }
 }
 
 // ====================================================================================== backward sweep 1
 // Forward in time: gr, b = r * (gr without the bonus), gu partials, P = rowsum(ghT * S_T).
 template <typename Tw>
-__global__ void __launch_bounds__(NT, 1)  // one block per (b, h): registers are not worth trading for occupancy
-chunk_backward_fwd_kernel(int T, int H, const bf16* __restrict__ r, const bf16* __restrict__ k,
-                          const bf16* __restrict__ v, const Tw* __restrict__ w, const float* __restrict__ u,
-                          const float* __restrict__ h0, const bf16* __restrict__ gy, const float* __restrict__ ghT,
-                          bf16* __restrict__ gr, float* __restrict__ bscr, float* __restrict__ gu_part,
-                          float* __restrict__ P) {
-  extern __shared__ __align__(128) unsigned char smem_raw[];
-  const Smem s = carve(smem_raw);
-  const int tid = threadIdx.x, warp = tid >> 5, bh = blockIdx.x, b = bh / H, h = bh % H;
+__device__ __forceinline__ void backward_sweep1(const Smem& s, int bh, int T, int H, const bf16* __restrict__ r,
+                                                const bf16* __restrict__ k, const bf16* __restrict__ v,
+                                                const Tw* __restrict__ w, const float* __restrict__ u,
+                                                const float* __restrict__ h0, const bf16* __restrict__ gy,
+                                                const float* __restrict__ ghT, bf16* __restrict__ gr,
+                                                float* __restrict__ bscr, float* __restrict__ gu_part,
+                                                float* __restrict__ P) {
+  const int tid = threadIdx.x, warp = tid >> 5, b = bh / H, h = bh % H;
   const int64_t base = ((int64_t)b * T * H + h) * N, stride = (int64_t)H * N;
   const Slot sl(tid);
   // elementwise ownership: channel i = tid & 63, rows owned_row(tid >> 6, 0..3)
@@ -530,15 +556,15 @@ chunk_backward_fwd_kernel(int T, int H, const bf16* __restrict__ r, const bf16* 
   init_state(s, h0 ? h0 + (int64_t)bh * N * N : nullptr, tid);
   __syncthreads();
   split_state<true>(s, tid);
-  Prefetch<Tw, true, false> pf;
+  Prefetch<Tw, true> pf;
   const int nch = (T + C - 1) / C;
   auto off = [&](int c) { return base + (int64_t)(c * C + sl.t) * stride + sl.i0; };
-  pf.load(sl, off(0), sl.t < T, r, k, v, w, gy, nullptr);
+  pf.load(sl, off(0), sl.t < T, r, k, v, w, gy);
   pf.store(s, sl, sl.t < T);
   __syncthreads();
   for (int c = 0; c < nch; ++c) {
     const bool more = c + 1 < nch, next_valid = (c + 1) * C + sl.t < T;
-    if (more) pf.load(sl, off(c + 1), next_valid, r, k, v, w, gy, nullptr);
+    if (more) pf.load(sl, off(c + 1), next_valid, r, k, v, w, gy);
     edge_product(s, tid, s.DY);  // XS = (S0 - k_prev v_prev^T) gy_0, before S0 decays in place
     cumsum(s, tid);
     if (!more && tid >= N && tid < 2 * N) {  // Z = rowsum(ghT * S0) of the last chunk, for P below
@@ -625,39 +651,37 @@ chunk_backward_fwd_kernel(int T, int H, const bf16* __restrict__ r, const bf16* 
 }
 
 // ====================================================================================== backward sweep 2
-// Reverse in time: gk, gv, gw, gh0. s.S holds G = dL/dS_end of the current chunk.
+// Reverse in time: gk, gv, gh0, and kd_s = k_s * (gk_s - u r_s dA_ss - r_{s+1} dA_{s+1,s}) (the decay
+// gradient's share of each key step, into kscr). s.S holds G = dL/dS_end of the current chunk. Independent of
+// sweep 1, so both run at once (chunk_backward_kernel); gw_kernel then combines kd with sweep 1's b and P.
 template <typename Tw>
-__global__ void __launch_bounds__(NT, 1)  // one block per (b, h): registers are not worth trading for occupancy
-chunk_backward_rev_kernel(int T, int H, const bf16* __restrict__ r, const bf16* __restrict__ k,
-                          const bf16* __restrict__ v, const Tw* __restrict__ w, const float* __restrict__ u,
-                          const bf16* __restrict__ gy, const float* __restrict__ ghT,
-                          const float* __restrict__ bscr, const float* __restrict__ P, bf16* __restrict__ gk,
-                          bf16* __restrict__ gv, Tw* __restrict__ gw, float* __restrict__ gh0) {
-  extern __shared__ __align__(128) unsigned char smem_raw[];
-  const Smem s = carve(smem_raw);
-  const int tid = threadIdx.x, warp = tid >> 5, bh = blockIdx.x, b = bh / H, h = bh % H;
+__device__ __forceinline__ void backward_sweep2(const Smem& s, int bh, int T, int H, const bf16* __restrict__ r,
+                                                const bf16* __restrict__ k, const bf16* __restrict__ v,
+                                                const Tw* __restrict__ w, const float* __restrict__ u,
+                                                const bf16* __restrict__ gy, const float* __restrict__ ghT,
+                                                bf16* __restrict__ gk, bf16* __restrict__ gv,
+                                                float* __restrict__ kscr, float* __restrict__ gh0) {
+  const int tid = threadIdx.x, warp = tid >> 5, b = bh / H, h = bh % H;
   const int64_t base = ((int64_t)b * T * H + h) * N, stride = (int64_t)H * N;
   const Slot sl(tid);
   const int ei = tid & 63, eg = tid >> 6;
-  double dl_acc = 0.0;  // threads 0..63: P + sum_{t>m} b_t - sum_{s>m} k_s dk'_s for channel tid
   if (tid < N) {
     s.U[tid] = u[h * N + tid];
     s.X1[tid] = 0.f;  // r of the next chunk's first step
     s.X2[tid] = 0.f;  // gy of the next chunk's first step
-    dl_acc = (double)P[(int64_t)bh * N + tid];
   }
   init_state(s, ghT ? ghT + (int64_t)bh * N * N : nullptr, tid);
   __syncthreads();
   split_state<true>(s, tid);
-  Prefetch<Tw, true, true> pf;
+  Prefetch<Tw, true> pf;
   const int nch = (T + C - 1) / C;
   auto off = [&](int c) { return base + (int64_t)(c * C + sl.t) * stride + sl.i0; };
-  pf.load(sl, off(nch - 1), (nch - 1) * C + sl.t < T, r, k, v, w, gy, bscr);
+  pf.load(sl, off(nch - 1), (nch - 1) * C + sl.t < T, r, k, v, w, gy);
   pf.store(s, sl, (nch - 1) * C + sl.t < T);
   __syncthreads();
   for (int c = nch - 1; c >= 0; --c) {
     const bool more = c > 0;  // chunk c-1 is always full
-    if (more) pf.load(sl, off(c - 1), true, r, k, v, w, gy, bscr);
+    if (more) pf.load(sl, off(c - 1), true, r, k, v, w, gy);
     edge_product(s, tid, s.V + (C - 1) * PB);  // XS = (G - r_next^T gy_next) v_{C-1}, before G decays in place
     cumsum(s, tid);
     __syncthreads();
@@ -708,11 +732,11 @@ chunk_backward_rev_kernel(int T, int H, const bf16* __restrict__ r, const bf16* 
 #pragma unroll
     for (int m = 0; m < 4; ++m) {  // stores after all loads, as in sweep 1
       const int t = owned_row(eg, m);
-      s.KD[t * PF + ei] = kd_out[m];
       if (c * C + t < T) {
         const int64_t g = base + (int64_t)(c * C + t) * stride + ei;
         gk[g] = cvt<bf16>(gk_out[m]);
         gv[g] = cvt<bf16>(gv_out[m]);
+        kscr[g] = kd_out[m];
       }
     }
     if (tid < N) {  // X1, X2 were last read by edge_product, before the first barrier of this chunk
@@ -721,21 +745,6 @@ chunk_backward_rev_kernel(int T, int H, const bf16* __restrict__ r, const bf16* 
     }
     split_state<true>(s, tid);
     __syncthreads();
-    if (tid < N) {
-      float kd[C], bt[C], g[C];
-#pragma unroll
-      for (int t = 0; t < C; ++t) { kd[t] = s.KD[t * PF + tid]; bt[t] = s.B[t * PF + tid]; }
-#pragma unroll
-      for (int t = C - 1; t >= 0; --t) {
-        const double dl = dl_acc - (double)kd[t];
-        dl_acc = dl + (double)bt[t];
-        g[t] = (float)(dl * (double)s.LW[t * PF + tid]);
-      }
-#pragma unroll
-      for (int t = 0; t < C; ++t)
-        if (c * C + t < T) gw[base + (int64_t)(c * C + t) * stride + tid] = cvt<Tw>(g[t]);
-    }
-    __syncthreads();
     if (more) pf.store(s, sl, true);
     __syncthreads();
   }
@@ -743,45 +752,155 @@ chunk_backward_rev_kernel(int T, int H, const bf16* __restrict__ r, const bf16* 
     for (int e = tid; e < N * N; e += NT) gh0[(int64_t)bh * N * N + e] = s.S[(e >> 6) * PS + (e & 63)];
 }
 
+// ========================================================================================= backward launch
+// The two sweeps are independent (gw, the only output needing both, is formed afterwards), so one launch runs
+// them side by side: block 2 bh is sweep 1 of (b, h), block 2 bh + 1 its sweep 2. Two blocks fit an SM (smem
+// and the 128-register bound below), so up to 2 x (SMs) sweeps run at once instead of one sweep after the other.
 template <typename Tw>
+__global__ void __launch_bounds__(NT, 2)
+chunk_backward_kernel(int T, int H, const bf16* __restrict__ r, const bf16* __restrict__ k,
+                      const bf16* __restrict__ v, const Tw* __restrict__ w, const float* __restrict__ u,
+                      const float* __restrict__ h0, const bf16* __restrict__ gy, const float* __restrict__ ghT,
+                      bf16* __restrict__ gr, bf16* __restrict__ gk, bf16* __restrict__ gv,
+                      float* __restrict__ gu_part, float* __restrict__ gh0, float* __restrict__ bscr,
+                      float* __restrict__ kscr, float* __restrict__ P) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  const Smem s = carve(smem_raw);
+  const int bh = blockIdx.x >> 1;
+  if (blockIdx.x & 1)
+    backward_sweep2<Tw>(s, bh, T, H, r, k, v, w, u, gy, ghT, gk, gv, kscr, gh0);
+  else
+    backward_sweep1<Tw>(s, bh, T, H, r, k, v, w, u, h0, gy, ghT, gr, bscr, gu_part, P);
+}
+
+// gw from the sweeps' per-step terms, per channel i of (b, h) (the sum runs backwards in time, in fp64):
+//   dL/dlw_m = P + sum_{t>m} b_t - sum_{s>=m} kd_s,   gw_m = dL/dlw_m * lw_m.
+// A block per (b, h, 16 channels); its threads (segment q, channel) split time into GW_SEG segments of
+// ceil(T / GW_SEG) steps: each sums its b - kd, then walks its steps backwards from P plus the later segments'
+// sums. The loads go out GW_U steps at a time ahead of the fp64 chain (the kernel is load-latency bound).
+constexpr int GW_CH = 16, GW_SEG = 64, GW_U = 8;
+
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(bf16 x) { return __bfloat162float(x); }
+
+template <typename Tw>
+__global__ void __launch_bounds__(GW_CH * GW_SEG)
+chunk_gw_kernel(int T, int H, const Tw* __restrict__ w, const float* __restrict__ bscr,
+                const float* __restrict__ kscr, const float* __restrict__ P, Tw* __restrict__ gw) {
+  __shared__ double seg_sum[GW_SEG][GW_CH];
+  const int c = threadIdx.x % GW_CH, q = threadIdx.x / GW_CH, i = blockIdx.y * GW_CH + c;
+  const int bh = blockIdx.x, b = bh / H, h = bh % H;
+  const int64_t base = ((int64_t)b * T * H + h) * N + i, stride = (int64_t)H * N;
+  const int len = (T + GW_SEG - 1) / GW_SEG, t0 = min(T, q * len), t1 = min(T, t0 + len);
+  double sum = 0.0;
+  for (int t = t0; t < t1; t += GW_U) {
+    float bv[GW_U], kv[GW_U];
+#pragma unroll
+    for (int j = 0; j < GW_U; ++j) {
+      const bool in = t + j < t1;
+      bv[j] = in ? bscr[base + (t + j) * stride] : 0.f;
+      kv[j] = in ? kscr[base + (t + j) * stride] : 0.f;
+    }
+#pragma unroll
+    for (int j = 0; j < GW_U; ++j) sum += (double)bv[j] - (double)kv[j];
+  }
+  seg_sum[q][c] = sum;
+  __syncthreads();
+  double acc = (double)P[(int64_t)bh * N + i];
+  for (int p = GW_SEG - 1; p > q; --p) acc += seg_sum[p][c];
+  for (int t = t1 - 1; t >= t0; t -= GW_U) {
+    float bv[GW_U], kv[GW_U], lw[GW_U];
+#pragma unroll
+    for (int j = 0; j < GW_U; ++j) {
+      const bool in = t - j >= t0;
+      bv[j] = in ? bscr[base + (t - j) * stride] : 0.f;
+      kv[j] = in ? kscr[base + (t - j) * stride] : 0.f;
+      lw[j] = in ? lw_of(to_f32(w[base + (t - j) * stride])) : 0.f;
+    }
+#pragma unroll
+    for (int j = 0; j < GW_U; ++j) {
+      if (t - j < t0) break;
+      const double dl = acc - (double)kv[j];
+      acc = dl + (double)bv[j];
+      gw[base + (t - j) * stride] = cvt<Tw>((float)(dl * (double)lw[j]));
+    }
+  }
+}
+
+// Every chunk kernel asks for the largest shared-memory carve-out, so two blocks (2 x ~100 KB) fit an SM.
 cudaError_t setup(const void* fn) {
-  return cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_bytes());
+  cudaError_t err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_bytes());
+  if (err != cudaSuccess) return err;
+  return cudaFuncSetAttribute(fn, cudaFuncAttributePreferredSharedMemoryCarveout, (int)cudaSharedmemCarveoutMaxShared);
+}
+
+// The forward's blocks per (b, h): 0 = automatic (2 where 2 B H blocks are all resident at once on this GPU,
+// else 1), or 1 / 2 as set by wkv6_chunk_set_forward_split (an A/B switch for benchmarks).
+int g_forward_split = 0;
+
+template <typename Tw>
+int forward_split(int BH) {
+  if (g_forward_split > 0) return g_forward_split;
+  static int slots[64] = {0};  // resident blocks of the VS = 2 forward on the whole GPU, per device
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 1;
+  if (slots[dev] == 0) {
+    int sms = 0, per_sm = 0;
+    const void* fn = (const void*)chunk_forward_kernel<Tw, 2>;
+    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || setup(fn) != cudaSuccess ||
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fn, NT, smem_bytes()) != cudaSuccess)
+      return 1;
+    slots[dev] = sms * per_sm;
+  }
+  return 2 * BH <= slots[dev] ? 2 : 1;
+}
+
+template <typename Tw, int VS>
+cudaError_t launch_forward_vs(int B, int T, int H, const void* r, const void* k, const void* v, const void* w,
+                              const float* u, const float* h0, void* y, float* hT, cudaStream_t stream) {
+  cudaError_t err = setup((const void*)chunk_forward_kernel<Tw, VS>);
+  if (err != cudaSuccess) return err;
+  chunk_forward_kernel<Tw, VS><<<B * H * VS, NT, smem_bytes(), stream>>>(
+      T, H, (const bf16*)r, (const bf16*)k, (const bf16*)v, (const Tw*)w, u, h0, (bf16*)y, hT);
+  return cudaGetLastError();
 }
 
 template <typename Tw>
 cudaError_t launch_forward(int B, int T, int H, const void* r, const void* k, const void* v, const void* w,
                            const float* u, const float* h0, void* y, float* hT, cudaStream_t stream) {
-  cudaError_t err = setup<Tw>((const void*)chunk_forward_kernel<Tw>);
-  if (err != cudaSuccess) return err;
-  chunk_forward_kernel<Tw><<<B * H, NT, smem_bytes(), stream>>>(T, H, (const bf16*)r, (const bf16*)k,
-                                                                (const bf16*)v, (const Tw*)w, u, h0, (bf16*)y, hT);
-  return cudaGetLastError();
+  if (forward_split<Tw>(B * H) == 2) return launch_forward_vs<Tw, 2>(B, T, H, r, k, v, w, u, h0, y, hT, stream);
+  return launch_forward_vs<Tw, 1>(B, T, H, r, k, v, w, u, h0, y, hT, stream);
 }
 
 template <typename Tw>
 cudaError_t launch_backward(int B, int T, int H, const void* r, const void* k, const void* v, const void* w,
                             const float* u, const float* h0, const void* gy, const float* ghT, void* gr,
-                            void* gk, void* gv, void* gw, float* gu_part, float* gh0, float* bscr, float* P,
-                            cudaStream_t stream) {
-  cudaError_t err = setup<Tw>((const void*)chunk_backward_fwd_kernel<Tw>);
+                            void* gk, void* gv, void* gw, float* gu_part, float* gh0, float* bscr, float* kscr,
+                            float* P, cudaStream_t stream) {
+  cudaError_t err = setup((const void*)chunk_backward_kernel<Tw>);
   if (err != cudaSuccess) return err;
-  err = setup<Tw>((const void*)chunk_backward_rev_kernel<Tw>);
-  if (err != cudaSuccess) return err;
-  chunk_backward_fwd_kernel<Tw><<<B * H, NT, smem_bytes(), stream>>>(
+  chunk_backward_kernel<Tw><<<2 * B * H, NT, smem_bytes(), stream>>>(
       T, H, (const bf16*)r, (const bf16*)k, (const bf16*)v, (const Tw*)w, u, h0, (const bf16*)gy, ghT, (bf16*)gr,
-      bscr, gu_part, P);
+      (bf16*)gk, (bf16*)gv, gu_part, gh0, bscr, kscr, P);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  chunk_backward_rev_kernel<Tw><<<B * H, NT, smem_bytes(), stream>>>(
-      T, H, (const bf16*)r, (const bf16*)k, (const bf16*)v, (const Tw*)w, u, (const bf16*)gy, ghT, bscr, P,
-      (bf16*)gk, (bf16*)gv, (Tw*)gw, gh0);
+  chunk_gw_kernel<Tw><<<dim3(B * H, N / GW_CH), GW_CH * GW_SEG, 0, stream>>>(T, H, (const Tw*)w, bscr, kscr, P,
+                                                                              (Tw*)gw);
   return cudaGetLastError();
+}
+
+template <typename Tw>
+int blocks_per_sm(const void* fn, int threads, size_t smem) {
+  if (fn != (const void*)chunk_gw_kernel<Tw> && setup(fn) != cudaSuccess) return -1;
+  int n = 0;
+  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, fn, threads, smem) == cudaSuccess ? n : -1;
 }
 
 }  // namespace
 
 // Launchers (declared in wkv6_cuda_bind.cpp). r, k, v, y, gy, gr, gk, gv bf16; w, gw bf16 (tw = 1) or
-// fp32 (tw = 0); head size 64. Same buffers and meaning as wkv6_cuda_forward / wkv6_cuda_backward.
+// fp32 (tw = 0); head size 64. Same buffers and meaning as wkv6_cuda_forward / wkv6_cuda_backward, plus kscr
+// (fp32 [B,T,H,N] scratch, like bscr).
 cudaError_t wkv6_chunk_forward(int tw, int B, int T, int H, const void* r, const void* k, const void* v,
                                const void* w, const float* u, const float* h0, void* y, float* hT,
                                cudaStream_t stream) {
@@ -792,8 +911,20 @@ cudaError_t wkv6_chunk_forward(int tw, int B, int T, int H, const void* r, const
 cudaError_t wkv6_chunk_backward(int tw, int B, int T, int H, const void* r, const void* k, const void* v,
                                 const void* w, const float* u, const float* h0, const void* gy, const float* ghT,
                                 void* gr, void* gk, void* gv, void* gw, float* gu_part, float* gh0, float* bscr,
-                                float* P, cudaStream_t stream) {
+                                float* kscr, float* P, cudaStream_t stream) {
   if (tw == 1)
-    return launch_backward<bf16>(B, T, H, r, k, v, w, u, h0, gy, ghT, gr, gk, gv, gw, gu_part, gh0, bscr, P, stream);
-  return launch_backward<float>(B, T, H, r, k, v, w, u, h0, gy, ghT, gr, gk, gv, gw, gu_part, gh0, bscr, P, stream);
+    return launch_backward<bf16>(B, T, H, r, k, v, w, u, h0, gy, ghT, gr, gk, gv, gw, gu_part, gh0, bscr, kscr, P,
+                                 stream);
+  return launch_backward<float>(B, T, H, r, k, v, w, u, h0, gy, ghT, gr, gk, gv, gw, gu_part, gh0, bscr, kscr, P,
+                                stream);
+}
+
+void wkv6_chunk_set_forward_split(int vs) { g_forward_split = vs; }
+int wkv6_chunk_forward_split(int BH) { return forward_split<bf16>(BH); }
+
+// Resident blocks per SM of the chunk kernels (bf16 w) on the current device: {forward, backward, gw}.
+void wkv6_chunk_occupancy(int* out) {
+  out[0] = blocks_per_sm<bf16>((const void*)chunk_forward_kernel<bf16, 1>, NT, smem_bytes());
+  out[1] = blocks_per_sm<bf16>((const void*)chunk_backward_kernel<bf16>, NT, smem_bytes());
+  out[2] = blocks_per_sm<bf16>((const void*)chunk_gw_kernel<bf16>, GW_CH * GW_SEG, 0);
 }

@@ -6,6 +6,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime.h>
 
+#include <map>
+#include <string>
+
 cudaError_t wkv6_cuda_forward(int tin, int tw, int N, int B, int T, int H, const void* r, const void* k,
                               const void* v, const void* w, const float* u, const float* h0, void* y, float* hT,
                               cudaStream_t stream);
@@ -19,7 +22,10 @@ cudaError_t wkv6_chunk_forward(int tw, int B, int T, int H, const void* r, const
 cudaError_t wkv6_chunk_backward(int tw, int B, int T, int H, const void* r, const void* k, const void* v,
                                 const void* w, const float* u, const float* h0, const void* gy, const float* ghT,
                                 void* gr, void* gk, void* gv, void* gw, float* gu_part, float* gh0, float* bscr,
-                                float* P, cudaStream_t stream);
+                                float* kscr, float* P, cudaStream_t stream);
+void wkv6_chunk_occupancy(int* out);
+void wkv6_chunk_set_forward_split(int vs);
+int wkv6_chunk_forward_split(int BH);
 
 namespace {
 
@@ -99,13 +105,15 @@ std::vector<at::Tensor> wkv6_backward(const at::Tensor& r, const at::Tensor& k, 
   auto gu_part = at::empty({B, H, N}, f32);
   auto P = at::empty({B, H, N}, f32);
   auto bscr = at::empty({B, T, H, N}, f32);
+  auto kscr = chunked ? at::empty({B, T, H, N}, f32) : at::empty({0}, f32);  // the chunked sweep 2's kd terms
   auto gh0 = h0.has_value() ? at::empty({B, H, N, N}, f32) : at::empty({0}, f32);
   float* gh0p = h0.has_value() ? gh0.data_ptr<float>() : nullptr;
   const cudaError_t err =
       chunked ? wkv6_chunk_backward(dtype_code(w), (int)B, (int)T, (int)H, r.data_ptr(), k.data_ptr(), v.data_ptr(),
                                     w.data_ptr(), u.data_ptr<float>(), h0p, gy.data_ptr(), ghTp, gr.data_ptr(),
                                     gk.data_ptr(), gv.data_ptr(), gw.data_ptr(), gu_part.data_ptr<float>(), gh0p,
-                                    bscr.data_ptr<float>(), P.data_ptr<float>(), at::cuda::getCurrentCUDAStream())
+                                    bscr.data_ptr<float>(), kscr.data_ptr<float>(), P.data_ptr<float>(),
+                                    at::cuda::getCurrentCUDAStream())
               : wkv6_cuda_backward(dtype_code(r), dtype_code(w), (int)N, (int)B, (int)T, (int)H, r.data_ptr(),
                                    k.data_ptr(), v.data_ptr(), w.data_ptr(), u.data_ptr<float>(), h0p, gy.data_ptr(),
                                    ghTp, gr.data_ptr(), gk.data_ptr(), gv.data_ptr(), gw.data_ptr(),
@@ -115,10 +123,27 @@ std::vector<at::Tensor> wkv6_backward(const at::Tensor& r, const at::Tensor& k, 
   return {gr, gk, gv, gw, gu_part.sum(0), gh0};
 }
 
+// Resident blocks per SM of the chunked kernels on the current device (bf16 w): what the GPU can overlap.
+std::map<std::string, int> chunk_occupancy() {
+  int n[3];
+  wkv6_chunk_occupancy(n);
+  return {{"forward", n[0]}, {"backward", n[1]}, {"gw", n[2]}};
+}
+
+void set_forward_split(int64_t vs) {
+  TORCH_CHECK(vs >= 0 && vs <= 2, "wkv6_cuda: the forward split is 0 (automatic), 1 or 2 blocks per (b, h), got ", vs);
+  wkv6_chunk_set_forward_split((int)vs);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "wkv6 (RWKV-6) CUDA kernels, sequential and chunked: fp32/bf16 inputs, fp32 state and accumulation";
   m.def("forward", &wkv6_forward, "wkv6 forward(r, k, v, w, u, h0, chunked) -> (y, final_state fp32)");
+  m.def("chunk_occupancy", &chunk_occupancy, "resident blocks per SM of the chunked kernels: {forward, backward, gw}");
+  m.def("chunk_set_forward_split", &set_forward_split,
+        "blocks per (b, h) of the chunked forward: 0 automatic (the default), or 1 / 2 for an A/B measurement");
+  m.def("chunk_forward_split", [](int64_t BH) { return wkv6_chunk_forward_split((int)BH); },
+        "the chunked forward's blocks per (b, h) for B*H heads on the current device");
   m.def("backward", &wkv6_backward, "wkv6 backward(r, k, v, w, u, h0, gy, ghT, chunked) -> (gr, gk, gv, gw, gu fp32 [H,N], gh0 fp32)");
 }
