@@ -23,6 +23,13 @@ the time the op would take if it only moved its bytes at copy speed; each conten
 `fraction_of_bytes_bound` = bytes_bound_ms / its median time (1.0 = as fast as a copy). The older
 `*_fraction_of_hbm_bound` fields divide by the GPU's nominal HBM bandwidth instead.
 
+Per shape, `ours_chunked.phases` splits our fwd+bwd GPU time by kernel (torch.profiler): the forward, the
+backward's two sweeps (one launch) and gw, each with its blocks, resident blocks per SM and waves on this
+GPU, and the microseconds per 16-step chunk of one block: the kernels walk the chunks in order, so that
+latency times the chunk count is the floor of each kernel. `fla_chunk_rwkv6.kernels` lists FLA's top kernels.
+`ours_chunked.forward_split` times the forward with one and with two blocks per head (each owning half of the
+value columns; the launcher takes two where all 2 B H blocks fit on the GPU at once).
+
 CPU part: forward+backward of (B, T, H) = (4, 1024, 4), K = V = 64, float32, the C++ extension
 vs the sequential PyTorch reference `wkv6_ref`, same process, ratio reported.
 """
@@ -38,7 +45,7 @@ import time
 
 import torch
 
-from .build import build_extension
+from .build import build_extension, get_extension
 from .reference import wkv6_chunked_ref, wkv6_ref
 from .wkv6 import wkv6
 
@@ -129,6 +136,60 @@ def _copy_bandwidth() -> float:
     return 2 * a.numel() / (statistics.median(ts[2:]) * 1e-3)
 
 
+def kernel_times(fn, n: int = 5, top: int = 8) -> dict:
+    """GPU time per call of fn(), split by kernel (torch.profiler over `n` calls after one warm-up):
+    {"total_ms", "kernels": [{"name", "ms", "calls"}] for the `top` kernels by time}."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+    rows = [{"name": ev.key[:100], "ms": ev.self_device_time_total / 1e3 / n, "calls": ev.count / n}
+            for ev in prof.key_averages() if ev.device_type.name == "CUDA" and ev.self_device_time_total > 0]
+    rows.sort(key=lambda r: -r["ms"])
+    return {"total_ms": sum(r["ms"] for r in rows), "kernels": rows[:top]}
+
+
+# The chunked kernels by the fragment of their (mangled) names: forward, both backward sweeps in one launch, gw.
+CHUNK_KERNELS = (("forward", "chunk_forward_kernel"), ("backward_sweeps", "chunk_backward_kernel"),
+                 ("gw", "chunk_gw_kernel"))
+
+
+def chunked_phases(fwd_bwd, B: int, T: int, H: int, sms: int, occupancy: dict) -> dict:
+    """Where the chunked fwd+bwd spends its GPU time: per kernel, its ms, the µs per 16-step chunk of one block
+    (the kernels walk the chunks in order), its blocks and the waves they need on this GPU."""
+    prof = kernel_times(fwd_bwd)
+    split = get_extension("cuda").chunk_forward_split(B * H)
+    blocks = {"forward": split * B * H, "backward_sweeps": 2 * B * H, "gw": 4 * B * H}
+    chunks = -(-T // 16)
+    out = {"total_ms": prof["total_ms"], "kernels": {}}
+    for phase, frag in CHUNK_KERNELS:
+        ms = sum(r["ms"] for r in prof["kernels"] if frag in r["name"])
+        per_sm = occupancy.get("backward" if phase == "backward_sweeps" else phase, 0)
+        waves = -(-blocks[phase] // (sms * per_sm)) if per_sm > 0 else None
+        out["kernels"][phase] = {"ms": ms, "blocks": blocks[phase], "blocks_per_sm": per_sm, "waves": waves,
+                                 "us_per_chunk_step": 1e3 * ms / (chunks * (waves or 1)) if phase != "gw" else None}
+    out["other_ms"] = prof["total_ms"] - sum(k["ms"] for k in out["kernels"].values())
+    return out
+
+
+def forward_split_ab(fwd, B: int, H: int, reps: int, flush) -> dict:
+    """The chunked forward with one and with two blocks per (b, h) (split value columns), timed back to back;
+    `auto`: what the launcher picks for these B, H on this GPU."""
+    ext = get_extension("cuda")
+    out = {"auto": ext.chunk_forward_split(B * H), "forward_ms": {}}
+    try:
+        for vs in (1, 2):
+            ext.chunk_set_forward_split(vs)
+            out["forward_ms"][vs] = _time_cuda(fwd, reps, flush)["median_ms"]
+    finally:
+        ext.chunk_set_forward_split(0)
+    return out
+
+
 def _fla_chunk():
     """FLA's chunk_rwkv6 (bench-only extra), or None when it is not installed."""
     try:
@@ -173,6 +234,9 @@ def bench_cuda(reps: int, fla: bool = True, refs: bool = True, shapes=SHAPES) ->
     name = torch.cuda.get_device_name()
     peak = next((bw for frag, bw in NOMINAL_HBM if frag in name), None)
     info = build_extension("cuda")
+    occupancy = dict(get_extension("cuda").chunk_occupancy())
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    _log(f"cuda {name}: {sms} SMs; resident blocks per SM of the chunked kernels {occupancy}")
     copy_bw = _copy_bandwidth()   # before the inputs exist: the 2 GiB of copy buffers are freed again
     _log(f"cuda device-to-device copy: {copy_bw / 1e9:.0f} GB/s")
     flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
@@ -208,6 +272,12 @@ def bench_cuda(reps: int, fla: bool = True, refs: bool = True, shapes=SHAPES) ->
             row[cname] = res
             _log(f"cuda {B},{T},{H} {cname}: fwd {f['median_ms']:.3f} ms ({frac['forward']:.1%} of the bytes bound), "
                  f"fwd+bwd {fb['median_ms']:.3f} ms ({frac['forward_backward']:.1%})")
+        row["ours_chunked"]["phases"] = chunked_phases(cont["ours_chunked"][1], B, T, H, sms, occupancy)
+        row["ours_chunked"]["forward_split"] = ab = forward_split_ab(cont["ours_chunked"][0], B, H, reps, flush)
+        _log(f"cuda {B},{T},{H} chunked forward, 1 vs 2 blocks per head: {ab['forward_ms'][1]:.3f} vs "
+             f"{ab['forward_ms'][2]:.3f} ms (auto picks {ab['auto']})")
+        if "fla_chunk_rwkv6" in cont:
+            row["fla_chunk_rwkv6"]["kernels"] = kernel_times(cont["fla_chunk_rwkv6"][1])
         ours = row["ours_chunked"]["forward_backward"]["median_ms"]
         row["chunked_speedup_fwd_bwd"] = {c: row[c]["forward_backward"]["median_ms"] / ours
                                           for c in cont if c != "ours_chunked"}
@@ -229,8 +299,9 @@ def bench_cuda(reps: int, fla: bool = True, refs: bool = True, shapes=SHAPES) ->
                         "forward_backward": _time_cuda(peer_fb, 3, flush)}
         _log(f"cuda peer {pname}: fwd+bwd {peers[pname]['forward_backward']['median_ms']:.1f} ms")
     fla = _fla_chunk() if fla else None
-    return {"device": name, "nominal_hbm_bytes_per_s": peak, "measured_copy_bytes_per_s": copy_bw,
-            "build": info, "fla_version": getattr(__import__("fla"), "__version__", "?") if fla else None,
+    return {"device": name, "sms": sms, "chunked_blocks_per_sm": occupancy, "nominal_hbm_bytes_per_s": peak,
+            "measured_copy_bytes_per_s": copy_bw, "build": info,
+            "fla_version": getattr(__import__("fla"), "__version__", "?") if fla else None,
             "shapes": rows, "peers_same_run": peers}
 
 
