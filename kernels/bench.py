@@ -27,8 +27,6 @@ Per shape, `ours_chunked.phases` splits our fwd+bwd GPU time by kernel (torch.pr
 backward's two sweeps (one launch) and gw, each with its blocks, resident blocks per SM and waves on this
 GPU, and the microseconds per 16-step chunk of one block: the kernels walk the chunks in order, so that
 latency times the chunk count is the floor of each kernel. `fla_chunk_rwkv6.kernels` lists FLA's top kernels.
-`ours_chunked.forward_split` times the forward with one and with two blocks per head (each owning half of the
-value columns; the launcher takes two where all 2 B H blocks fit on the GPU at once).
 
 CPU part: forward+backward of (B, T, H) = (4, 1024, 4), K = V = 64, float32, the C++ extension
 vs the sequential PyTorch reference `wkv6_ref`, same process, ratio reported.
@@ -162,8 +160,7 @@ def chunked_phases(fwd_bwd, B: int, T: int, H: int, sms: int, occupancy: dict) -
     """Where the chunked fwd+bwd spends its GPU time: per kernel, its ms, the µs per 16-step chunk of one block
     (the kernels walk the chunks in order), its blocks and the waves they need on this GPU."""
     prof = kernel_times(fwd_bwd)
-    split = get_extension("cuda").chunk_forward_split(B * H)
-    blocks = {"forward": split * B * H, "backward_sweeps": 2 * B * H, "gw": 4 * B * H}
+    blocks = {"forward": B * H, "backward_sweeps": 2 * B * H, "gw": B * H}
     chunks = -(-T // 16)
     out = {"total_ms": prof["total_ms"], "kernels": {}}
     for phase, frag in CHUNK_KERNELS:
@@ -173,20 +170,6 @@ def chunked_phases(fwd_bwd, B: int, T: int, H: int, sms: int, occupancy: dict) -
         out["kernels"][phase] = {"ms": ms, "blocks": blocks[phase], "blocks_per_sm": per_sm, "waves": waves,
                                  "us_per_chunk_step": 1e3 * ms / (chunks * (waves or 1)) if phase != "gw" else None}
     out["other_ms"] = prof["total_ms"] - sum(k["ms"] for k in out["kernels"].values())
-    return out
-
-
-def forward_split_ab(fwd, B: int, H: int, reps: int, flush) -> dict:
-    """The chunked forward with one and with two blocks per (b, h) (split value columns), timed back to back;
-    `auto`: what the launcher picks for these B, H on this GPU."""
-    ext = get_extension("cuda")
-    out = {"auto": ext.chunk_forward_split(B * H), "forward_ms": {}}
-    try:
-        for vs in (1, 2):
-            ext.chunk_set_forward_split(vs)
-            out["forward_ms"][vs] = _time_cuda(fwd, reps, flush)["median_ms"]
-    finally:
-        ext.chunk_set_forward_split(0)
     return out
 
 
@@ -273,9 +256,6 @@ def bench_cuda(reps: int, fla: bool = True, refs: bool = True, shapes=SHAPES) ->
             _log(f"cuda {B},{T},{H} {cname}: fwd {f['median_ms']:.3f} ms ({frac['forward']:.1%} of the bytes bound), "
                  f"fwd+bwd {fb['median_ms']:.3f} ms ({frac['forward_backward']:.1%})")
         row["ours_chunked"]["phases"] = chunked_phases(cont["ours_chunked"][1], B, T, H, sms, occupancy)
-        row["ours_chunked"]["forward_split"] = ab = forward_split_ab(cont["ours_chunked"][0], B, H, reps, flush)
-        _log(f"cuda {B},{T},{H} chunked forward, 1 vs 2 blocks per head: {ab['forward_ms'][1]:.3f} vs "
-             f"{ab['forward_ms'][2]:.3f} ms (auto picks {ab['auto']})")
         if "fla_chunk_rwkv6" in cont:
             row["fla_chunk_rwkv6"]["kernels"] = kernel_times(cont["fla_chunk_rwkv6"][1])
         ours = row["ours_chunked"]["forward_backward"]["median_ms"]

@@ -127,28 +127,6 @@ def test_chunked_state_chaining_equals_one_pass():
         assert_close(name, two[name], one[name], {**TOL["bf16"], "w": 3e-4}[name])
 
 
-@pytest.mark.parametrize("split", [1, 2])
-def test_chunked_forward_with_one_and_two_blocks_per_head(split):
-    """The forward's two layouts (one block per (b, h), or two each owning half of the value columns; the launcher
-    picks by B H and the GPU) both against the float64 reference, and the final states of the two bit-equal (each
-    state tile sees the same products in the same order)."""
-    ext = kernels.build.get_extension("cuda")
-    x, cot = make_inputs(2, 67, 3, 64, seed=21)
-    xk = cast(x, BF16)
-    ext.chunk_set_forward_split(split)
-    try:
-        check_against_reference(xk, cot, TOL["bf16"], impl="chunked")
-        _, s_split = wkv6(*(xk[n] for n in "rkvwu"), xk["h0"], True, impl="chunked")
-        ext.chunk_set_forward_split(3 - split)
-        _, s_other = wkv6(*(xk[n] for n in "rkvwu"), xk["h0"], True, impl="chunked")
-    finally:
-        ext.chunk_set_forward_split(0)
-    assert torch.equal(s_split, s_other)
-    assert ext.chunk_forward_split(1) == 2 and ext.chunk_forward_split(1 << 20) == 1
-    with pytest.raises(RuntimeError, match="forward split is 0 \\(automatic\\), 1 or 2"):
-        ext.chunk_set_forward_split(3)
-
-
 def test_chunked_rejects_what_it_cannot_run():
     x, _ = make_inputs(1, 5, 2, 32)
     xk = cast(x, BF16)

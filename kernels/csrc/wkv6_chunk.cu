@@ -4,11 +4,10 @@
 // head sizes 32 and 128); kernels/wkv6.py picks between them.
 //
 // Per (b, h) one block of 256 threads walks the chunks in order, keeping the 64 x 64 state in shared
-// memory in fp32 (the forward may use two blocks per (b, h), each owning half of the value columns). The
-// backward's two sweeps are independent and run side by side in one launch (two blocks per (b, h)); a
-// small third kernel then forms gw from both sweeps' per-step terms. Within a chunk, with t, s local
-// positions, lw = -exp(w) the log-decay, Ex_t = sum_{m<t} lw_m (exclusive), Ei_t = Ex_{t+1}
-// (inclusive), Et = Ei_{C-1}:
+// memory in fp32. The backward's two sweeps are independent and run side by side in one launch (two
+// blocks per (b, h)); a small third kernel then forms gw from both sweeps' per-step terms. Within a
+// chunk, with t, s local positions, lw = -exp(w) the log-decay, Ex_t = sum_{m<t} lw_m (exclusive),
+// Ei_t = Ex_{t+1} (inclusive), Et = Ei_{C-1}:
 //   y_t   = (r_t e^{Ex_t}) S0  +  sum_{s<t} A_ts v_s  +  (r_t.u.k_t) v_t
 //   A_ts  = sum_i r_t[i] k_s[i] e^{Ex_t[i] - Ei_s[i]}                       (s < t)
 //   S_end = e^{Et} S0  +  sum_s (k_s e^{Et - Ei_s})^T v_s
@@ -314,24 +313,21 @@ __device__ __forceinline__ uint32_t split3(float x0, float x1, int part) {
   out.x = h0; out.y = h1;
   return *reinterpret_cast<uint32_t*>(&out);
 }
-// MID: also the third term Sm (the backward's transposed products use it). NJ, j0: only columns j0 .. j0+NJ-1
-// (a forward block that owns part of the value columns).
-template <bool MID, int NJ = N>
-__device__ __forceinline__ void split_state(const Smem& s, int tid, int j0 = 0) {
+template <bool MID>  // MID: also the third term Sm (the backward's transposed products use it)
+__device__ __forceinline__ void split_state(const Smem& s, int tid) {
 #pragma unroll
-  for (int e = 4 * tid; e < N * NJ; e += 4 * NT) {
-    const int i = e / NJ, j = j0 + e % NJ;
+  for (int e = 4 * tid; e < N * N; e += 4 * NT) {
+    const int i = e >> 6, j = e & 63;
     const float4 x = ld4(s.S + i * PS + j);
     *reinterpret_cast<uint2*>(s.Sh + i * PB + j) = make_uint2(split3(x.x, x.y, 0), split3(x.z, x.w, 0));
     *reinterpret_cast<uint2*>(s.Sl + i * PB + j) = make_uint2(split3(x.x, x.y, 1), split3(x.z, x.w, 1));
     if (MID) *reinterpret_cast<uint2*>(s.Sm + i * PB + j) = make_uint2(split3(x.x, x.y, 2), split3(x.z, x.w, 2));
   }
 }
-template <int NJ = N>
-__device__ __forceinline__ void decay_state(const Smem& s, int tid, int j0 = 0) {
+__device__ __forceinline__ void decay_state(const Smem& s, int tid) {
 #pragma unroll
-  for (int e = 4 * tid; e < N * NJ; e += 4 * NT) {
-    const int i = e / NJ, j = j0 + e % NJ;
+  for (int e = 4 * tid; e < N * N; e += 4 * NT) {
+    const int i = e >> 6, j = e & 63;
     const float g = s.EEt[i];
     const float4 x = ld4(s.S + i * PS + j);
     put4(s.S + i * PS + j, make_float4(x.x * g, x.y * g, x.z * g, x.w * g));
@@ -362,15 +358,13 @@ __device__ __forceinline__ void state_update_tile(const Smem& s, int q, const bf
   wmma::store_matrix_sync(s.S + ti * 16 * PS + tj * 16, acc, PS, wmma::mem_row_major);
 }
 
-// out[:, 16 tj ..] += Xsplit (C x 64, row-major) . Msplit[:, 16 tj ..] (64 x 64, row-major): 3 mmas per k-step,
-// k-steps KK0 .. KK1-1 (of 16 rows of M each).
-template <int KK0 = 0, int KK1 = 4>
+// out[:, 16 tj ..] += Xsplit (C x 64, row-major) . Msplit[:, 16 tj ..] (64 x 64, row-major): 3 mmas per k-step.
 __device__ __forceinline__ void rows_times_state(FragC& acc, const bf16* Xh, const bf16* Xl, const bf16* Mh,
                                                  const bf16* Ml, int tj) {
   FragAr xh, xl;
   FragBr mh, ml;
 #pragma unroll
-  for (int kk = KK0; kk < KK1; ++kk) {
+  for (int kk = 0; kk < 4; ++kk) {
     wmma::load_matrix_sync(xh, Xh + kk * 16, PB);
     wmma::load_matrix_sync(xl, Xl + kk * 16, PB);
     wmma::load_matrix_sync(mh, Mh + kk * 16 * PB + tj * 16, PB);
@@ -449,28 +443,20 @@ __device__ __forceinline__ void init_state(const Smem& s, const float* src, int 
 }
 
 // =============================================================================================== forward
-// VS blocks per (b, h), each owning NJ = 64 / VS value columns (j0 ..) of y and of the state: every block
-// recomputes the chunk's scores (they do not depend on v), and updates and splits only its own columns. VS = 2
-// doubles the blocks where B H alone leaves half of the GPU's block slots empty (launch_forward). Warps 0-3 form
-// y: with VS = 1 one 16-column tile each; with VS = 2 two warps per tile, each over half of the state's rows
-// (O1 + O2). Warps 4-7 update the state, one row of tiles each.
-template <typename Tw, int VS>
-__global__ void __launch_bounds__(NT, 2)
+template <typename Tw>
+__global__ void __launch_bounds__(NT, 2)  // one block per (b, h), two per SM
 chunk_forward_kernel(int T, int H, const bf16* __restrict__ r, const bf16* __restrict__ k,
                      const bf16* __restrict__ v, const Tw* __restrict__ w, const float* __restrict__ u,
                      const float* __restrict__ h0, bf16* __restrict__ y, float* __restrict__ hT) {
-  constexpr int NJ = N / VS, NTJ = NJ / 16;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   const Smem s = carve(smem_raw);
-  const int tid = threadIdx.x, warp = tid >> 5, bh = blockIdx.x / VS, b = bh / H, h = bh % H;
-  const int j0 = (blockIdx.x % VS) * NJ, tj0 = j0 / 16;
+  const int tid = threadIdx.x, warp = tid >> 5, bh = blockIdx.x, b = bh / H, h = bh % H;
   const int64_t base = ((int64_t)b * T * H + h) * N, stride = (int64_t)H * N;
   const Slot sl(tid);
-  const bool own_col = sl.i0 >= j0 && sl.i0 < j0 + NJ;  // this thread's 4 columns of y are this block's
   if (tid < N) s.U[tid] = u[h * N + tid];
   init_state(s, h0 ? h0 + (int64_t)bh * N * N : nullptr, tid);
   __syncthreads();
-  split_state<false, NJ>(s, tid, j0);
+  split_state<false>(s, tid);
   Prefetch<Tw, false> pf;
   const int nch = (T + C - 1) / C;
   auto off = [&](int c) { return base + (int64_t)(c * C + sl.t) * stride + sl.i0; };
@@ -484,52 +470,38 @@ chunk_forward_kernel(int T, int H, const bf16* __restrict__ r, const bf16* __res
     __syncthreads();
     scaled_rk<2, 2>(s, sl);
     scores(s, tid);
-    decay_state<NJ>(s, tid, j0);  // S <- e^{Et} S (the bf16 pair Sh/Sl still holds the undecayed S0 for y)
+    decay_state(s, tid);  // S <- e^{Et} S (the bf16 pair Sh/Sl still holds the undecayed S0 for y)
     __syncthreads();
-    if (warp < 4) {  // y tile tj: A V + (r e^{Ex}) S0
-      const int tj = tj0 + warp % NTJ, half = warp / NTJ;  // VS = 1: half = 0
+    if (warp < 4) {  // y tile j = warp: A V + (r e^{Ex}) S0
       FragC acc;
       wmma::fill_fragment(acc, 0.f);
-      if (half == 0) {
-        FragAr a;
-        FragBr bv;
-        wmma::load_matrix_sync(bv, s.V + tj * 16, PB);
-        wmma::load_matrix_sync(a, s.Ah, PA);
-        wmma::mma_sync(acc, a, bv, acc);
-        wmma::load_matrix_sync(a, s.Al, PA);
-        wmma::mma_sync(acc, a, bv, acc);
-        rows_times_state<0, 4 / VS>(acc, s.Rh, s.Rl, s.Sh, s.Sl, tj);
-        wmma::store_matrix_sync(s.O1 + tj * 16, acc, PS, wmma::mem_row_major);
-      } else {
-        rows_times_state<4 / VS, 4>(acc, s.Rh, s.Rl, s.Sh, s.Sl, tj);
-        wmma::store_matrix_sync(s.O2 + tj * 16, acc, PS, wmma::mem_row_major);
-      }
-    } else {  // state tiles (warp - 4, tj0 ..)
+      FragAr a;
+      FragBr bv;
+      wmma::load_matrix_sync(bv, s.V + warp * 16, PB);
+      wmma::load_matrix_sync(a, s.Ah, PA);
+      wmma::mma_sync(acc, a, bv, acc);
+      wmma::load_matrix_sync(a, s.Al, PA);
+      wmma::mma_sync(acc, a, bv, acc);
+      rows_times_state(acc, s.Rh, s.Rl, s.Sh, s.Sl, warp);
+      wmma::store_matrix_sync(s.O1 + warp * 16, acc, PS, wmma::mem_row_major);
+    } else {  // state tiles 4 (warp - 4) .. +3
 #pragma unroll
-      for (int q = 0; q < NTJ; ++q) state_update_tile<false>(s, 4 * (warp - 4) + tj0 + q, s.Kh, s.Kl, nullptr, s.V);
+      for (int q = 0; q < 4; ++q) state_update_tile<false>(s, 4 * (warp - 4) + q, s.Kh, s.Kl, nullptr, s.V);
     }
     __syncthreads();
-    if (own_col && c * C + sl.t < T) {
+    if (c * C + sl.t < T) {
       const float* o = s.O1 + sl.t * PS + sl.i0;
-      float4 x = make_float4(o[0], o[1], o[2], o[3]);
-      if (VS > 1) {
-        const float* o2 = s.O2 + sl.t * PS + sl.i0;
-        x = make_float4(x.x + o2[0], x.y + o2[1], x.z + o2[2], x.w + o2[3]);
-      }
-      const __nv_bfloat162 y01 = __floats2bfloat162_rn(x.x, x.y), y23 = __floats2bfloat162_rn(x.z, x.w);
+      const __nv_bfloat162 y01 = __floats2bfloat162_rn(o[0], o[1]), y23 = __floats2bfloat162_rn(o[2], o[3]);
       uint2 raw;
       raw.x = *reinterpret_cast<const uint32_t*>(&y01);
       raw.y = *reinterpret_cast<const uint32_t*>(&y23);
       *reinterpret_cast<uint2*>(y + off(c)) = raw;
     }
-    split_state<false, NJ>(s, tid, j0);
+    split_state<false>(s, tid);
     if (more) pf.store(s, sl, next_valid);
     __syncthreads();
   }
-  for (int e = tid; e < N * NJ; e += NT) {
-    const int i = e / NJ, j = j0 + e % NJ;
-    hT[(int64_t)bh * N * N + i * N + j] = s.S[i * PS + j];
-  }
+  for (int e = tid; e < N * N; e += NT) hT[(int64_t)bh * N * N + e] = s.S[(e >> 6) * PS + (e & 63)];
 }
 
 // ====================================================================================== backward sweep 1
@@ -775,55 +747,34 @@ chunk_backward_kernel(int T, int H, const bf16* __restrict__ r, const bf16* __re
 
 // gw from the sweeps' per-step terms, per channel i of (b, h) (the sum runs backwards in time, in fp64):
 //   dL/dlw_m = P + sum_{t>m} b_t - sum_{s>=m} kd_s,   gw_m = dL/dlw_m * lw_m.
-// A block per (b, h, 16 channels); its threads (segment q, channel) split time into GW_SEG segments of
-// ceil(T / GW_SEG) steps: each sums its b - kd, then walks its steps backwards from P plus the later segments'
-// sums. The loads go out GW_U steps at a time ahead of the fp64 chain (the kernel is load-latency bound).
-constexpr int GW_CH = 16, GW_SEG = 64, GW_U = 8;
+// Thread (segment q, channel i) of a block per (b, h): each of GW_SEG segments of ceil(T / GW_SEG) steps sums
+// its b - kd, then walks its steps backwards from P plus the later segments' sums.
+constexpr int GW_SEG = 16;
 
 __device__ __forceinline__ float to_f32(float x) { return x; }
 __device__ __forceinline__ float to_f32(bf16 x) { return __bfloat162float(x); }
 
 template <typename Tw>
-__global__ void __launch_bounds__(GW_CH * GW_SEG)
+__global__ void __launch_bounds__(N * GW_SEG)
 chunk_gw_kernel(int T, int H, const Tw* __restrict__ w, const float* __restrict__ bscr,
                 const float* __restrict__ kscr, const float* __restrict__ P, Tw* __restrict__ gw) {
-  __shared__ double seg_sum[GW_SEG][GW_CH];
-  const int c = threadIdx.x % GW_CH, q = threadIdx.x / GW_CH, i = blockIdx.y * GW_CH + c;
-  const int bh = blockIdx.x, b = bh / H, h = bh % H;
+  __shared__ double seg_sum[GW_SEG][N];
+  const int i = threadIdx.x % N, q = threadIdx.x / N, bh = blockIdx.x, b = bh / H, h = bh % H;
   const int64_t base = ((int64_t)b * T * H + h) * N + i, stride = (int64_t)H * N;
   const int len = (T + GW_SEG - 1) / GW_SEG, t0 = min(T, q * len), t1 = min(T, t0 + len);
   double sum = 0.0;
-  for (int t = t0; t < t1; t += GW_U) {
-    float bv[GW_U], kv[GW_U];
-#pragma unroll
-    for (int j = 0; j < GW_U; ++j) {
-      const bool in = t + j < t1;
-      bv[j] = in ? bscr[base + (t + j) * stride] : 0.f;
-      kv[j] = in ? kscr[base + (t + j) * stride] : 0.f;
-    }
-#pragma unroll
-    for (int j = 0; j < GW_U; ++j) sum += (double)bv[j] - (double)kv[j];
-  }
-  seg_sum[q][c] = sum;
+#pragma unroll 8
+  for (int t = t0; t < t1; ++t) sum += (double)bscr[base + t * stride] - (double)kscr[base + t * stride];
+  seg_sum[q][i] = sum;
   __syncthreads();
   double acc = (double)P[(int64_t)bh * N + i];
-  for (int p = GW_SEG - 1; p > q; --p) acc += seg_sum[p][c];
-  for (int t = t1 - 1; t >= t0; t -= GW_U) {
-    float bv[GW_U], kv[GW_U], lw[GW_U];
-#pragma unroll
-    for (int j = 0; j < GW_U; ++j) {
-      const bool in = t - j >= t0;
-      bv[j] = in ? bscr[base + (t - j) * stride] : 0.f;
-      kv[j] = in ? kscr[base + (t - j) * stride] : 0.f;
-      lw[j] = in ? lw_of(to_f32(w[base + (t - j) * stride])) : 0.f;
-    }
-#pragma unroll
-    for (int j = 0; j < GW_U; ++j) {
-      if (t - j < t0) break;
-      const double dl = acc - (double)kv[j];
-      acc = dl + (double)bv[j];
-      gw[base + (t - j) * stride] = cvt<Tw>((float)(dl * (double)lw[j]));
-    }
+  for (int p = GW_SEG - 1; p > q; --p) acc += seg_sum[p][i];
+#pragma unroll 8
+  for (int t = t1 - 1; t >= t0; --t) {
+    const int64_t g = base + t * stride;
+    const double dl = acc - (double)kscr[g];
+    acc = dl + (double)bscr[g];
+    gw[g] = cvt<Tw>((float)(dl * (double)lw_of(to_f32(w[g]))));
   }
 }
 
@@ -834,42 +785,14 @@ cudaError_t setup(const void* fn) {
   return cudaFuncSetAttribute(fn, cudaFuncAttributePreferredSharedMemoryCarveout, (int)cudaSharedmemCarveoutMaxShared);
 }
 
-// The forward's blocks per (b, h): 0 = automatic (2 where 2 B H blocks are all resident at once on this GPU,
-// else 1), or 1 / 2 as set by wkv6_chunk_set_forward_split (an A/B switch for benchmarks).
-int g_forward_split = 0;
-
-template <typename Tw>
-int forward_split(int BH) {
-  if (g_forward_split > 0) return g_forward_split;
-  static int slots[64] = {0};  // resident blocks of the VS = 2 forward on the whole GPU, per device
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 1;
-  if (slots[dev] == 0) {
-    int sms = 0, per_sm = 0;
-    const void* fn = (const void*)chunk_forward_kernel<Tw, 2>;
-    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || setup(fn) != cudaSuccess ||
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fn, NT, smem_bytes()) != cudaSuccess)
-      return 1;
-    slots[dev] = sms * per_sm;
-  }
-  return 2 * BH <= slots[dev] ? 2 : 1;
-}
-
-template <typename Tw, int VS>
-cudaError_t launch_forward_vs(int B, int T, int H, const void* r, const void* k, const void* v, const void* w,
-                              const float* u, const float* h0, void* y, float* hT, cudaStream_t stream) {
-  cudaError_t err = setup((const void*)chunk_forward_kernel<Tw, VS>);
-  if (err != cudaSuccess) return err;
-  chunk_forward_kernel<Tw, VS><<<B * H * VS, NT, smem_bytes(), stream>>>(
-      T, H, (const bf16*)r, (const bf16*)k, (const bf16*)v, (const Tw*)w, u, h0, (bf16*)y, hT);
-  return cudaGetLastError();
-}
-
 template <typename Tw>
 cudaError_t launch_forward(int B, int T, int H, const void* r, const void* k, const void* v, const void* w,
                            const float* u, const float* h0, void* y, float* hT, cudaStream_t stream) {
-  if (forward_split<Tw>(B * H) == 2) return launch_forward_vs<Tw, 2>(B, T, H, r, k, v, w, u, h0, y, hT, stream);
-  return launch_forward_vs<Tw, 1>(B, T, H, r, k, v, w, u, h0, y, hT, stream);
+  cudaError_t err = setup((const void*)chunk_forward_kernel<Tw>);
+  if (err != cudaSuccess) return err;
+  chunk_forward_kernel<Tw><<<B * H, NT, smem_bytes(), stream>>>(T, H, (const bf16*)r, (const bf16*)k,
+                                                                (const bf16*)v, (const Tw*)w, u, h0, (bf16*)y, hT);
+  return cudaGetLastError();
 }
 
 template <typename Tw>
@@ -884,8 +807,7 @@ cudaError_t launch_backward(int B, int T, int H, const void* r, const void* k, c
       (bf16*)gk, (bf16*)gv, gu_part, gh0, bscr, kscr, P);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  chunk_gw_kernel<Tw><<<dim3(B * H, N / GW_CH), GW_CH * GW_SEG, 0, stream>>>(T, H, (const Tw*)w, bscr, kscr, P,
-                                                                              (Tw*)gw);
+  chunk_gw_kernel<Tw><<<B * H, N * GW_SEG, 0, stream>>>(T, H, (const Tw*)w, bscr, kscr, P, (Tw*)gw);
   return cudaGetLastError();
 }
 
@@ -919,12 +841,9 @@ cudaError_t wkv6_chunk_backward(int tw, int B, int T, int H, const void* r, cons
                                 stream);
 }
 
-void wkv6_chunk_set_forward_split(int vs) { g_forward_split = vs; }
-int wkv6_chunk_forward_split(int BH) { return forward_split<bf16>(BH); }
-
 // Resident blocks per SM of the chunk kernels (bf16 w) on the current device: {forward, backward, gw}.
 void wkv6_chunk_occupancy(int* out) {
-  out[0] = blocks_per_sm<bf16>((const void*)chunk_forward_kernel<bf16, 1>, NT, smem_bytes());
+  out[0] = blocks_per_sm<bf16>((const void*)chunk_forward_kernel<bf16>, NT, smem_bytes());
   out[1] = blocks_per_sm<bf16>((const void*)chunk_backward_kernel<bf16>, NT, smem_bytes());
-  out[2] = blocks_per_sm<bf16>((const void*)chunk_gw_kernel<bf16>, GW_CH * GW_SEG, 0);
+  out[2] = blocks_per_sm<bf16>((const void*)chunk_gw_kernel<bf16>, N * GW_SEG, 0);
 }

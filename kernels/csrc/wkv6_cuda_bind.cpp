@@ -24,8 +24,6 @@ cudaError_t wkv6_chunk_backward(int tw, int B, int T, int H, const void* r, cons
                                 void* gr, void* gk, void* gv, void* gw, float* gu_part, float* gh0, float* bscr,
                                 float* kscr, float* P, cudaStream_t stream);
 void wkv6_chunk_occupancy(int* out);
-void wkv6_chunk_set_forward_split(int vs);
-int wkv6_chunk_forward_split(int BH);
 
 namespace {
 
@@ -130,20 +128,11 @@ std::map<std::string, int> chunk_occupancy() {
   return {{"forward", n[0]}, {"backward", n[1]}, {"gw", n[2]}};
 }
 
-void set_forward_split(int64_t vs) {
-  TORCH_CHECK(vs >= 0 && vs <= 2, "wkv6_cuda: the forward split is 0 (automatic), 1 or 2 blocks per (b, h), got ", vs);
-  wkv6_chunk_set_forward_split((int)vs);
-}
-
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "wkv6 (RWKV-6) CUDA kernels, sequential and chunked: fp32/bf16 inputs, fp32 state and accumulation";
   m.def("forward", &wkv6_forward, "wkv6 forward(r, k, v, w, u, h0, chunked) -> (y, final_state fp32)");
   m.def("chunk_occupancy", &chunk_occupancy, "resident blocks per SM of the chunked kernels: {forward, backward, gw}");
-  m.def("chunk_set_forward_split", &set_forward_split,
-        "blocks per (b, h) of the chunked forward: 0 automatic (the default), or 1 / 2 for an A/B measurement");
-  m.def("chunk_forward_split", [](int64_t BH) { return wkv6_chunk_forward_split((int)BH); },
-        "the chunked forward's blocks per (b, h) for B*H heads on the current device");
   m.def("backward", &wkv6_backward, "wkv6 backward(r, k, v, w, u, h0, gy, ghT, chunked) -> (gr, gk, gv, gw, gu fp32 [H,N], gh0 fp32)");
 }
