@@ -33,8 +33,8 @@
 //   G   <- e^{Et} G + sum_t (r_t e^{Ex_t})^T gy_t,
 //   dL/dlw_m = P + sum_{t>m} b_t - sum_{s>=m} k_s * (gk_s - u r_s dA_ss - r_{s+1} dA_{s+1,s})
 //   (sweep 2 writes the kd_s terms, chunk_gw_kernel sums backwards in fp64), gw = dL/dlw * lw;
-//   P and the term s = T-1 leave out the pair of step
-//   T-1 with the final-state gradient for the same reason. b_t likewise leaves out k_{t-1} dA_{t,t-1}: the pair
+//   P and the term s = T-1 leave out the pair of step T-1 with the final-state gradient for the same
+//   reason. b_t likewise leaves out k_{t-1} dA_{t,t-1}: the pair
 //   (s, s+1) has no decay between its ends and would enter both sums with weight 1 and cancel; left
 //   out of both, every remaining term carries at least one decay, so a vanishing decay gives gw = 0
 //   instead of rounding noise times a huge lw. The pair is never added and subtracted again: inside a
@@ -70,7 +70,7 @@ using FragBc = wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major>
 using FragC = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
 
 // ---------------------------------------------------------------------------------- shared memory
-// One carve-out for all three kernels (the backward sweeps use a superset of the forward's arrays).
+// One carve-out for the forward and backward kernels (the backward sweeps use a superset of the forward's arrays).
 struct Smem {
   float *R, *K, *LW, *Ex, *Ei;          // [C][PF]
   float *D;                               // [C][PF] per-step decay e^{lw}
@@ -625,7 +625,7 @@ __device__ __forceinline__ void backward_sweep1(const Smem& s, int bh, int T, in
 // ====================================================================================== backward sweep 2
 // Reverse in time: gk, gv, gh0, and kd_s = k_s * (gk_s - u r_s dA_ss - r_{s+1} dA_{s+1,s}) (the decay
 // gradient's share of each key step, into kscr). s.S holds G = dL/dS_end of the current chunk. Independent of
-// sweep 1, so both run at once (chunk_backward_kernel); gw_kernel then combines kd with sweep 1's b and P.
+// sweep 1, so both run at once (chunk_backward_kernel); chunk_gw_kernel then combines kd with sweep 1's b and P.
 template <typename Tw>
 __device__ __forceinline__ void backward_sweep2(const Smem& s, int bh, int T, int H, const bf16* __restrict__ r,
                                                 const bf16* __restrict__ k, const bf16* __restrict__ v,
@@ -727,7 +727,8 @@ __device__ __forceinline__ void backward_sweep2(const Smem& s, int bh, int T, in
 // ========================================================================================= backward launch
 // The two sweeps are independent (gw, the only output needing both, is formed afterwards), so one launch runs
 // them side by side: block 2 bh is sweep 1 of (b, h), block 2 bh + 1 its sweep 2. Two blocks fit an SM (smem
-// and the 128-register bound below), so up to 2 x (SMs) sweeps run at once instead of one sweep after the other.
+// and the 128-register bound below, at which ptxas spills 20 bytes), so up to 2 x (SMs) sweeps run at once
+// instead of one sweep after the other.
 template <typename Tw>
 __global__ void __launch_bounds__(NT, 2)
 chunk_backward_kernel(int T, int H, const bf16* __restrict__ r, const bf16* __restrict__ k,
@@ -778,7 +779,8 @@ chunk_gw_kernel(int T, int H, const Tw* __restrict__ w, const float* __restrict_
   }
 }
 
-// Every chunk kernel asks for the largest shared-memory carve-out, so two blocks (2 x ~100 KB) fit an SM.
+// The forward and backward kernels ask for the largest shared-memory carve-out, so two blocks (2 x ~104 KB) fit
+// an SM.
 cudaError_t setup(const void* fn) {
   cudaError_t err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_bytes());
   if (err != cudaSuccess) return err;

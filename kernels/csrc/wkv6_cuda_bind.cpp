@@ -103,7 +103,8 @@ std::vector<at::Tensor> wkv6_backward(const at::Tensor& r, const at::Tensor& k, 
   auto gu_part = at::empty({B, H, N}, f32);
   auto P = at::empty({B, H, N}, f32);
   auto bscr = at::empty({B, T, H, N}, f32);
-  auto kscr = chunked ? at::empty({B, T, H, N}, f32) : at::empty({0}, f32);  // the chunked sweep 2's kd terms
+  // the chunked sweep 2's kd terms: a scratch of their own, since both sweeps write at the same time
+  auto kscr = chunked ? at::empty({B, T, H, N}, f32) : at::empty({0}, f32);
   auto gh0 = h0.has_value() ? at::empty({B, H, N, N}, f32) : at::empty({0}, f32);
   float* gh0p = h0.has_value() ? gh0.data_ptr<float>() : nullptr;
   const cudaError_t err =
