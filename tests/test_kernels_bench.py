@@ -1,8 +1,9 @@
 """kernels.bench's bytes bound: the byte count of the wkv6 op (forward, backward, both) and its time at a given
 bandwidth, by hand-counted formulas (no GPU needed; the GPU run divides the same numbers by its measured copy
-bandwidth)."""
+bandwidth); and its per-kernel phases, from a given kernel list."""
 import pytest
 
+import kernels.bench as kbench
 from kernels.bench import bytes_bound_ms, wkv6_bytes_moved
 
 
@@ -31,3 +32,24 @@ def test_backward_counts_every_input_and_gradient_once():
 def test_bytes_bound_ms_is_bytes_over_bandwidth():
     assert bytes_bound_ms(10**9, 10**12) == pytest.approx(1.0)       # 1 GB at 1 TB/s
     assert bytes_bound_ms(0, 4.3e12) == 0.0
+
+
+def test_phases_sum_each_chunk_kernel_and_count_its_waves(monkeypatch):
+    # a profile as kernel_times returns it (mangled names); the gw kernel ranks outside the top list but counts
+    rows = [{"name": "_ZN..chunk_backward_kernelI13__nv_bfloat16EEvii..", "ms": 4.0, "calls": 1.0},
+            {"name": "_ZN..chunk_forward_kernelI13__nv_bfloat16EEvii..", "ms": 1.2, "calls": 1.0},
+            {"name": "void at::native::reduce_kernel<..>", "ms": 0.05, "calls": 1.0},
+            {"name": "_ZN..chunk_gw_kernelI13__nv_bfloat16EEvii..", "ms": 0.3, "calls": 1.0}]
+    monkeypatch.setattr(kbench, "kernel_times", lambda fn: {"total_ms": 5.55, "kernels": rows[:2], "all": rows})
+    out = kbench.chunked_phases(None, 8, 4096, 32, 132, {"forward": 2, "backward": 2, "gw": 2})
+    k = out["kernels"]
+    assert [k[p]["ms"] for p in ("forward", "backward_sweeps", "gw")] == [1.2, 4.0, 0.3]
+    # 256 forward blocks fit 132 SMs x 2 at once; the backward's 512 (two sweeps per head) need two waves
+    assert (k["forward"]["blocks"], k["forward"]["waves"]) == (256, 1)
+    assert (k["backward_sweeps"]["blocks"], k["backward_sweeps"]["waves"]) == (512, 2)
+    # 4096 / 16 = 256 chunk steps per block, twice over for two waves
+    assert k["forward"]["us_per_chunk_step"] == pytest.approx(1e3 * 1.2 / 256)
+    assert k["backward_sweeps"]["us_per_chunk_step"] == pytest.approx(1e3 * 4.0 / 512)
+    assert out["other_ms"] == pytest.approx(0.05)
+    # a kernel the GPU cannot hold (no resident block) has no wave count
+    assert kbench.chunked_phases(None, 1, 17, 1, 132, {})["kernels"]["forward"]["waves"] is None
