@@ -813,9 +813,10 @@ cudaError_t launch_backward(int B, int T, int H, const void* r, const void* k, c
   return cudaGetLastError();
 }
 
-template <typename Tw>
+// Resident blocks per SM of fn; a kernel launched with dynamic shared memory gets setup's attributes first, as
+// its launches do.
 int blocks_per_sm(const void* fn, int threads, size_t smem) {
-  if (fn != (const void*)chunk_gw_kernel<Tw> && setup(fn) != cudaSuccess) return -1;
+  if (smem > 0 && setup(fn) != cudaSuccess) return -1;
   int n = 0;
   return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, fn, threads, smem) == cudaSuccess ? n : -1;
 }
@@ -845,7 +846,7 @@ cudaError_t wkv6_chunk_backward(int tw, int B, int T, int H, const void* r, cons
 
 // Resident blocks per SM of the chunk kernels (bf16 w) on the current device: {forward, backward, gw}.
 void wkv6_chunk_occupancy(int* out) {
-  out[0] = blocks_per_sm<bf16>((const void*)chunk_forward_kernel<bf16>, NT, smem_bytes());
-  out[1] = blocks_per_sm<bf16>((const void*)chunk_backward_kernel<bf16>, NT, smem_bytes());
-  out[2] = blocks_per_sm<bf16>((const void*)chunk_gw_kernel<bf16>, N * GW_SEG, 0);
+  out[0] = blocks_per_sm((const void*)chunk_forward_kernel<bf16>, NT, smem_bytes());
+  out[1] = blocks_per_sm((const void*)chunk_backward_kernel<bf16>, NT, smem_bytes());
+  out[2] = blocks_per_sm((const void*)chunk_gw_kernel<bf16>, N * GW_SEG, 0);
 }
