@@ -11,8 +11,8 @@ import data
 import models
 from gt_pipeline.engine import evaluate, metrics, stats
 from gt_pipeline.engine.checkpoint import list_checkpoints
-from gt_pipeline.engine.train import (BatchFeed, TrainConfig, TrainingDiverged, build_optimizer, lr_at, step_function, train,
-                                      train_step)
+from gt_pipeline.engine.train import (BatchFeed, TrainConfig, TrainingDiverged, build_optimizer, lr_at, skips_on_device,
+                                      step_function, train, train_step)
 
 
 @pytest.fixture(scope="module")
@@ -74,28 +74,81 @@ def test_resume_refuses_a_checkpoint_of_another_config(shards, tmp_path):
         train(small(lr=1e-3), shards, tmp_path)
 
 
+def _optimizer(kind: str, params):
+    if kind == "sgd":  # not fused: train_step reads the norms back, then clips and steps on the host's numbers
+        return torch.optim.SGD(params, lr=1.0)
+    # fused (build_optimizer's): clip coefficient and the skip of a non-finite step on the device
+    return torch.optim.AdamW(params, lr=1e-2, fused=kind == "adamw_fused")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("kind", ["sgd", "adamw_fused"])
 @pytest.mark.parametrize("clip", [1e-3, 1e3], ids=["clipped", "unclipped"])
-def test_train_step_clips_and_reads_norms_as_clip_grad_norm_does(clip):
-    """train_step's one-sync clipping (coefficient from the norms it reads back) equals torch's clip_grad_norm_."""
+def test_train_step_clips_and_reads_norms_as_clip_grad_norm_does(clip, kind, device):
+    """train_step's one-sync clipping equals torch's clip_grad_norm_ followed by a plain step of the same
+    optimizer, over two steps, both where the coefficient comes from the norms read back (SGD) and where it
+    is formed on the device before the read (fused AdamW; Adam's normalisation amplifies the last-bit
+    differences between its fused and foreach arithmetic in near-zero gradients, so the reference is fused too)."""
     torch.manual_seed(0)
-    x = torch.randint(0, 512, (2, 17))
-    ours = models.get_model("GF-MH", 512, size="demo")
-    ref = models.get_model("GF-MH", 512, size="demo")
+    x = torch.randint(0, 512, (2, 17)).to(device)
+    ours = models.get_model("GF-MH", 512, size="demo").to(device)
+    ref = models.get_model("GF-MH", 512, size="demo").to(device)
     ref.load_state_dict(ours.state_dict())
-    opt_ours = torch.optim.SGD(ours.parameters(), lr=1.0)
-    opt_ref = torch.optim.SGD(ref.parameters(), lr=1.0)
-    loss, norms = train_step(ours, step_function(ours), opt_ours, [(x[:, :-1], x[:, 1:])], clip,
-                              lambda: torch.autocast("cpu", enabled=False))
-    ref_loss = step_function(ref)(x[:, :-1], x[:, 1:])
-    ref_loss.backward()
-    total = float(torch.nn.utils.clip_grad_norm_(ref.parameters(), clip))
-    opt_ref.step()
-    assert loss == pytest.approx(float(ref_loss), rel=1e-6)
-    assert norms["grad_norm"] == pytest.approx(total, rel=1e-5)
-    assert norms["grad_norm_rwkv"] > 0 and norms["grad_norm_mamba"] > 0
-    assert norms["grad_norm"] ** 2 == pytest.approx(sum(v ** 2 for k, v in norms.items() if k != "grad_norm"), rel=1e-5)
-    for (n, a), b in zip(ours.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=n)
+    opt_ours = _optimizer(kind, ours.parameters())
+    opt_ref = _optimizer(kind, ref.parameters())
+    assert skips_on_device(opt_ours) == (kind == "adamw_fused")
+    for _ in range(2):
+        loss, norms = train_step(ours, step_function(ours), opt_ours, [(x[:, :-1], x[:, 1:])], clip,
+                                 lambda: torch.autocast(device, enabled=False))
+        ref_loss = step_function(ref)(x[:, :-1], x[:, 1:])
+        ref_loss.backward()
+        total = float(torch.nn.utils.clip_grad_norm_(ref.parameters(), clip))
+        opt_ref.step()
+        opt_ref.zero_grad(set_to_none=True)
+        assert loss == pytest.approx(float(ref_loss), rel=1e-6)
+        assert norms["grad_norm"] == pytest.approx(total, rel=1e-5)
+        assert norms["grad_norm_rwkv"] > 0 and norms["grad_norm_mamba"] > 0
+        assert norms["grad_norm"] ** 2 == pytest.approx(sum(v ** 2 for k, v in norms.items() if k != "grad_norm"), rel=1e-5)
+        for (n, a), b in zip(ours.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
+            assert a.grad is None
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("kind", ["sgd", "adamw_fused"])
+def test_train_step_with_a_non_finite_loss_leaves_weights_and_optimizer_state_alone(kind, device):
+    """A NaN loss returns (nan, None) and nothing moves: with the fused optimizer the update was already queued
+    and is skipped on the device, so its moments and step count must stay as they were too."""
+    torch.manual_seed(0)
+    x = torch.randint(0, 512, (2, 17)).to(device)
+    model = models.get_model("GF-MH", 512, size="demo").to(device)
+    opt = _optimizer(kind, model.parameters())
+    fwd = step_function(model)
+    args = ([(x[:, :-1], x[:, 1:])], 1.0, lambda: torch.autocast(device, enabled=False))
+    assert math.isfinite(train_step(model, fwd, opt, *args)[0])  # one good step: the moments are non-zero
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    state_before = {id(p): {k: v.clone() for k, v in st.items()} for p, st in opt.state.items()}
+    poisoned = next(p for n, p in model.named_parameters() if n == "norm_f.weight")
+    with torch.no_grad():
+        poisoned[0] = float("nan")
+    before[next(n for n, p in model.named_parameters() if p is poisoned)][0] = float("nan")
+    loss, norms = train_step(model, fwd, opt, *args)
+    assert math.isnan(loss) and norms is None
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), before[n], rtol=0, atol=0, equal_nan=True, msg=n)
+        assert p.grad is None
+    for p, st in opt.state.items():
+        for k, v in st.items():
+            torch.testing.assert_close(v, state_before[id(p)][k], rtol=0, atol=0, msg=k)
+
+
+def test_skips_on_device_only_when_every_group_is_fused():
+    model = torch.nn.Linear(3, 2)
+    fused = torch.optim.AdamW(model.parameters(), fused=True)
+    assert skips_on_device(fused)
+    saved_unfused = torch.optim.AdamW(model.parameters()).state_dict()
+    fused.load_state_dict(saved_unfused)  # an optimizer state saved unfused brings its groups' flag along
+    assert not skips_on_device(fused)
 
 
 def test_batch_feed_prefetch_hands_out_the_same_batches_and_checkpoints_the_state_before_them():

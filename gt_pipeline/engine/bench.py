@@ -68,7 +68,7 @@ def bench_model(name: str, size: str, vocab: int, batch: int, seq: int, steps: i
     resolved = resolve_compile(compile, device)
     paths = {"compile": compile_label(resolved),
              **models.describe_paths(model, device, amp=device.type == "cuda", compiled=resolved is not False)}
-    opt = build_optimizer(model, cfg, fused=device.type == "cuda")
+    opt = build_optimizer(model, cfg)
     fwd = step_function(model, resolved)
 
     def autocast():

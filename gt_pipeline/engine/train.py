@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import dataclasses
 import gc
+import logging
 import math
 import time
 import traceback
@@ -39,6 +40,8 @@ import data
 import models
 from gt_pipeline.engine import distributed, metrics
 from gt_pipeline.engine.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+
+_log = logging.getLogger(__name__)
 
 COMPONENTS = ("rwkv", "mamba", "fusion", "other")
 # torch.compile modes a step can use. "reduce-overhead" adds CUDA graphs: the fastest measured GPU step
@@ -256,8 +259,9 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, fused: bool = False) -> torch.optim.AdamW:
-    """AdamW with one group per (component, decay?) so each component has its own LR multiplier."""
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """Fused AdamW (CPU and CUDA) with one group per (component, decay?) so each component has its own LR
+    multiplier. Fused, `train_step` queues the update without waiting for the device (`skips_on_device`)."""
     groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -273,7 +277,7 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, fused: bool = Fals
         }
         for (comp, decay), ps in sorted(groups.items())
     ]
-    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
+    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
 
 
 class TokenLoss(torch.nn.Module):
@@ -391,9 +395,13 @@ def train_step(model, fwd, optimizer, batches, grad_clip: float, autocast, *, no
     every rank sees the same value, so a NaN stops every rank at the same step.
 
     The step waits for the device once: the loss, the loss terms and the component norms are read back
-    together. `before_sync` runs just before that wait, while the device works through the queued
-    forward and backward (the training loop draws the next batch there); clipping uses the norms read
-    back (the coefficient of clip_grad_norm_), so clip and optimizer kernels are queued without a wait."""
+    together. With a fused optimizer (`build_optimizer`'s) that wait comes after the update is queued: the clip
+    coefficient is formed on the device and the optimizer gets a `found_inf` flag (the protocol torch's
+    GradScaler uses with fused optimizers), so a non-finite loss skips the update on the device, leaving the
+    weights, the moments and the step count as they were. The device then never sits idle while the host
+    launches the optimizer. Other optimizers (no `found_inf`) are stepped after the wait, from the norms read
+    back, with the same arithmetic. `before_sync` runs just before the wait, while the device works through
+    the queued step (the training loop draws the next batch there)."""
     loss_sum, parts_sum = None, {}
     torch.compiler.cudagraph_mark_step_begin()  # a new step for CUDA-graph replays ("reduce-overhead"); else a no-op
     for i, batch in enumerate(batches):
@@ -412,22 +420,58 @@ def train_step(model, fwd, optimizer, batches, grad_clip: float, autocast, *, no
             reduced = distributed.all_reduce_sum(torch.stack(list(parts_sum.values())).float(), dist_ctx) / dist_ctx.world_size
             parts_sum = dict(zip(parts_sum, reduced))
     sq = component_grad_sq(model)
+    read = torch.cat([loss_sum.float().reshape(1), sq, *(v.float().reshape(1) for v in parts_sum.values())])
+    on_device = skips_on_device(optimizer)
+    if on_device:
+        # clip_grad_norm_'s coefficient grad_clip / (norm + 1e-6), clamped at 1 (a product by exactly 1 below it).
+        # In the gradients' dtype: a 0-dim tensor of another dtype sends _foreach_mul_ to its per-tensor path
+        # on CUDA, one kernel per parameter.
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        coef = (grad_clip / (sq.double().sum().sqrt() + 1e-6)).clamp(max=1.0).to(grads[0].dtype)
+        torch._foreach_mul_(grads, coef)
+        optimizer.found_inf = (~torch.isfinite(read[0])).float()
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+        optimizer.zero_grad(set_to_none=True)
+    else:
+        _note_host_clip(optimizer)
     if before_sync is not None:
         before_sync()
-    vals = torch.cat([loss_sum.float().reshape(1), sq, *(v.float().reshape(1) for v in parts_sum.values())]).tolist()
+    vals = read.tolist()
     loss_v = vals[0]  # the step's one sync
     if not math.isfinite(loss_v):
-        optimizer.zero_grad(set_to_none=True)
+        if not on_device:
+            optimizer.zero_grad(set_to_none=True)
         return loss_v, None
     norms = _norms_from_sq(vals[1 : 1 + len(COMPONENTS)])
     norms.update(zip(parts_sum, vals[1 + len(COMPONENTS):]))  # the objective's terms (loss_ce, loss_div, ...)
-    clip = grad_clip / (norms["grad_norm"] + 1e-6)  # torch.nn.utils.clip_grad_norm_'s coefficient, clamped at 1
-    if clip < 1.0:
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        torch._foreach_mul_(grads, clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    if not on_device:
+        clip = grad_clip / (norms["grad_norm"] + 1e-6)  # torch.nn.utils.clip_grad_norm_'s coefficient, clamped at 1
+        if clip < 1.0:
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            torch._foreach_mul_(grads, clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
     return loss_v, norms
+
+
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether `optimizer` takes torch's `found_inf` flag (fused Adam/AdamW/SGD): every group fused. A
+    checkpoint's param groups replace the optimizer's on load, so an optimizer state saved unfused stays so."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and all(
+        g.get("fused") for g in optimizer.param_groups)
+
+
+_host_clip_noted: set[int] = set()
+
+
+def _note_host_clip(optimizer: torch.optim.Optimizer) -> None:
+    if id(optimizer) not in _host_clip_noted:
+        _host_clip_noted.add(id(optimizer))
+        _log.info("%s is not fused: each step reads the norms back before the update (the device idles while the "
+                 "host launches the optimizer)", type(optimizer).__name__)
 
 
 def _split_loss(out) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -539,7 +583,7 @@ def _train(cfg, shards_dir, work_dir, device, dist_ctx, *, on_log, on_step_end, 
     torch.manual_seed(cfg.seed)
     model = models.get_model(cfg.model, cfg.vocab_size, size=cfg.size, **cfg.model_overrides).to(device)
     n_params = sum(p.numel() for p in model.parameters())
-    optimizer = build_optimizer(model, cfg, fused=device.type == "cuda")
+    optimizer = build_optimizer(model, cfg)
     use_amp = cfg.amp and device.type == "cuda"
 
     def autocast():
@@ -623,9 +667,8 @@ def _train(cfg, shards_dir, work_dir, device, dist_ctx, *, on_log, on_step_end, 
                 f"loss is {loss_sum} at step {step + 1} (lr {lr:.3g}); training stopped. "
                 f"Last good checkpoint: {last[-1] if last else 'none (diverged before the first checkpoint)'}"
             )
-        # No device sync here: train_step's loss read waits for this step's forward and backward, and the optimizer
-        # kernels it leaves queued overlap the next step's host work; summed over steps, the step times add up to
-        # the GPU time (steady_tokens_per_s). Evaluation and checkpoints come after dt.
+        # train_step's one read waits for this whole step, the update included; the host work before it (the next
+        # batch, the optimizer launches) overlapped the device's. Evaluation and checkpoints come after dt.
         dt = time.perf_counter() - t0
         n_tok = cfg.batch_size * cfg.seq_len * cfg.grad_accum * W  # all ranks
         tokens_done += n_tok
