@@ -26,7 +26,7 @@ import torch
 import data
 import models
 from gt_pipeline.engine.checkpoint import load_model_weights
-from gt_pipeline.engine.decode import prefill
+from gt_pipeline.engine.decode import DecodeStep, prefill
 from gt_pipeline.store import ArtifactStore
 
 
@@ -39,7 +39,8 @@ def generate(model: torch.nn.Module, prompt_ids: list[int], max_new_tokens: int,
     Sampling: logits of the last position / temperature, restricted to the `top_k` largest (None: all),
     drawn from a CPU torch.Generator seeded with `seed` (same tokens on CPU and GPU given same logits);
     `greedy` takes the argmax instead. `stateful` (default True) feeds one token per call with the carried
-    state (GPT: its KV cache); False recomputes the whole context each step.
+    state (GPT: its KV cache) through `decode.DecodeStep`, CUDA-graphed for the recurrent models on CUDA;
+    False recomputes the whole context each step.
     """
     if not prompt_ids:
         raise ValueError("prompt_ids must hold at least one token id (an empty prompt has nothing to continue)")
@@ -62,11 +63,12 @@ def generate(model: torch.nn.Module, prompt_ids: list[int], max_new_tokens: int,
             state = None if model.is_recurrent else model.kv_cache(1, len(prompt_ids) + max_new_tokens)
             state, last = prefill(model, ids, chunk=chunk, state=state)  # the prompt, `chunk` tokens per call
             last = last[0]  # (V,)
+            # one token per step; on CUDA a recurrent model's step is a CUDA graph (decode.DecodeStep)
+            step = DecodeStep(model, state) if max_new_tokens > 0 else None
             for _ in range(max_new_tokens):
                 nxt = _pick(last, top_k, temperature, gen, greedy)
                 out.append(nxt)
-                o = model(torch.tensor([[nxt]], dtype=torch.int64, device=device), state=state)  # (1, 1)
-                state, last = o.state, o.logits[0, -1]
+                last = step(torch.tensor([[nxt]], dtype=torch.int64, device=device))[0]  # (V,)
         else:
             ctx = ids
             for _ in range(max_new_tokens):
