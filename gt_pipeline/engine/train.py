@@ -427,8 +427,9 @@ def train_step(model, fwd, optimizer, batches, grad_clip: float, autocast, *, no
         # In the gradients' dtype: a 0-dim tensor of another dtype sends _foreach_mul_ to its per-tensor path
         # on CUDA, one kernel per parameter.
         grads = [p.grad for p in model.parameters() if p.grad is not None]
-        coef = (grad_clip / (sq.double().sum().sqrt() + 1e-6)).clamp(max=1.0).to(grads[0].dtype)
-        torch._foreach_mul_(grads, coef)
+        if grads:
+            coef = (grad_clip / (sq.double().sum().sqrt() + 1e-6)).clamp(max=1.0).to(grads[0].dtype)
+            torch._foreach_mul_(grads, coef)
         optimizer.found_inf = (~torch.isfinite(read[0])).float()
         try:
             optimizer.step()
