@@ -1,5 +1,6 @@
 """Training and evaluation engines (no Dagster): resume, divergence, schedule, metrics, NIAH scoring."""
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -112,6 +113,7 @@ def test_train_step_clips_and_reads_norms_as_clip_grad_norm_does(clip, kind, dev
         for (n, a), b in zip(ours.named_parameters(), ref.parameters()):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
             assert a.grad is None
+        assert not hasattr(opt_ours, "found_inf")  # a flag left behind would reach the next step, maybe unfused
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
@@ -134,12 +136,45 @@ def test_train_step_with_a_non_finite_loss_leaves_weights_and_optimizer_state_al
     before[next(n for n, p in model.named_parameters() if p is poisoned)][0] = float("nan")
     loss, norms = train_step(model, fwd, opt, *args)
     assert math.isnan(loss) and norms is None
+    assert not hasattr(opt, "found_inf")
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), before[n], rtol=0, atol=0, equal_nan=True, msg=n)
         assert p.grad is None
     for p, st in opt.state.items():
         for k, v in st.items():
             torch.testing.assert_close(v, state_before[id(p)][k], rtol=0, atol=0, msg=k)
+
+
+def test_train_step_clips_gradients_of_mixed_dtypes_with_one_coefficient():
+    """The on-device clip multiplies each dtype's gradients by the coefficient in that dtype, as clip_grad_norm_
+    does: the gradients the fused optimizer is handed equal clip_grad_norm_'s, bf16 ones included."""
+    torch.manual_seed(0)
+    # bf16 first (ParameterDict orders by key): a coefficient rounded to the first gradient's dtype would
+    # miss on the fp32 one
+    model = torch.nn.ParameterDict({"b": torch.nn.Parameter(torch.randn(32, dtype=torch.bfloat16)),
+                                    "f": torch.nn.Parameter(torch.randn(64))})
+
+    def fwd():
+        return (model["f"] ** 2).sum() + (model["b"].float() ** 2).sum()
+
+    ref = {k: p.detach().clone().requires_grad_() for k, p in model.items()}
+    ((ref["f"] ** 2).sum() + (ref["b"].float() ** 2).sum()).backward()
+    torch.nn.utils.clip_grad_norm_(list(ref.values()), 1.0)
+    opt = torch.optim.AdamW(model.parameters(), fused=True)
+    assert skips_on_device(opt)
+    handed = {}
+    step = opt.step
+
+    def recording_step(*args, **kwargs):
+        handed.update({k: p.grad.clone() for k, p in model.items()})
+        return step(*args, **kwargs)
+
+    opt.step = recording_step
+    loss, norms = train_step(model, fwd, opt, [()], 1.0, contextlib.nullcontext)
+    assert norms["grad_norm"] > 10  # the clip acts (coefficient about 0.05)
+    torch.testing.assert_close(handed["f"], ref["f"].grad, rtol=1e-6, atol=0)
+    assert handed["b"].dtype == torch.bfloat16
+    torch.testing.assert_close(handed["b"], ref["b"].grad, rtol=2 ** -7, atol=0)
 
 
 def test_skips_on_device_only_when_every_group_is_fused():

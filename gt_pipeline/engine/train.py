@@ -424,12 +424,15 @@ def train_step(model, fwd, optimizer, batches, grad_clip: float, autocast, *, no
     on_device = skips_on_device(optimizer)
     if on_device:
         # clip_grad_norm_'s coefficient grad_clip / (norm + 1e-6), clamped at 1 (a product by exactly 1 below it).
-        # In the gradients' dtype: a 0-dim tensor of another dtype sends _foreach_mul_ to its per-tensor path
+        # In each gradient's dtype: a 0-dim tensor of another dtype sends _foreach_mul_ to its per-tensor path
         # on CUDA, one kernel per parameter.
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        if grads:
-            coef = (grad_clip / (sq.double().sum().sqrt() + 1e-6)).clamp(max=1.0).to(grads[0].dtype)
-            torch._foreach_mul_(grads, coef)
+        coef = (grad_clip / (sq.double().sum().sqrt() + 1e-6)).clamp(max=1.0)
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for p in model.parameters():
+            if p.grad is not None:
+                by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+        for dtype, grads in by_dtype.items():
+            torch._foreach_mul_(grads, coef.to(dtype))
         optimizer.found_inf = (~torch.isfinite(read[0])).float()
         try:
             optimizer.step()
