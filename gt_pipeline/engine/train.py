@@ -28,6 +28,7 @@ import logging
 import math
 import time
 import traceback
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -399,8 +400,8 @@ def train_step(model, fwd, optimizer, batches, grad_clip: float, autocast, *, no
     coefficient is formed on the device and the optimizer gets a `found_inf` flag (the protocol torch's
     GradScaler uses with fused optimizers), so a non-finite loss skips the update on the device, leaving the
     weights, the moments and the step count as they were. The device then never sits idle while the host
-    launches the optimizer. Other optimizers (no `found_inf`) are stepped after the wait, from the norms read
-    back, with the same arithmetic. `before_sync` runs just before the wait, while the device works through
+    launches the optimizer. Other optimizers (no `found_inf`) are stepped after the wait, on the same clipped
+    gradients, only when the loss is finite. `before_sync` runs just before the wait, while the device works through
     the queued step (the training loop draws the next batch there)."""
     loss_sum, parts_sum = None, {}
     torch.compiler.cudagraph_mark_step_begin()  # a new step for CUDA-graph replays ("reduce-overhead"); else a no-op
@@ -421,18 +422,9 @@ def train_step(model, fwd, optimizer, batches, grad_clip: float, autocast, *, no
             parts_sum = dict(zip(parts_sum, reduced))
     sq = component_grad_sq(model)
     read = torch.cat([loss_sum.float().reshape(1), sq, *(v.float().reshape(1) for v in parts_sum.values())])
+    _clip_grads(model, sq, grad_clip)
     on_device = skips_on_device(optimizer)
     if on_device:
-        # clip_grad_norm_'s coefficient grad_clip / (norm + 1e-6), clamped at 1 (a product by exactly 1 below it).
-        # In each gradient's dtype: a 0-dim tensor of another dtype sends _foreach_mul_ to its per-tensor path
-        # on CUDA, one kernel per parameter.
-        coef = (grad_clip / (sq.double().sum().sqrt() + 1e-6)).clamp(max=1.0)
-        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-        for p in model.parameters():
-            if p.grad is not None:
-                by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
-        for dtype, grads in by_dtype.items():
-            torch._foreach_mul_(grads, coef.to(dtype))
         optimizer.found_inf = (~torch.isfinite(read[0])).float()
         try:
             optimizer.step()
@@ -440,25 +432,33 @@ def train_step(model, fwd, optimizer, batches, grad_clip: float, autocast, *, no
             del optimizer.found_inf
         optimizer.zero_grad(set_to_none=True)
     else:
-        _note_host_clip(optimizer)
+        _note_host_step(optimizer)
     if before_sync is not None:
         before_sync()
     vals = read.tolist()
     loss_v = vals[0]  # the step's one sync
+    if not on_device:
+        if math.isfinite(loss_v):
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
     if not math.isfinite(loss_v):
-        if not on_device:
-            optimizer.zero_grad(set_to_none=True)
         return loss_v, None
     norms = _norms_from_sq(vals[1 : 1 + len(COMPONENTS)])
     norms.update(zip(parts_sum, vals[1 + len(COMPONENTS):]))  # the objective's terms (loss_ce, loss_div, ...)
-    if not on_device:
-        clip = grad_clip / (norms["grad_norm"] + 1e-6)  # torch.nn.utils.clip_grad_norm_'s coefficient, clamped at 1
-        if clip < 1.0:
-            grads = [p.grad for p in model.parameters() if p.grad is not None]
-            torch._foreach_mul_(grads, clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
     return loss_v, norms
+
+
+def _clip_grads(model: torch.nn.Module, sq: torch.Tensor, grad_clip: float) -> None:
+    """clip_grad_norm_ on the device, no sync: gradients times grad_clip / (norm + 1e-6) clamped at 1 (a product
+    by exactly 1 below it), `sq` the components' squared norms. The coefficient goes to each gradient's dtype: a
+    0-dim tensor of another dtype sends _foreach_mul_ to its per-tensor path on CUDA, one kernel per parameter."""
+    coef = (grad_clip / (sq.double().sum().sqrt() + 1e-6)).clamp(max=1.0)
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for p in model.parameters():
+        if p.grad is not None:
+            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    for dtype, grads in by_dtype.items():
+        torch._foreach_mul_(grads, coef.to(dtype))
 
 
 def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
@@ -468,14 +468,14 @@ def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
         g.get("fused") for g in optimizer.param_groups)
 
 
-_host_clip_noted: set[int] = set()
+_host_step_noted: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
 
 
-def _note_host_clip(optimizer: torch.optim.Optimizer) -> None:
-    if id(optimizer) not in _host_clip_noted:
-        _host_clip_noted.add(id(optimizer))
-        _log.info("%s is not fused: each step reads the norms back before the update (the device idles while the "
-                 "host launches the optimizer)", type(optimizer).__name__)
+def _note_host_step(optimizer: torch.optim.Optimizer) -> None:
+    if optimizer not in _host_step_noted:
+        _host_step_noted.add(optimizer)
+        _log.info("%s is not fused: each step's update waits for the read-back of the loss (the device idles while "
+                  "the host launches the optimizer)", type(optimizer).__name__)
 
 
 def _split_loss(out) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
