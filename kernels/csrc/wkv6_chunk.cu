@@ -299,31 +299,17 @@ __device__ __forceinline__ void scores(const Smem& s, int tid) {
   split(p[0], s.Ah + c * PA + sr, s.Al + c * PA + sr);
 }
 
-// fp32 state (or G) -> bf16 triple (hi, lo, mid), and an optional in-place decay by e^{Et} for the next
-// update; each thread moves 4 consecutive entries of a row per step.
-__device__ __forceinline__ uint32_t split3(float x0, float x1, int part) {
-  // part 0: hi = bf16(x); 1: lo = bf16(x - hi); 2: mid = bf16(x - hi - lo), for two values packed
-  __nv_bfloat162 out;
-  float r0 = x0, r1 = x1;
-  bf16 h0 = __float2bfloat16_rn(r0), h1 = __float2bfloat16_rn(r1);
-  for (int q = 0; q < part; ++q) {
-    r0 -= __bfloat162float(h0); r1 -= __bfloat162float(h1);
-    h0 = __float2bfloat16_rn(r0); h1 = __float2bfloat16_rn(r1);
-  }
-  out.x = h0; out.y = h1;
-  return *reinterpret_cast<uint32_t*>(&out);
-}
+// fp32 state (or G) -> bf16 terms hi, lo (MID: and mid), 4 consecutive entries of a row per thread and step.
 template <bool MID>  // MID: also the third term Sm (the backward's transposed products use it)
 __device__ __forceinline__ void split_state(const Smem& s, int tid) {
 #pragma unroll
   for (int e = 4 * tid; e < N * N; e += 4 * NT) {
     const int i = e >> 6, j = e & 63;
-    const float4 x = ld4(s.S + i * PS + j);
-    *reinterpret_cast<uint2*>(s.Sh + i * PB + j) = make_uint2(split3(x.x, x.y, 0), split3(x.z, x.w, 0));
-    *reinterpret_cast<uint2*>(s.Sl + i * PB + j) = make_uint2(split3(x.x, x.y, 1), split3(x.z, x.w, 1));
-    if (MID) *reinterpret_cast<uint2*>(s.Sm + i * PB + j) = make_uint2(split3(x.x, x.y, 2), split3(x.z, x.w, 2));
+    split4<MID>(ld4(s.S + i * PS + j), s.Sh + i * PB + j, s.Sl + i * PB + j, s.Sm + i * PB + j);
   }
 }
+
+// S <- e^{Et} S in place (row i, the key channel, scaled by its chunk decay).
 __device__ __forceinline__ void decay_state(const Smem& s, int tid) {
 #pragma unroll
   for (int e = 4 * tid; e < N * N; e += 4 * NT) {
