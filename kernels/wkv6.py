@@ -83,8 +83,9 @@ def _validate(r, k, v, w, u, initial_state) -> None:
     B, T, H, K = r.shape
     if k.shape != r.shape:
         raise ValueError(f"wkv6: k must have r's shape [B, T, H, K] = {tuple(r.shape)}, got {tuple(k.shape)}")
-    if w.shape != r.shape:
-        raise ValueError(f"wkv6: w must have r's shape [B, T, H, K] = {tuple(r.shape)}, got {tuple(w.shape)}")
+    if w.shape != r.shape and w.shape != (B, T, H, 1):
+        raise ValueError(f"wkv6: w must be [B, T, H, K] = {tuple(r.shape)} (one decay per channel) or "
+                         f"[B, T, H, 1] = {(B, T, H, 1)} (one per head), got {tuple(w.shape)}")
     if v.dim() != 4 or v.shape[:3] != r.shape[:3]:
         raise ValueError(
             f"wkv6: v must be [B, T, H, V] with B, T, H = {B}, {T}, {H} (from r), got {tuple(v.shape)}"
@@ -222,7 +223,10 @@ def wkv6(
         r: `[B, T, H, K]` receptance.
         k: `[B, T, H, K]` key.
         v: `[B, T, H, V]` value.
-        w: `[B, T, H, K]` raw decay (RWKV-LM convention: decay = exp(-exp(w)), computed in fp32).
+        w: `[B, T, H, K]` raw decay (RWKV-LM convention: decay = exp(-exp(w)), computed in fp32), or
+            `[B, T, H, 1]`: one decay per head, shared by its K channels (Mamba-2's scalar decay). The
+            chunked kernels read it as is and sum its gradient over the channels in fp64; the other
+            backends run it expanded to `[B, T, H, K]` (autograd sums the gradient).
         u: `[H, K]` bonus for the current token (any float dtype).
         initial_state: optional `[B, H, K, V]` state S_{-1}; differentiable.
         output_final_state: also return S_{T-1}.
@@ -238,6 +242,8 @@ def wkv6(
     """
     _validate(r, k, v, w, u, initial_state)
     chunked = resolve_impl(impl, r) == "chunked"
+    if w.shape[-1] != r.shape[-1] and not chunked:
+        w = w.expand(r.shape)
     sd = _state_dtype(r)
     h0 = None if initial_state is None else initial_state.to(sd)
     y, state = WKV6Function.apply(r, k, v, w, u.to(sd), h0, chunked)

@@ -127,7 +127,8 @@ def ssd_wkv6(x, dt, A_log, B, C, D=None, initial_state=None, impl="auto"):
 
     Mapping (state S = h^T, key index n = the SSD state index, value index p = the head channel):
         h_t = a_t h_{t-1} + (dt_t x_t) B_t^T,  a_t = exp(dt_t A)    y_t = h_t C_t + D x_t
-        k_t = B_t,  v_t = dt_t x_t,  w_t = log(dt_t) + A_log  (so exp(-exp(w_t)) = exp(dt_t A) = a_t)
+        k_t = B_t,  v_t = dt_t x_t,  w_t = log(dt_t) + A_log  (so exp(-exp(w_t)) = exp(dt_t A) = a_t),
+        one per head: w is [B, T, H, 1] (kernels.wkv6 reads it as is on the chunked kernels)
         r_t = a_t C_t,  u = 0:  wkv6 gives r_t S_{t-1} = C_t^T (a_t h_{t-1}); the current token's term
         C_t^T B_t dt_t x_t is added here, since wkv6 reads S_{t-1} (not S_t) and u is constant over t.
     Dtypes: on CPU r, k, v, w are all fp32 (fp64 for fp64 x); on CUDA r, k, v are bf16 when x is bf16
@@ -152,7 +153,7 @@ def ssd_wkv6(x, dt, A_log, B, C, D=None, initial_state=None, impl="auto"):
         floor = torch.finfo(cd).tiny ** 0.5
         dt_f = dt + (dt.clamp_min(floor) - dt).detach()                                # value max(dt, f), grad 1
         w = torch.log(dt_f) + A_log                                                    # (B, T, H)
-        w = w[..., None].expand(Bsz, T, H, N)                                          # same decay for every n
+        w = w[..., None]                                                               # (B, T, H, 1): one per head
         u = torch.zeros(H, N, dtype=cd, device=x.device)                               # no current-token bonus
         h0 = None if initial_state is None else initial_state.transpose(-1, -2)         # (B, H, N, P)
         rk = r.to(kd)

@@ -148,6 +148,21 @@ def test_cpu_non_contiguous_inputs():
         assert_close(name, got[name], ref[name], 1e-10)
 
 
+def test_cpu_head_decay_equals_the_expanded_decay():
+    """w [B, T, H, 1] (one decay per head) runs as w expanded over K: same outputs, and its gradient is the
+    expanded gradient summed over the channels."""
+    x, cot = make_inputs(2, 23, 3, 8, 4, seed=5)
+    x["w"] = x["w"][..., :1].contiguous()
+    head = run_with_grads(wkv6, x, cot)
+    x_full = {**x, "w": x["w"].expand(2, 23, 3, 8).contiguous()}
+    full = run_with_grads(wkv6, x_full, cot)
+    assert head["w"].shape == (2, 23, 3, 1)
+    for name in ("y", "state", "r", "k", "v", "u", "h0"):
+        torch.testing.assert_close(head[name], full[name], rtol=0, atol=0)
+    torch.testing.assert_close(head["w"], full["w"].sum(-1, keepdim=True), rtol=1e-12, atol=1e-12)
+    assert head["w"].abs().max() > 0.1
+
+
 # ---- input validation --------------------------------------------------------------------------
 
 
@@ -161,7 +176,8 @@ def _good(dtype=torch.float32):
     [
         (lambda x: x.update(r=x["r"][0]), "r must be \\[B, T, H, K\\]"),
         (lambda x: x.update(k=x["k"][:, :4]), "k must have r's shape"),
-        (lambda x: x.update(w=x["w"][..., :7]), "w must have r's shape"),
+        (lambda x: x.update(w=x["w"][..., :7]), "w must be \\[B, T, H, K\\] = \\(2, 5, 3, 8\\) .* or \\[B, T, H, 1\\]"),
+        (lambda x: x.update(w=x["w"][..., :2]), "one per head\\), got \\(2, 5, 3, 2\\)"),
         (lambda x: x.update(v=x["v"][:1]), "v must be \\[B, T, H, V\\]"),
         (lambda x: x.update(v=x["v"][:, :, :2]), "v must be \\[B, T, H, V\\]"),
         (lambda x: x.update(u=x["u"][:2]), "u must be \\[H, K\\]"),
@@ -174,7 +190,7 @@ def _good(dtype=torch.float32):
         (lambda x: x.update(r=x["r"][:, :0], k=x["k"][:, :0], w=x["w"][:, :0], v=x["v"][:, :0]), ">= 1"),
         (lambda x: x.update(u=x["u"].tolist()), "u must be a torch.Tensor"),
     ],
-    ids=["r_rank", "k_T", "w_K", "v_B", "v_H", "u_H", "h0_V", "k_dtype", "w_dtype", "v_int", "cpu_bf16",
+    ids=["r_rank", "k_T", "w_K", "w_K2", "v_B", "v_H", "u_H", "h0_V", "k_dtype", "w_dtype", "v_int", "cpu_bf16",
          "device_mismatch", "T0", "u_list"],
 )
 def test_bad_input_raises_value_error(mutate, match):

@@ -127,6 +127,50 @@ def test_chunked_state_chaining_equals_one_pass():
         assert_close(name, two[name], one[name], {**TOL["bf16"], "w": 3e-4}[name])
 
 
+# ---- one decay per head (w [B, T, H, 1], Mamba-2's scalar decay): the chunked kernels read it as is.
+def head_decay(x):
+    return {**x, "w": x["w"][..., :1].contiguous()}
+
+
+@pytest.mark.parametrize("shape", [(2, 67, 3, 64), (3, 17, 2, 64), (1, 200, 2, 64)],
+                         ids=lambda s: "B{}-T{}-H{}-N{}".format(*s))
+@pytest.mark.parametrize("io", ["bf16", "bf16_w32"])
+def test_chunked_head_decay_matches_reference(shape, io):
+    x, cot = make_inputs(*shape, seed=sum(shape) + 2)
+    xk = head_decay(cast(x, BF16) if io == "bf16" else cast(x, BF16, F32))
+    tol = TOL["bf16"] if io == "bf16" else {**TOL["bf16"], "w": 3e-4}
+    check_against_reference(xk, cot, tol, impl="chunked")
+
+
+@pytest.mark.parametrize("w_range", [(3.0, 5.0), (-12.0, -8.0), (8.0, 12.0)], ids=["strong", "weak", "vanishing"])
+def test_chunked_head_decay_extreme_decays(w_range):
+    x, cot = make_inputs(2, 150, 2, 64, seed=8, w_range=w_range)
+    check_against_reference(head_decay(cast(x, BF16, F32)), cot, {**TOL["bf16"], "w": 3e-4}, impl="chunked")
+
+
+def test_chunked_head_decay_long_sequence():
+    x, cot = make_inputs(1, 16384, 2, 64, seed=12, w_range=(-9.0, 1.0))
+    check_against_reference(head_decay(cast(x, BF16, F32)), cot, {**TOL["bf16"], "w": 1e-3}, impl="chunked")
+
+
+@pytest.mark.parametrize("shape", [(2, 67, 3, 64), (4, 1030, 4, 64)], ids=["B2-T67-H3", "B4-T1030-H4"])
+def test_chunked_head_decay_equals_the_expanded_decay(shape):
+    """Against the per-channel kernels on w expanded over K: the same per-channel arithmetic, so every output
+    and every gradient but gw is bit for bit the same; gw is the expanded gw summed over the channels, to the
+    fp32 rounding of the 64 terms (the head kernel sums them in fp64 before rounding once)."""
+    x, cot = make_inputs(*shape, seed=21, w_range=(-6.0, 2.0))
+    xk = head_decay(cast(x, BF16, F32))
+    head = run_with_grads(with_impl("chunked"), xk, cot)
+    full = run_with_grads(with_impl("chunked"), {**xk, "w": xk["w"].expand(*shape).contiguous()}, cot)
+    for name in NAMES:
+        if name != "w":
+            assert torch.equal(head[name], full[name]), name
+    want = full["w"].sum(-1, keepdim=True)
+    bound = 2.0 ** -23 * full["w"].abs().sum(-1, keepdim=True) + 1e-30
+    assert ((head["w"] - want).abs() <= bound).all(), ((head["w"] - want).abs() / bound).max()
+    assert want.abs().max() > 1.0
+
+
 def test_chunked_rejects_what_it_cannot_run():
     x, _ = make_inputs(1, 5, 2, 32)
     xk = cast(x, BF16)

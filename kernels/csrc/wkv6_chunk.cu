@@ -1,7 +1,10 @@
 // wkv6 (RWKV-6) chunked forward and backward on tensor cores: intra-chunk parallel, inter-chunk
 // recurrent. bf16 r, k, v (and y, gy, gr, gk, gv), w in bf16 or fp32, head size N = 64, chunks of
 // C = 16 steps. The sequential kernels in wkv6_cuda.cu stay the reference backend (fp32 inputs,
-// head sizes 32 and 128); kernels/wkv6.py picks between them.
+// head sizes 32 and 128); kernels/wkv6.py picks between them. w is one decay per channel [B, T, H, N] or
+// one per head [B, T, H, 1] (template flag WH; Mamba-2 through wkv6): the per-head value is read once per step
+// and stands for every channel, so all per-channel arithmetic is the same; gw then sums over the channels
+// (chunk_gw_head_kernel).
 //
 // Per (b, h) one block of 256 threads walks the chunks in order, keeping the 64 x 64 state in shared
 // memory in fp32. The backward's two sweeps are independent and run side by side in one launch (two
@@ -48,6 +51,8 @@
 #include <cuda_runtime.h>
 #include <mma.h>
 #include <stdint.h>
+
+#include <type_traits>
 
 namespace {
 
@@ -126,6 +131,9 @@ __device__ __forceinline__ float cvt<float>(float x) { return x; }
 template <>
 __device__ __forceinline__ bf16 cvt<bf16>(float x) { return __float2bfloat16_rn(x); }
 
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(bf16 x) { return __bfloat162float(x); }
+
 __device__ __forceinline__ void put4(float* dst, const float4& x) { *reinterpret_cast<float4*>(dst) = x; }
 __device__ __forceinline__ void split(float x, bf16* hi, bf16* lo) {
   const bf16 h = __float2bfloat16_rn(x);
@@ -157,20 +165,33 @@ struct RawW<bf16> {
   }
 };
 
-// Raw inputs of one chunk held in registers while the previous chunk computes.
-template <typename Tw, bool DY>
+// One decay per head ([B, T, H, 1] w): the step's value stands for all four channels of the thread.
+template <typename Tw>
+struct RawW1 {
+  Tw x;
+  __device__ void load(const Tw* p) { x = *p; }
+  __device__ void zero() { x = cvt<Tw>(0.f); }
+  __device__ float4 get() const {
+    const float f = to_f32(x);
+    return make_float4(f, f, f, f);
+  }
+};
+
+// Raw inputs of one chunk held in registers while the previous chunk computes. WH: w holds one decay per head
+// ([B, T, H, 1], element woff of the step); otherwise one per channel, at the same offset as r, k, v.
+template <typename Tw, bool DY, bool WH>
 struct Prefetch {
   uint2 r, k, v, dy;
-  RawW<Tw> w;
-  __device__ void load(const Slot& sl, int64_t off, bool valid, const bf16* R, const bf16* K, const bf16* V,
-                       const Tw* W, const bf16* G) {
+  typename std::conditional<WH, RawW1<Tw>, RawW<Tw>>::type w;
+  __device__ void load(const Slot& sl, int64_t off, int64_t woff, bool valid, const bf16* R, const bf16* K,
+                       const bf16* V, const Tw* W, const bf16* G) {
     if (!valid) {
       r = k = v = dy = make_uint2(0u, 0u);
       w.zero();
       return;
     }
     r = ld_raw(R + off); k = ld_raw(K + off); v = ld_raw(V + off);
-    w.load(W + off);
+    w.load(W + (WH ? woff : off));
     if (DY) dy = ld_raw(G + off);
   }
   // valid = false leaves zeros and a zero log-decay (the step is the identity on the state)
@@ -429,7 +450,7 @@ __device__ __forceinline__ void init_state(const Smem& s, const float* src, int 
 }
 
 // =============================================================================================== forward
-template <typename Tw>
+template <typename Tw, bool WH>
 __global__ void __launch_bounds__(NT, 2)  // one block per (b, h), two per SM
 chunk_forward_kernel(int T, int H, const bf16* __restrict__ r, const bf16* __restrict__ k,
                      const bf16* __restrict__ v, const Tw* __restrict__ w, const float* __restrict__ u,
@@ -443,15 +464,16 @@ chunk_forward_kernel(int T, int H, const bf16* __restrict__ r, const bf16* __res
   init_state(s, h0 ? h0 + (int64_t)bh * N * N : nullptr, tid);
   __syncthreads();
   split_state<false>(s, tid);
-  Prefetch<Tw, false> pf;
+  Prefetch<Tw, false, WH> pf;
   const int nch = (T + C - 1) / C;
   auto off = [&](int c) { return base + (int64_t)(c * C + sl.t) * stride + sl.i0; };
-  pf.load(sl, off(0), sl.t < T, r, k, v, w, nullptr);
+  auto woff = [&](int c) { return ((int64_t)b * T + c * C + sl.t) * H + h; };  // WH only
+  pf.load(sl, off(0), woff(0), sl.t < T, r, k, v, w, nullptr);
   pf.store(s, sl, sl.t < T);
   __syncthreads();
   for (int c = 0; c < nch; ++c) {
     const bool more = c + 1 < nch, next_valid = (c + 1) * C + sl.t < T;
-    if (more) pf.load(sl, off(c + 1), next_valid, r, k, v, w, nullptr);
+    if (more) pf.load(sl, off(c + 1), woff(c + 1), next_valid, r, k, v, w, nullptr);
     cumsum(s, tid);
     __syncthreads();
     scaled_rk<2, 2>(s, sl);
@@ -492,7 +514,7 @@ chunk_forward_kernel(int T, int H, const bf16* __restrict__ r, const bf16* __res
 
 // ====================================================================================== backward sweep 1
 // Forward in time: gr, b = r * (gr without the bonus), gu partials, P = rowsum(ghT * S_T).
-template <typename Tw>
+template <typename Tw, bool WH>
 __device__ __forceinline__ void backward_sweep1(const Smem& s, int bh, int T, int H, const bf16* __restrict__ r,
                                                 const bf16* __restrict__ k, const bf16* __restrict__ v,
                                                 const Tw* __restrict__ w, const float* __restrict__ u,
@@ -514,15 +536,16 @@ __device__ __forceinline__ void backward_sweep1(const Smem& s, int bh, int T, in
   init_state(s, h0 ? h0 + (int64_t)bh * N * N : nullptr, tid);
   __syncthreads();
   split_state<true>(s, tid);
-  Prefetch<Tw, true> pf;
+  Prefetch<Tw, true, WH> pf;
   const int nch = (T + C - 1) / C;
   auto off = [&](int c) { return base + (int64_t)(c * C + sl.t) * stride + sl.i0; };
-  pf.load(sl, off(0), sl.t < T, r, k, v, w, gy);
+  auto woff = [&](int c) { return ((int64_t)b * T + c * C + sl.t) * H + h; };  // WH only
+  pf.load(sl, off(0), woff(0), sl.t < T, r, k, v, w, gy);
   pf.store(s, sl, sl.t < T);
   __syncthreads();
   for (int c = 0; c < nch; ++c) {
     const bool more = c + 1 < nch, next_valid = (c + 1) * C + sl.t < T;
-    if (more) pf.load(sl, off(c + 1), next_valid, r, k, v, w, gy);
+    if (more) pf.load(sl, off(c + 1), woff(c + 1), next_valid, r, k, v, w, gy);
     edge_product(s, tid, s.DY);  // XS = (S0 - k_prev v_prev^T) gy_0, before S0 decays in place
     cumsum(s, tid);
     if (!more && tid >= N && tid < 2 * N) {  // Z = rowsum(ghT * S0) of the last chunk, for P below
@@ -612,7 +635,7 @@ __device__ __forceinline__ void backward_sweep1(const Smem& s, int bh, int T, in
 // Reverse in time: gk, gv, gh0, and kd_s = k_s * (gk_s - u r_s dA_ss - r_{s+1} dA_{s+1,s}) (the decay
 // gradient's share of each key step, into kscr). s.S holds G = dL/dS_end of the current chunk. Independent of
 // sweep 1, so both run at once (chunk_backward_kernel); chunk_gw_kernel then combines kd with sweep 1's b and P.
-template <typename Tw>
+template <typename Tw, bool WH>
 __device__ __forceinline__ void backward_sweep2(const Smem& s, int bh, int T, int H, const bf16* __restrict__ r,
                                                 const bf16* __restrict__ k, const bf16* __restrict__ v,
                                                 const Tw* __restrict__ w, const float* __restrict__ u,
@@ -631,15 +654,16 @@ __device__ __forceinline__ void backward_sweep2(const Smem& s, int bh, int T, in
   init_state(s, ghT ? ghT + (int64_t)bh * N * N : nullptr, tid);
   __syncthreads();
   split_state<true>(s, tid);
-  Prefetch<Tw, true> pf;
+  Prefetch<Tw, true, WH> pf;
   const int nch = (T + C - 1) / C;
   auto off = [&](int c) { return base + (int64_t)(c * C + sl.t) * stride + sl.i0; };
-  pf.load(sl, off(nch - 1), (nch - 1) * C + sl.t < T, r, k, v, w, gy);
+  auto woff = [&](int c) { return ((int64_t)b * T + c * C + sl.t) * H + h; };  // WH only
+  pf.load(sl, off(nch - 1), woff(nch - 1), (nch - 1) * C + sl.t < T, r, k, v, w, gy);
   pf.store(s, sl, (nch - 1) * C + sl.t < T);
   __syncthreads();
   for (int c = nch - 1; c >= 0; --c) {
     const bool more = c > 0;  // chunk c-1 is always full
-    if (more) pf.load(sl, off(c - 1), true, r, k, v, w, gy);
+    if (more) pf.load(sl, off(c - 1), woff(c - 1), true, r, k, v, w, gy);
     edge_product(s, tid, s.V + (C - 1) * PB);  // XS = (G - r_next^T gy_next) v_{C-1}, before G decays in place
     cumsum(s, tid);
     __syncthreads();
@@ -715,7 +739,7 @@ __device__ __forceinline__ void backward_sweep2(const Smem& s, int bh, int T, in
 // them side by side: block 2 bh is sweep 1 of (b, h), block 2 bh + 1 its sweep 2. Two blocks fit an SM (smem
 // and the 128-register bound below, at which ptxas spills 20 bytes), so up to 2 x (SMs) sweeps run at once
 // instead of one sweep after the other.
-template <typename Tw>
+template <typename Tw, bool WH>
 __global__ void __launch_bounds__(NT, 2)
 chunk_backward_kernel(int T, int H, const bf16* __restrict__ r, const bf16* __restrict__ k,
                       const bf16* __restrict__ v, const Tw* __restrict__ w, const float* __restrict__ u,
@@ -727,9 +751,9 @@ chunk_backward_kernel(int T, int H, const bf16* __restrict__ r, const bf16* __re
   const Smem s = carve(smem_raw);
   const int bh = blockIdx.x >> 1;
   if (blockIdx.x & 1)
-    backward_sweep2<Tw>(s, bh, T, H, r, k, v, w, u, gy, ghT, gk, gv, kscr, gh0);
+    backward_sweep2<Tw, WH>(s, bh, T, H, r, k, v, w, u, gy, ghT, gk, gv, kscr, gh0);
   else
-    backward_sweep1<Tw>(s, bh, T, H, r, k, v, w, u, h0, gy, ghT, gr, bscr, gu_part, P);
+    backward_sweep1<Tw, WH>(s, bh, T, H, r, k, v, w, u, h0, gy, ghT, gr, bscr, gu_part, P);
 }
 
 // gw from the sweeps' per-step terms, per channel i of (b, h) (the sum runs backwards in time, in fp64):
@@ -737,9 +761,6 @@ chunk_backward_kernel(int T, int H, const bf16* __restrict__ r, const bf16* __re
 // Thread (segment q, channel i) of a block per (b, h): each of GW_SEG segments of ceil(T / GW_SEG) steps sums
 // its b - kd, then walks its steps backwards from P plus the later segments' sums.
 constexpr int GW_SEG = 16;
-
-__device__ __forceinline__ float to_f32(float x) { return x; }
-__device__ __forceinline__ float to_f32(bf16 x) { return __bfloat162float(x); }
 
 template <typename Tw>
 __global__ void __launch_bounds__(N * GW_SEG)
@@ -765,6 +786,67 @@ chunk_gw_kernel(int T, int H, const Tw* __restrict__ w, const float* __restrict_
   }
 }
 
+// gw for one decay per head ([B, T, H, 1] w): gw_m = lw_m * sum_i dL/dlw_m[i], the channel sum taken first.
+// With x_t = sum_i (b_t[i] - kd_t[i]) and kh_t = sum_i kd_t[i] (fp64):
+//   sum_i dL/dlw_m[i] = sum_i P[i] + sum_{t>m} x_t - kh_m.
+// One block of GWH_THREADS per (b, h) walks tiles of GWH_THREADS steps from the last: each warp reduces rows
+// (one step's 64 channels, two per lane) into x and kh, then thread j of the tile takes the sum of x over the
+// later steps from a suffix scan (within its warp by shuffles, across warps from the warp totals).
+constexpr int GWH_THREADS = 1024;
+
+__device__ __forceinline__ double warp_sum(double x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+template <typename Tw>
+__global__ void __launch_bounds__(GWH_THREADS)
+chunk_gw_head_kernel(int T, int H, const Tw* __restrict__ w, const float* __restrict__ bscr,
+                     const float* __restrict__ kscr, const float* __restrict__ P, Tw* __restrict__ gw) {
+  constexpr int WARPS = GWH_THREADS / 32;
+  __shared__ double xs[GWH_THREADS], ks[GWH_THREADS], wtot[WARPS], psum;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, bh = blockIdx.x, b = bh / H, h = bh % H;
+  const int64_t base = ((int64_t)b * T * H + h) * N, stride = (int64_t)H * N, wbase = (int64_t)b * T * H + h;
+  if (warp == 0) {
+    const double p = warp_sum((double)P[(int64_t)bh * N + lane] + (double)P[(int64_t)bh * N + lane + 32]);
+    if (lane == 0) psum = p;
+  }
+  __syncthreads();
+  double carry = psum;  // sum_i P[i] plus x of every step after the current tile
+  for (int t0 = (T - 1) / GWH_THREADS * GWH_THREADS; t0 >= 0; t0 -= GWH_THREADS) {
+    const int len = min(GWH_THREADS, T - t0);
+    for (int j = warp; j < len; j += WARPS) {
+      const int64_t g = base + (int64_t)(t0 + j) * stride;
+      const double b0 = bscr[g + lane], b1 = bscr[g + lane + 32], k0 = kscr[g + lane], k1 = kscr[g + lane + 32];
+      const double x = warp_sum((b0 - k0) + (b1 - k1)), kh = warp_sum(k0 + k1);
+      if (lane == 0) { xs[j] = x; ks[j] = kh; }
+    }
+    __syncthreads();
+    const double own = tid < len ? xs[tid] : 0.0;
+    double suf = own;  // inclusive suffix sum over the lanes of this warp
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const double n = __shfl_down_sync(0xffffffffu, suf, o);
+      if (lane + o < 32) suf += n;
+    }
+    if (lane == 0) wtot[warp] = suf;
+    __syncthreads();
+    double later = 0.0, total = 0.0;  // the later warps' totals; the tile's
+    for (int q = WARPS - 1; q >= 0; --q) {
+      if (q > warp) later += wtot[q];
+      total += wtot[q];
+    }
+    if (tid < len) {
+      const int64_t gi = wbase + (int64_t)(t0 + tid) * H;
+      const double dl = carry + (suf - own + later) - ks[tid];
+      gw[gi] = cvt<Tw>((float)(dl * (double)lw_of(to_f32(w[gi]))));
+    }
+    carry += total;
+    __syncthreads();  // xs, ks, wtot are refilled for the next tile
+  }
+}
+
 // The forward and backward kernels ask for the largest shared-memory carve-out, so two blocks (2 x ~104 KB) fit
 // an SM.
 cudaError_t setup(const void* fn) {
@@ -773,29 +855,32 @@ cudaError_t setup(const void* fn) {
   return cudaFuncSetAttribute(fn, cudaFuncAttributePreferredSharedMemoryCarveout, (int)cudaSharedmemCarveoutMaxShared);
 }
 
-template <typename Tw>
+template <typename Tw, bool WH>
 cudaError_t launch_forward(int B, int T, int H, const void* r, const void* k, const void* v, const void* w,
                            const float* u, const float* h0, void* y, float* hT, cudaStream_t stream) {
-  cudaError_t err = setup((const void*)chunk_forward_kernel<Tw>);
+  cudaError_t err = setup((const void*)chunk_forward_kernel<Tw, WH>);
   if (err != cudaSuccess) return err;
-  chunk_forward_kernel<Tw><<<B * H, NT, smem_bytes(), stream>>>(T, H, (const bf16*)r, (const bf16*)k,
+  chunk_forward_kernel<Tw, WH><<<B * H, NT, smem_bytes(), stream>>>(T, H, (const bf16*)r, (const bf16*)k,
                                                                 (const bf16*)v, (const Tw*)w, u, h0, (bf16*)y, hT);
   return cudaGetLastError();
 }
 
-template <typename Tw>
+template <typename Tw, bool WH>
 cudaError_t launch_backward(int B, int T, int H, const void* r, const void* k, const void* v, const void* w,
                             const float* u, const float* h0, const void* gy, const float* ghT, void* gr,
                             void* gk, void* gv, void* gw, float* gu_part, float* gh0, float* bscr, float* kscr,
                             float* P, cudaStream_t stream) {
-  cudaError_t err = setup((const void*)chunk_backward_kernel<Tw>);
+  cudaError_t err = setup((const void*)chunk_backward_kernel<Tw, WH>);
   if (err != cudaSuccess) return err;
-  chunk_backward_kernel<Tw><<<2 * B * H, NT, smem_bytes(), stream>>>(
+  chunk_backward_kernel<Tw, WH><<<2 * B * H, NT, smem_bytes(), stream>>>(
       T, H, (const bf16*)r, (const bf16*)k, (const bf16*)v, (const Tw*)w, u, h0, (const bf16*)gy, ghT, (bf16*)gr,
       (bf16*)gk, (bf16*)gv, gu_part, gh0, bscr, kscr, P);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  chunk_gw_kernel<Tw><<<B * H, N * GW_SEG, 0, stream>>>(T, H, (const Tw*)w, bscr, kscr, P, (Tw*)gw);
+  if (WH)
+    chunk_gw_head_kernel<Tw><<<B * H, GWH_THREADS, 0, stream>>>(T, H, (const Tw*)w, bscr, kscr, P, (Tw*)gw);
+  else
+    chunk_gw_kernel<Tw><<<B * H, N * GW_SEG, 0, stream>>>(T, H, (const Tw*)w, bscr, kscr, P, (Tw*)gw);
   return cudaGetLastError();
 }
 
@@ -810,29 +895,32 @@ int blocks_per_sm(const void* fn, int threads, size_t smem) {
 }  // namespace
 
 // Launchers (declared in wkv6_cuda_bind.cpp). r, k, v, y, gy, gr, gk, gv bf16; w, gw bf16 (tw = 1) or
-// fp32 (tw = 0); head size 64. Same buffers and meaning as wkv6_cuda_forward / wkv6_cuda_backward, plus kscr
-// (fp32 [B,T,H,N] scratch, like bscr).
-cudaError_t wkv6_chunk_forward(int tw, int B, int T, int H, const void* r, const void* k, const void* v,
+// fp32 (tw = 0), [B,T,H,N] or, with wh = 1, one decay per head [B,T,H,1]; head size 64. Same buffers and meaning
+// as wkv6_cuda_forward / wkv6_cuda_backward, plus kscr (fp32 [B,T,H,N] scratch, like bscr).
+cudaError_t wkv6_chunk_forward(int tw, int wh, int B, int T, int H, const void* r, const void* k, const void* v,
                                const void* w, const float* u, const float* h0, void* y, float* hT,
                                cudaStream_t stream) {
-  if (tw == 1) return launch_forward<bf16>(B, T, H, r, k, v, w, u, h0, y, hT, stream);
-  return launch_forward<float>(B, T, H, r, k, v, w, u, h0, y, hT, stream);
+  if (tw == 1)
+    return wh ? launch_forward<bf16, true>(B, T, H, r, k, v, w, u, h0, y, hT, stream)
+              : launch_forward<bf16, false>(B, T, H, r, k, v, w, u, h0, y, hT, stream);
+  return wh ? launch_forward<float, true>(B, T, H, r, k, v, w, u, h0, y, hT, stream)
+            : launch_forward<float, false>(B, T, H, r, k, v, w, u, h0, y, hT, stream);
 }
 
-cudaError_t wkv6_chunk_backward(int tw, int B, int T, int H, const void* r, const void* k, const void* v,
+cudaError_t wkv6_chunk_backward(int tw, int wh, int B, int T, int H, const void* r, const void* k, const void* v,
                                 const void* w, const float* u, const float* h0, const void* gy, const float* ghT,
                                 void* gr, void* gk, void* gv, void* gw, float* gu_part, float* gh0, float* bscr,
                                 float* kscr, float* P, cudaStream_t stream) {
-  if (tw == 1)
-    return launch_backward<bf16>(B, T, H, r, k, v, w, u, h0, gy, ghT, gr, gk, gv, gw, gu_part, gh0, bscr, kscr, P,
-                                 stream);
-  return launch_backward<float>(B, T, H, r, k, v, w, u, h0, gy, ghT, gr, gk, gv, gw, gu_part, gh0, bscr, kscr, P,
-                                stream);
+#define WKV6_BWD(TW, WH) \
+  launch_backward<TW, WH>(B, T, H, r, k, v, w, u, h0, gy, ghT, gr, gk, gv, gw, gu_part, gh0, bscr, kscr, P, stream)
+  if (tw == 1) return wh ? WKV6_BWD(bf16, true) : WKV6_BWD(bf16, false);
+  return wh ? WKV6_BWD(float, true) : WKV6_BWD(float, false);
+#undef WKV6_BWD
 }
 
-// Resident blocks per SM of the chunk kernels (bf16 w) on the current device: {forward, backward, gw}.
+// Resident blocks per SM of the chunk kernels (bf16 w per channel) on the current device: {forward, backward, gw}.
 void wkv6_chunk_occupancy(int* out) {
-  out[0] = blocks_per_sm((const void*)chunk_forward_kernel<bf16>, NT, smem_bytes());
-  out[1] = blocks_per_sm((const void*)chunk_backward_kernel<bf16>, NT, smem_bytes());
+  out[0] = blocks_per_sm((const void*)chunk_forward_kernel<bf16, false>, NT, smem_bytes());
+  out[1] = blocks_per_sm((const void*)chunk_backward_kernel<bf16, false>, NT, smem_bytes());
   out[2] = blocks_per_sm((const void*)chunk_gw_kernel<bf16>, N * GW_SEG, 0);
 }

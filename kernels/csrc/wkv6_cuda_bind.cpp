@@ -16,10 +16,10 @@ cudaError_t wkv6_cuda_backward(int tin, int tw, int N, int B, int T, int H, cons
                                const void* v, const void* w, const float* u, const float* h0, const void* gy,
                                const float* ghT, void* gr, void* gk, void* gv, void* gw, float* gu_part,
                                float* gh0, float* bscr, float* P, cudaStream_t stream);
-cudaError_t wkv6_chunk_forward(int tw, int B, int T, int H, const void* r, const void* k, const void* v,
+cudaError_t wkv6_chunk_forward(int tw, int wh, int B, int T, int H, const void* r, const void* k, const void* v,
                                const void* w, const float* u, const float* h0, void* y, float* hT,
                                cudaStream_t stream);
-cudaError_t wkv6_chunk_backward(int tw, int B, int T, int H, const void* r, const void* k, const void* v,
+cudaError_t wkv6_chunk_backward(int tw, int wh, int B, int T, int H, const void* r, const void* k, const void* v,
                                 const void* w, const float* u, const float* h0, const void* gy, const float* ghT,
                                 void* gr, void* gk, void* gv, void* gw, float* gu_part, float* gh0, float* bscr,
                                 float* kscr, float* P, cudaStream_t stream);
@@ -38,11 +38,18 @@ void check(const at::Tensor& t, const char* name) {
   TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "wkv6_cuda: ", name, " must be 16-byte aligned");
 }
 
+// w [B,T,H,1]: one decay per head, shared by the N channels (chunked kernels only).
+bool head_decay(const at::Tensor& r, const at::Tensor& w) {
+  return w.dim() == 4 && w.size(0) == r.size(0) && w.size(1) == r.size(1) && w.size(2) == r.size(2) &&
+         w.size(3) == 1 && r.size(3) > 1;
+}
+
 void check_inputs(const at::Tensor& r, const at::Tensor& k, const at::Tensor& v, const at::Tensor& w,
                   const at::Tensor& u) {
   check(r, "r"); check(k, "k"); check(v, "v"); check(w, "w"); check(u, "u");
-  TORCH_CHECK(r.dim() == 4 && k.sizes() == r.sizes() && v.sizes() == r.sizes() && w.sizes() == r.sizes(),
-              "wkv6_cuda: r, k, v, w must all be [B,T,H,N]");
+  TORCH_CHECK(r.dim() == 4 && k.sizes() == r.sizes() && v.sizes() == r.sizes() &&
+                  (w.sizes() == r.sizes() || head_decay(r, w)),
+              "wkv6_cuda: r, k, v must be [B,T,H,N] and w [B,T,H,N] or [B,T,H,1]");
   TORCH_CHECK(u.scalar_type() == at::kFloat && u.numel() == r.size(2) * r.size(3), "wkv6_cuda: u must be fp32 [H,N]");
   TORCH_CHECK(k.scalar_type() == r.scalar_type() && v.scalar_type() == r.scalar_type(), "wkv6_cuda: r,k,v dtypes differ");
   TORCH_CHECK(r.numel() < (int64_t(1) << 62) && r.size(0) * r.size(2) < (int64_t(1) << 31) && r.size(1) < (int64_t(1) << 31),
@@ -59,26 +66,31 @@ const float* opt_ptr(const c10::optional<at::Tensor>& t, const at::Tensor& like,
   return t->data_ptr<float>();
 }
 
-// The chunked tensor-core kernels (wkv6_chunk.cu) take bf16 r, k, v and head size 64 only.
-void check_chunked(const at::Tensor& r) {
-  TORCH_CHECK(r.scalar_type() == at::kBFloat16 && r.size(3) == 64,
-              "wkv6_cuda: the chunked kernel needs bf16 r, k, v and head size 64");
+// The chunked tensor-core kernels (wkv6_chunk.cu) take bf16 r, k, v and head size 64 only; the sequential ones
+// take w per channel only.
+void check_impl(const at::Tensor& r, const at::Tensor& w, bool chunked) {
+  if (chunked) {
+    TORCH_CHECK(r.scalar_type() == at::kBFloat16 && r.size(3) == 64,
+                "wkv6_cuda: the chunked kernel needs bf16 r, k, v and head size 64");
+  } else {
+    TORCH_CHECK(w.sizes() == r.sizes(), "wkv6_cuda: the sequential kernel needs w [B,T,H,N]");
+  }
 }
 
 std::vector<at::Tensor> wkv6_forward(const at::Tensor& r, const at::Tensor& k, const at::Tensor& v,
                                      const at::Tensor& w, const at::Tensor& u,
                                      const c10::optional<at::Tensor>& h0, bool chunked) {
   check_inputs(r, k, v, w, u);
-  if (chunked) check_chunked(r);
+  check_impl(r, w, chunked);
   const c10::cuda::CUDAGuard guard(r.device());
   const int64_t B = r.size(0), T = r.size(1), H = r.size(2), N = r.size(3);
   const float* h0p = opt_ptr(h0, r, "initial_state");
   auto y = at::empty_like(v);
   auto hT = at::empty({B, H, N, N}, r.options().dtype(at::kFloat));
   const cudaError_t err =
-      chunked ? wkv6_chunk_forward(dtype_code(w), (int)B, (int)T, (int)H, r.data_ptr(), k.data_ptr(), v.data_ptr(),
-                                   w.data_ptr(), u.data_ptr<float>(), h0p, y.data_ptr(), hT.data_ptr<float>(),
-                                   at::cuda::getCurrentCUDAStream())
+      chunked ? wkv6_chunk_forward(dtype_code(w), (int)head_decay(r, w), (int)B, (int)T, (int)H, r.data_ptr(),
+                                   k.data_ptr(), v.data_ptr(), w.data_ptr(), u.data_ptr<float>(), h0p, y.data_ptr(),
+                                   hT.data_ptr<float>(), at::cuda::getCurrentCUDAStream())
               : wkv6_cuda_forward(dtype_code(r), dtype_code(w), (int)N, (int)B, (int)T, (int)H, r.data_ptr(),
                                   k.data_ptr(), v.data_ptr(), w.data_ptr(), u.data_ptr<float>(), h0p, y.data_ptr(),
                                   hT.data_ptr<float>(), at::cuda::getCurrentCUDAStream());
@@ -91,7 +103,7 @@ std::vector<at::Tensor> wkv6_backward(const at::Tensor& r, const at::Tensor& k, 
                                       const c10::optional<at::Tensor>& h0, const at::Tensor& gy,
                                       const c10::optional<at::Tensor>& ghT, bool chunked) {
   check_inputs(r, k, v, w, u);
-  if (chunked) check_chunked(r);
+  check_impl(r, w, chunked);
   check(gy, "gy");
   TORCH_CHECK(gy.sizes() == v.sizes() && gy.scalar_type() == v.scalar_type(), "wkv6_cuda: bad gy");
   const c10::cuda::CUDAGuard guard(r.device());
@@ -108,9 +120,10 @@ std::vector<at::Tensor> wkv6_backward(const at::Tensor& r, const at::Tensor& k, 
   auto gh0 = h0.has_value() ? at::empty({B, H, N, N}, f32) : at::empty({0}, f32);
   float* gh0p = h0.has_value() ? gh0.data_ptr<float>() : nullptr;
   const cudaError_t err =
-      chunked ? wkv6_chunk_backward(dtype_code(w), (int)B, (int)T, (int)H, r.data_ptr(), k.data_ptr(), v.data_ptr(),
-                                    w.data_ptr(), u.data_ptr<float>(), h0p, gy.data_ptr(), ghTp, gr.data_ptr(),
-                                    gk.data_ptr(), gv.data_ptr(), gw.data_ptr(), gu_part.data_ptr<float>(), gh0p,
+      chunked ? wkv6_chunk_backward(dtype_code(w), (int)head_decay(r, w), (int)B, (int)T, (int)H, r.data_ptr(),
+                                    k.data_ptr(), v.data_ptr(), w.data_ptr(), u.data_ptr<float>(), h0p, gy.data_ptr(),
+                                    ghTp, gr.data_ptr(), gk.data_ptr(), gv.data_ptr(), gw.data_ptr(),
+                                    gu_part.data_ptr<float>(), gh0p,
                                     bscr.data_ptr<float>(), kscr.data_ptr<float>(), P.data_ptr<float>(),
                                     at::cuda::getCurrentCUDAStream())
               : wkv6_cuda_backward(dtype_code(r), dtype_code(w), (int)N, (int)B, (int)T, (int)H, r.data_ptr(),
