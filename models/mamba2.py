@@ -159,7 +159,8 @@ def ssd_wkv6(x, dt, A_log, B, C, D=None, initial_state=None, impl="auto"):
         rk = r.to(kd)
         y, S = kernels.wkv6(rk, Bh.to(kd), v.to(kd), w, u, initial_state=h0, output_final_state=True,
                             impl=kernels.pick_impl(impl, rk))                          # (B,T,H,P), (B,H,N,P)
-        y = y.to(cd) + ((Ch * Bh).sum(-1) * dt)[..., None] * xc                        # current token
+        cb = (C.to(cd) * B.to(cd)).sum(-1).repeat_interleave(H // G, dim=2)            # C_t . B_t per head
+        y = y.to(cd) + (cb * dt)[..., None] * xc                                       # current token
         if D is not None:
             y = y + D.to(cd)[:, None] * xc
     return y.to(x.dtype), S.transpose(-1, -2).contiguous()                            # (B,T,H,P), (B,H,P,N)
