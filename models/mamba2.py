@@ -134,14 +134,15 @@ def ssd_wkv6(x, dt, A_log, B, C, D=None, initial_state=None, impl="auto"):
     Dtypes: on CPU r, k, v, w are all fp32 (fp64 for fp64 x); on CUDA r, k, v are bf16 when x is bf16
     (autocast) and fp32 otherwise, w and the carried state always fp32.
     """
-    Bsz, T, H, P = x.shape
+    H = x.shape[2]
     G, N = B.shape[-2], B.shape[-1]
     cd = torch.float64 if x.dtype == torch.float64 else torch.float32                 # compute dtype
     kd = torch.bfloat16 if (x.is_cuda and x.dtype == torch.bfloat16) else cd         # kernel r/k/v dtype
     with torch.autocast(device_type=x.device.type, enabled=False):
         xc, dt, A_log = x.to(cd), dt.to(cd), A_log.to(cd)
-        Bh = B.to(cd).repeat_interleave(H // G, dim=2)                                 # (B, T, H, N)
-        Ch = C.to(cd).repeat_interleave(H // G, dim=2)                                 # (B, T, H, N)
+        Bc, Cc = B.to(cd), C.to(cd)                                                    # (B, T, G, N)
+        Bh = Bc.repeat_interleave(H // G, dim=2)                                       # (B, T, H, N)
+        Ch = Cc.repeat_interleave(H // G, dim=2)                                       # (B, T, H, N)
         a = torch.exp(dt * -torch.exp(A_log))                                          # (B, T, H) in (0, 1]
         r = Ch * a[..., None]                                                          # (B, T, H, N)
         v = xc * dt[..., None]                                                         # (B, T, H, P)
@@ -159,7 +160,7 @@ def ssd_wkv6(x, dt, A_log, B, C, D=None, initial_state=None, impl="auto"):
         rk = r.to(kd)
         y, S = kernels.wkv6(rk, Bh.to(kd), v.to(kd), w, u, initial_state=h0, output_final_state=True,
                             impl=kernels.pick_impl(impl, rk))                          # (B,T,H,P), (B,H,N,P)
-        cb = (C.to(cd) * B.to(cd)).sum(-1).repeat_interleave(H // G, dim=2)            # C_t . B_t per head
+        cb = (Cc * Bc).sum(-1).repeat_interleave(H // G, dim=2)                        # C_t . B_t per head
         y = y.to(cd) + (cb * dt)[..., None] * xc                                       # current token
         if D is not None:
             y = y + D.to(cd)[:, None] * xc

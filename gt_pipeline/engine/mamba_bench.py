@@ -6,9 +6,10 @@
 For every shape (B, T, d_model) and backend: one `models.Mamba2(d_model, d_state=64, headdim=64, backend=...)`
 (same seed, so the same weights), forward+backward of mean(y^2) under bf16 autocast on CUDA (fp32 on the CPU),
 eager; then the scan alone (`ssd_wkv6` for "wkv6", mamba_ssm's `mamba_chunk_scan_combined` for "triton",
-`models.ssd.ssd_chunked` for "torch", on the same random inputs). Medians of --reps timings after --warmup calls: CUDA events on CUDA, a synchronised host
-clock on the CPU. "triton" needs CUDA and mamba_ssm; a backend that cannot run says why in its row. The cold
-Triton autotune of mamba_ssm's kernels runs in the warm-up and takes minutes per new shape.
+`models.ssd.ssd_chunked` for "torch", on the same random inputs). Medians of --reps timings after --warmup
+calls: CUDA events on CUDA, a host clock on the CPU. "triton" needs CUDA and mamba_ssm; a backend that cannot
+run says why in its row. The cold Triton autotune of mamba_ssm's kernels runs in the warm-up and takes minutes
+per new shape.
 """
 from __future__ import annotations
 
