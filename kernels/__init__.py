@@ -15,8 +15,7 @@ its sequential twin `gru_scan_ref`.
 from .build import build_extension, toolchain_fingerprint
 from .reference import wkv6_chunked_ref, wkv6_ref
 from .smoke import smoke_test
-from .wkv6 import (IMPLS, WKV6Function, check_impl, pick_impl, resolve_impl, set_auto_impl, set_forward_segments,
-                   wkv6)
+from .wkv6 import IMPLS, WKV6Function, check_impl, pick_impl, resolve_impl, set_auto_impl, wkv6
 
 __all__ = [
     "wkv6",
@@ -24,7 +23,6 @@ __all__ = [
     "wkv6_chunked_ref",
     "WKV6Function",
     "set_auto_impl",
-    "set_forward_segments",
     "pick_impl",
     "resolve_impl",
     "check_impl",

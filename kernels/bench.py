@@ -23,10 +23,8 @@ the time the op would take if it only moved its bytes at copy speed; each conten
 `fraction_of_bytes_bound` = bytes_bound_ms / its median time (1.0 = as fast as a copy). The older
 `*_fraction_of_hbm_bound` fields divide by the GPU's nominal HBM bandwidth instead.
 
-Where the chunked forward splits each sequence into segments (`forward_segments` > 1: few sequences for the GPU's
-block slots), `ours_chunked_one_segment` runs the same kernels with one segment per sequence, the split's A/B.
-Per shape, `ours_chunked.phases` splits our fwd+bwd GPU time by kernel (torch.profiler): the forward (and its
-segment summaries), the backward's two sweeps (one launch) and gw, each with its blocks, resident blocks per SM and waves on this
+Per shape, `ours_chunked.phases` splits our fwd+bwd GPU time by kernel (torch.profiler): the forward, the
+backward's two sweeps (one launch) and gw, each with its blocks, resident blocks per SM and waves on this
 GPU, and the microseconds per 16-step chunk of one block: the kernels walk the chunks in order, so that
 latency times the chunk count is the floor of each kernel. `fla_chunk_rwkv6.kernels` lists FLA's top kernels.
 
@@ -47,7 +45,7 @@ import torch
 
 from .build import build_extension, get_extension
 from .reference import wkv6_chunked_ref, wkv6_ref
-from .wkv6 import set_forward_segments, wkv6
+from .wkv6 import wkv6
 
 SHAPES = [(16, 4096, 8), (8, 4096, 32), (64, 512, 2), (4, 2048, 32)]
 PHASES = ("forward", "forward_backward")   # the two timings per contender, each with its bytes bound
@@ -153,34 +151,24 @@ def kernel_times(fn, n: int = 5, top: int = 8) -> dict:
     return {"total_ms": sum(r["ms"] for r in rows), "kernels": rows[:top], "all": rows}
 
 
-# The chunked kernels by the fragment of their (mangled) names: the forward's segment summaries (when it splits
-# the sequences), the forward, both backward sweeps in one launch, gw.
-CHUNK_KERNELS = (("forward_segments", "chunk_segment_kernel"), ("forward", "chunk_forward_kernel"),
-                 ("backward_sweeps", "chunk_backward_kernel"), ("gw", "chunk_gw_kernel"))
+# The chunked kernels by the fragment of their (mangled) names: forward, both backward sweeps in one launch, gw.
+CHUNK_KERNELS = (("forward", "chunk_forward_kernel"), ("backward_sweeps", "chunk_backward_kernel"),
+                 ("gw", "chunk_gw_kernel"))
 
 
-def chunked_phases(fwd_bwd, B: int, T: int, H: int, sms: int, occupancy: dict, segments: int = 1) -> dict:
+def chunked_phases(fwd_bwd, B: int, T: int, H: int, sms: int, occupancy: dict) -> dict:
     """Where the chunked fwd+bwd spends its GPU time: per kernel, its ms, the µs per 16-step chunk of one block
-    (the kernels walk the chunks in order), its blocks and the waves they need on this GPU. `segments`: the
-    forward's segments per sequence (`forward_segments` of the extension); with more than one, the segment
-    kernel runs B H (segments - 1) blocks and the forward B H segments, each over a segment's chunks."""
+    (the kernels walk the chunks in order), its blocks and the waves they need on this GPU."""
     prof = kernel_times(fwd_bwd)
+    blocks = {"forward": B * H, "backward_sweeps": 2 * B * H, "gw": B * H}
     chunks = -(-T // 16)
-    per_segment = -(-chunks // segments)
-    blocks = {"forward_segments": B * H * (segments - 1), "forward": B * H * segments,
-              "backward_sweeps": 2 * B * H, "gw": B * H}
-    steps = {"forward_segments": per_segment, "forward": per_segment, "backward_sweeps": chunks}
-    occ = {"forward_segments": "forward", "backward_sweeps": "backward"}
-    out = {"total_ms": prof["total_ms"], "segments": segments, "kernels": {}}
+    out = {"total_ms": prof["total_ms"], "kernels": {}}
     for phase, frag in CHUNK_KERNELS:
-        if blocks[phase] == 0:
-            continue
         ms = sum(r["ms"] for r in prof["all"] if frag in r["name"])
-        per_sm = occupancy.get(occ.get(phase, phase), 0)
+        per_sm = occupancy.get("backward" if phase == "backward_sweeps" else phase, 0)
         waves = -(-blocks[phase] // (sms * per_sm)) if per_sm > 0 else None
         out["kernels"][phase] = {"ms": ms, "blocks": blocks[phase], "blocks_per_sm": per_sm, "waves": waves,
-                                 "us_per_chunk_step": 1e3 * ms / (steps[phase] * (waves or 1))
-                                 if phase in steps else None}
+                                 "us_per_chunk_step": 1e3 * ms / (chunks * (waves or 1)) if phase != "gw" else None}
     out["other_ms"] = prof["total_ms"] - sum(k["ms"] for k in out["kernels"].values())
     return out
 
@@ -225,19 +213,6 @@ def _contenders(xs, gy, fla: bool = True):
     return out
 
 
-def _one_segment(*fns):
-    """fns with the chunked forward forced to one segment per sequence while they run."""
-    def wrap(fn):
-        def run():
-            set_forward_segments(1)
-            try:
-                fn()
-            finally:
-                set_forward_segments(0)
-        return run
-    return tuple(wrap(fn) for fn in fns)
-
-
 def bench_cuda(reps: int, fla: bool = True, refs: bool = True, shapes=SHAPES) -> dict:
     name = torch.cuda.get_device_name()
     peak = next((bw for frag, bw in NOMINAL_HBM if frag in name), None)
@@ -248,15 +223,11 @@ def bench_cuda(reps: int, fla: bool = True, refs: bool = True, shapes=SHAPES) ->
     copy_bw = _copy_bandwidth()   # before the inputs exist: the 2 GiB of copy buffers are freed again
     _log(f"cuda device-to-device copy: {copy_bw / 1e9:.0f} GB/s")
     flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-    ext = get_extension("cuda")
-    cases, segments = {}, {}
+    cases = {}
     for s in shapes:
         xs, gy = _inputs(*s, torch.bfloat16, "cuda")
         xs = [x.requires_grad_(True) for x in xs]
         cases[s] = (xs, gy, _contenders(xs, gy, fla))
-        segments[s] = ext.forward_segments(*s)
-        if segments[s] > 1:   # the same kernels with one segment per sequence: the split's A/B in this run
-            cases[s][2]["ours_chunked_one_segment"] = _one_segment(*cases[s][2]["ours_chunked"])
     for _, _, cont in cases.values():  # global warm-up (JIT build, Triton autotune) before any timing
         for _, fb in cont.values():
             fb()
@@ -266,7 +237,6 @@ def bench_cuda(reps: int, fla: bool = True, refs: bool = True, shapes=SHAPES) ->
         E = B * T * H * HEAD
         moved = wkv6_bytes_moved(B, T, H, HEAD, HEAD, io_bytes=xs[0].element_size(), u_bytes=xs[4].element_size())
         row = {"B": B, "T": T, "H": H, "K": HEAD, "V": HEAD, "dtype": "bfloat16",
-               "forward_segments": segments[(B, T, H)],
                "forward_bytes": 5 * E * 2, "forward_backward_bytes": 14 * E * 2,
                "bytes_moved": {p: moved[p] for p in PHASES},
                "bytes_bound_ms": {p: bytes_bound_ms(moved[p], copy_bw) for p in PHASES}}
@@ -285,8 +255,7 @@ def bench_cuda(reps: int, fla: bool = True, refs: bool = True, shapes=SHAPES) ->
             row[cname] = res
             _log(f"cuda {B},{T},{H} {cname}: fwd {f['median_ms']:.3f} ms ({frac['forward']:.1%} of the bytes bound), "
                  f"fwd+bwd {fb['median_ms']:.3f} ms ({frac['forward_backward']:.1%})")
-        row["ours_chunked"]["phases"] = chunked_phases(cont["ours_chunked"][1], B, T, H, sms, occupancy,
-                                                       segments[(B, T, H)])
+        row["ours_chunked"]["phases"] = chunked_phases(cont["ours_chunked"][1], B, T, H, sms, occupancy)
         if "fla_chunk_rwkv6" in cont:
             fla_prof = kernel_times(cont["fla_chunk_rwkv6"][1])
             row["fla_chunk_rwkv6"]["kernels"] = {k: fla_prof[k] for k in ("total_ms", "kernels")}

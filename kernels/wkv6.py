@@ -17,7 +17,7 @@ import torch
 
 from .build import HEAD_SIZES_CUDA, get_extension
 
-__all__ = ["wkv6", "WKV6Function", "set_forward_segments"]
+__all__ = ["wkv6", "WKV6Function"]
 
 _CPU_DTYPES = (torch.float32, torch.float64)
 _CUDA_DTYPES = (torch.float32, torch.bfloat16)
@@ -36,17 +36,6 @@ def set_auto_impl(prefer: str) -> None:
     if prefer not in ("chunked", "sequential"):
         raise ValueError(f"wkv6: set_auto_impl takes 'chunked' or 'sequential', got {prefer!r}")
     _AUTO["prefer"] = prefer
-
-
-def set_forward_segments(n: int = 0) -> None:
-    """Force the chunked CUDA forward to split each sequence into `n` segments of whole chunks (capped at the chunk
-    count), or with n = 0 restore the automatic choice: as many segments as fill the GPU's block slots when there
-    are few sequences (the forward runs one block per segment; a small kernel first forms each segment's starting
-    state). Same results either way to fp32 rounding of the state; for A/B runs and tests. Needs the CUDA
-    extension (built on first use)."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ValueError(f"wkv6: set_forward_segments takes an int n >= 0 (0: automatic), got {n!r}")
-    get_extension("cuda").set_forward_segments(n)
 
 
 def chunked_applies(r: torch.Tensor) -> bool:

@@ -53,24 +53,3 @@ def test_phases_sum_each_chunk_kernel_and_count_its_waves(monkeypatch):
     assert out["other_ms"] == pytest.approx(0.05)
     # a kernel the GPU cannot hold (no resident block) has no wave count
     assert kbench.chunked_phases(None, 1, 17, 1, 132, {})["kernels"]["forward"]["waves"] is None
-
-
-def test_phases_count_the_forward_segments(monkeypatch):
-    # two segments per sequence: the segment kernel runs one block per (b, h) over the first half, the forward one
-    # per (b, h, segment) over half the chunks each
-    rows = [{"name": "_ZN..chunk_backward_kernelI13__nv_bfloat16Lb0EEEvii..", "ms": 2.0, "calls": 1.0},
-            {"name": "_ZN..chunk_forward_kernelI13__nv_bfloat16Lb0EEEviii..", "ms": 0.5, "calls": 1.0},
-            {"name": "_ZN..chunk_segment_kernelI13__nv_bfloat16Lb0EEEviii..", "ms": 0.1, "calls": 1.0},
-            {"name": "_ZN..chunk_gw_kernelI13__nv_bfloat16EEvii..", "ms": 0.2, "calls": 1.0}]
-    monkeypatch.setattr(kbench, "kernel_times", lambda fn: {"total_ms": 2.8, "kernels": rows, "all": rows})
-    out = kbench.chunked_phases(None, 16, 4096, 8, 132, {"forward": 2, "backward": 2, "gw": 1}, segments=2)
-    k = out["kernels"]
-    assert out["segments"] == 2 and list(k) == ["forward_segments", "forward", "backward_sweeps", "gw"]
-    seg = k["forward_segments"]
-    assert (seg["ms"], seg["blocks"], seg["waves"]) == (0.1, 128, 1)
-    assert (k["forward"]["ms"], k["forward"]["blocks"], k["forward"]["waves"]) == (0.5, 256, 1)
-    assert k["forward"]["us_per_chunk_step"] == pytest.approx(1e3 * 0.5 / 128)   # 256 chunks, 128 per segment
-    assert k["backward_sweeps"]["us_per_chunk_step"] == pytest.approx(1e3 * 2.0 / 256)
-    assert out["other_ms"] == pytest.approx(0.0)
-    # one segment: no segment kernel in the table
-    assert "forward_segments" not in kbench.chunked_phases(None, 16, 4096, 8, 132, {"forward": 2})["kernels"]

@@ -127,51 +127,6 @@ def test_chunked_state_chaining_equals_one_pass():
         assert_close(name, two[name], one[name], {**TOL["bf16"], "w": 3e-4}[name])
 
 
-# ---- the forward's segments: few sequences split into segments of whole chunks, one block each.
-@pytest.fixture
-def forced_segments():
-    """kernels.set_forward_segments, restored to the automatic choice afterwards."""
-    yield kernels.set_forward_segments
-    kernels.set_forward_segments(0)
-
-
-def test_forward_segment_counts(forced_segments):
-    ext = kernels.build.get_extension("cuda")
-    assert ext.forward_segments(1, 1024, 1) == 4        # 64 chunks, one sequence: the most segments
-    assert ext.forward_segments(1, 100, 1) == 1         # 7 chunks: none shorter than 4 chunks
-    assert ext.forward_segments(4096, 1024, 1) == 1     # more sequences than block slots
-    forced_segments(5)
-    assert ext.forward_segments(1, 203, 1) == 5         # 13 chunks: 3, 3, 3, 3, 1
-    forced_segments(4)
-    assert ext.forward_segments(1, 163, 1) == 4         # 11 chunks: 3, 3, 3, 2
-    assert ext.forward_segments(1, 33, 1) == 3          # 3 chunks: one each
-    forced_segments(7)
-    assert ext.forward_segments(1, 16 * 12, 1) == 6     # 12 chunks in 7 would leave the last empty: 2 each
-
-
-@pytest.mark.parametrize("w_range", [(-6.0, 2.0), (8.0, 12.0)], ids=["mixed", "vanishing"])
-@pytest.mark.parametrize("head", [False, True], ids=["per_channel", "per_head"])
-def test_forward_segments_agree_with_one_pass(forced_segments, w_range, head):
-    """Every segment count gives the one-segment forward's y and final state to fp32 rounding of the state (y is
-    bf16: at most one rounding step apart), and the backward, which does not use segments, bit for bit. T = 203
-    (13 chunks, the last partial) with an initial state; also against the float64 reference."""
-    x, cot = make_inputs(2, 203, 3, 64, seed=31, w_range=w_range)
-    xk = cast(x, BF16, F32)
-    if head:
-        xk = head_decay(xk)
-    forced_segments(1)
-    one = run_with_grads(with_impl("chunked"), xk, cot)
-    for n in (2, 3, 5, 13, 40):
-        forced_segments(n)
-        got = run_with_grads(with_impl("chunked"), xk, cot)
-        assert_close("state", got["state"], one["state"], 1e-6)
-        assert ((got["y"] - one["y"]).abs() <= 2.0 ** -7 * one["y"].abs() + 1e-5 * one["y"].abs().max()).all(), n
-        for name in ("r", "k", "v", "w", "u", "h0"):
-            assert torch.equal(got[name], one[name]), (n, name)
-    forced_segments(4)
-    check_against_reference(xk, cot, {**TOL["bf16"], "w": 3e-4}, impl="chunked")
-
-
 # ---- one decay per head (w [B, T, H, 1], Mamba-2's scalar decay): the chunked kernels read it as is.
 def head_decay(x):
     return {**x, "w": x["w"][..., :1].contiguous()}

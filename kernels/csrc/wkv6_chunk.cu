@@ -7,9 +7,7 @@
 // (chunk_gw_head_kernel).
 //
 // Per (b, h) one block of 256 threads walks the chunks in order, keeping the 64 x 64 state in shared
-// memory in fp32. When there are too few (b, h) to fill the GPU, the forward walks segments of each sequence
-// in parallel instead, from starting states that a state-only pass over the earlier segments provides
-// (segments, below). The backward's two sweeps are independent and run side by side in one launch (two
+// memory in fp32. The backward's two sweeps are independent and run side by side in one launch (two
 // blocks per (b, h)); a small third kernel then forms gw from both sweeps' per-step terms. Within a
 // chunk, with t, s local positions, lw = -exp(w) the log-decay, Ex_t = sum_{m<t} lw_m (exclusive),
 // Ei_t = Ex_{t+1} (inclusive), Et = Ei_{C-1}:
@@ -451,93 +449,30 @@ __device__ __forceinline__ void init_state(const Smem& s, const float* src, int 
   for (int e = tid; e < N * N; e += NT) s.S[(e >> 6) * PS + (e & 63)] = src ? src[e] : 0.f;
 }
 
-// ============================================================================================ segments
-// With few (b, h) the forward's one block per sequence leaves block slots idle, and its chunk loop is latency-bound.
-// The forward then splits each sequence into nseg segments of whole chunks, one block each. Segment p starts from
-// the state at its first step: chunk_segment_kernel first runs the state recurrence alone over every segment but
-// the last, from a zero state, and stores its local end state L_p and its decay D_p = prod_c e^{Et_c} (per key
-// channel); the forward's block p then forms S_p = D_{p-1} (... (D_0 h0 + L_0) ...) + L_{p-1}, row i scaled by
-// D[i], the same per-chunk factors the one-block walk multiplies in.
-constexpr int SEG_FLOATS = N * N + N;  // per (b, h, segment): L (row-major N x N), then D (N)
-
-// S <- the state at the start of segment p: h0 (or zero) carried through the summaries of segments 0 .. p-1.
-__device__ __forceinline__ void segment_start_state(const Smem& s, const float* h0, const float* seg, int p, int tid) {
-  for (int e = tid; e < N * N; e += NT) {
-    float x = h0 ? h0[e] : 0.f;
-    for (int q = 0; q < p; ++q) x = fmaf(seg[q * SEG_FLOATS + N * N + (e >> 6)], x, seg[q * SEG_FLOATS + e]);
-    s.S[(e >> 6) * PS + (e & 63)] = x;
-  }
-}
-
-// Block (b, h, p), p < nseg - 1: L_p and D_p of segment p (all its chunks are full: only the last chunk of a
-// sequence can be partial, and it lies in the last segment). The state update is the forward's, on 8 warps.
-template <typename Tw, bool WH>
-__global__ void __launch_bounds__(NT, 2)
-chunk_segment_kernel(int T, int H, int nseg, const bf16* __restrict__ r, const bf16* __restrict__ k,
-                     const bf16* __restrict__ v, const Tw* __restrict__ w, float* __restrict__ seg) {
-  extern __shared__ __align__(128) unsigned char smem_raw[];
-  const Smem s = carve(smem_raw);
-  const int tid = threadIdx.x, warp = tid >> 5, bh = blockIdx.x / (nseg - 1), p = blockIdx.x % (nseg - 1);
-  const int b = bh / H, h = bh % H;
-  const int64_t base = ((int64_t)b * T * H + h) * N, stride = (int64_t)H * N;
-  const Slot sl(tid);
-  const int nch = (T + C - 1) / C, cps = (nch + nseg - 1) / nseg, c0 = p * cps, c1 = c0 + cps;
-  init_state(s, nullptr, tid);
-  Prefetch<Tw, false, WH> pf;
-  auto off = [&](int c) { return base + (int64_t)(c * C + sl.t) * stride + sl.i0; };
-  auto woff = [&](int c) { return ((int64_t)b * T + c * C + sl.t) * H + h; };  // WH only
-  pf.load(sl, off(c0), woff(c0), true, r, k, v, w, nullptr);
-  pf.store(s, sl, true);
-  __syncthreads();
-  float d = 1.f;  // thread i < N: D_p[i]
-  for (int c = c0; c < c1; ++c) {
-    const bool more = c + 1 < c1;
-    if (more) pf.load(sl, off(c + 1), woff(c + 1), true, r, k, v, w, nullptr);
-    cumsum(s, tid);
-    __syncthreads();
-    scaled_rk<0, 2>(s, sl);
-    decay_state(s, tid);
-    if (tid < N) d *= s.EEt[tid];
-    __syncthreads();
-    state_update_tile<false>(s, 2 * warp, s.Kh, s.Kl, nullptr, s.V);
-    state_update_tile<false>(s, 2 * warp + 1, s.Kh, s.Kl, nullptr, s.V);
-    __syncthreads();  // V, Kh, Kl read; the next chunk may overwrite them
-    if (more) {
-      pf.store(s, sl, true);
-      __syncthreads();
-    }
-  }
-  float* out = seg + ((int64_t)bh * (nseg - 1) + p) * SEG_FLOATS;
-  for (int e = tid; e < N * N; e += NT) out[e] = s.S[(e >> 6) * PS + (e & 63)];
-  if (tid < N) out[N * N + tid] = d;
-}
-
 // =============================================================================================== forward
 template <typename Tw, bool WH>
 __global__ void __launch_bounds__(NT, 2)  // one block per (b, h), two per SM
-chunk_forward_kernel(int T, int H, int nseg, const bf16* __restrict__ r, const bf16* __restrict__ k,
+chunk_forward_kernel(int T, int H, const bf16* __restrict__ r, const bf16* __restrict__ k,
                      const bf16* __restrict__ v, const Tw* __restrict__ w, const float* __restrict__ u,
-                     const float* __restrict__ h0, const float* __restrict__ seg, bf16* __restrict__ y,
-                     float* __restrict__ hT) {
+                     const float* __restrict__ h0, bf16* __restrict__ y, float* __restrict__ hT) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   const Smem s = carve(smem_raw);
-  const int tid = threadIdx.x, warp = tid >> 5, bh = blockIdx.x / nseg, p = blockIdx.x % nseg, b = bh / H, h = bh % H;
+  const int tid = threadIdx.x, warp = tid >> 5, bh = blockIdx.x, b = bh / H, h = bh % H;
   const int64_t base = ((int64_t)b * T * H + h) * N, stride = (int64_t)H * N;
   const Slot sl(tid);
-  const int nch = (T + C - 1) / C, cps = (nch + nseg - 1) / nseg, c0 = p * cps, c1 = min(nch, c0 + cps);
   if (tid < N) s.U[tid] = u[h * N + tid];
-  segment_start_state(s, h0 ? h0 + (int64_t)bh * N * N : nullptr, seg + (int64_t)bh * (nseg - 1) * SEG_FLOATS, p,
-                      tid);
+  init_state(s, h0 ? h0 + (int64_t)bh * N * N : nullptr, tid);
   __syncthreads();
   split_state<false>(s, tid);
   Prefetch<Tw, false, WH> pf;
+  const int nch = (T + C - 1) / C;
   auto off = [&](int c) { return base + (int64_t)(c * C + sl.t) * stride + sl.i0; };
   auto woff = [&](int c) { return ((int64_t)b * T + c * C + sl.t) * H + h; };  // WH only
-  pf.load(sl, off(c0), woff(c0), c0 * C + sl.t < T, r, k, v, w, nullptr);
-  pf.store(s, sl, c0 * C + sl.t < T);
+  pf.load(sl, off(0), woff(0), sl.t < T, r, k, v, w, nullptr);
+  pf.store(s, sl, sl.t < T);
   __syncthreads();
-  for (int c = c0; c < c1; ++c) {
-    const bool more = c + 1 < c1, next_valid = (c + 1) * C + sl.t < T;
+  for (int c = 0; c < nch; ++c) {
+    const bool more = c + 1 < nch, next_valid = (c + 1) * C + sl.t < T;
     if (more) pf.load(sl, off(c + 1), woff(c + 1), next_valid, r, k, v, w, nullptr);
     cumsum(s, tid);
     __syncthreads();
@@ -574,8 +509,7 @@ chunk_forward_kernel(int T, int H, int nseg, const bf16* __restrict__ r, const b
     if (more) pf.store(s, sl, next_valid);
     __syncthreads();
   }
-  if (p == nseg - 1)
-    for (int e = tid; e < N * N; e += NT) hT[(int64_t)bh * N * N + e] = s.S[(e >> 6) * PS + (e & 63)];
+  for (int e = tid; e < N * N; e += NT) hT[(int64_t)bh * N * N + e] = s.S[(e >> 6) * PS + (e & 63)];
 }
 
 // ====================================================================================== backward sweep 1
@@ -922,21 +856,12 @@ cudaError_t setup(const void* fn) {
 }
 
 template <typename Tw, bool WH>
-cudaError_t launch_forward(int B, int T, int H, int nseg, const void* r, const void* k, const void* v, const void* w,
-                           const float* u, const float* h0, float* seg, void* y, float* hT, cudaStream_t stream) {
-  cudaError_t err;
-  if (nseg > 1) {
-    err = setup((const void*)chunk_segment_kernel<Tw, WH>);
-    if (err != cudaSuccess) return err;
-    chunk_segment_kernel<Tw, WH><<<B * H * (nseg - 1), NT, smem_bytes(), stream>>>(
-        T, H, nseg, (const bf16*)r, (const bf16*)k, (const bf16*)v, (const Tw*)w, seg);
-    err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
-  }
-  err = setup((const void*)chunk_forward_kernel<Tw, WH>);
+cudaError_t launch_forward(int B, int T, int H, const void* r, const void* k, const void* v, const void* w,
+                           const float* u, const float* h0, void* y, float* hT, cudaStream_t stream) {
+  cudaError_t err = setup((const void*)chunk_forward_kernel<Tw, WH>);
   if (err != cudaSuccess) return err;
-  chunk_forward_kernel<Tw, WH><<<B * H * nseg, NT, smem_bytes(), stream>>>(
-      T, H, nseg, (const bf16*)r, (const bf16*)k, (const bf16*)v, (const Tw*)w, u, h0, seg, (bf16*)y, hT);
+  chunk_forward_kernel<Tw, WH><<<B * H, NT, smem_bytes(), stream>>>(T, H, (const bf16*)r, (const bf16*)k,
+                                                                (const bf16*)v, (const Tw*)w, u, h0, (bf16*)y, hT);
   return cudaGetLastError();
 }
 
@@ -967,56 +892,19 @@ int blocks_per_sm(const void* fn, int threads, size_t smem) {
   return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, fn, threads, smem) == cudaSuccess ? n : -1;
 }
 
-// The forward's segments per sequence (see chunk_segment_kernel). Automatic: as many as fill the forward's
-// block slots on this device (SMs x resident blocks), at most MAX_SEGMENTS and none shorter than MIN_SEG_CHUNKS
-// chunks; a positive forced_segments (set_forward_segments, for A/B runs and tests) replaces that count.
-constexpr int MAX_SEGMENTS = 4, MIN_SEG_CHUNKS = 4;
-int forced_segments = 0;
-
-int forward_slots() {
-  static int cached[64] = {0};
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 0;
-  if (cached[dev] == 0) {
-    int sms = 0;
-    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) return 0;
-    const int per_sm = blocks_per_sm((const void*)chunk_forward_kernel<bf16, false>, NT, smem_bytes());
-    cached[dev] = per_sm > 0 ? sms * per_sm : -1;
-  }
-  return cached[dev];
-}
-
 }  // namespace
-
-// Segments per sequence the chunked forward uses for B * H = BH sequences of length T: 1 .. the chunk count,
-// rounded so that every segment but the last has the same whole number of chunks and the last is not empty.
-int wkv6_chunk_forward_segments(int BH, int T) {
-  const int nch = (T + C - 1) / C;
-  int n = forced_segments;
-  if (n <= 0) {
-    const int slots = forward_slots();
-    n = slots > 0 ? min(MAX_SEGMENTS, min(slots / max(BH, 1), nch / MIN_SEG_CHUNKS)) : 1;
-  }
-  n = max(1, min(n, nch));
-  const int cps = (nch + n - 1) / n;
-  return (nch + cps - 1) / cps;
-}
-
-// 0: automatic; n > 0: n segments (capped at the chunk count).
-void wkv6_chunk_set_forward_segments(int n) { forced_segments = n > 0 ? n : 0; }
 
 // Launchers (declared in wkv6_cuda_bind.cpp). r, k, v, y, gy, gr, gk, gv bf16; w, gw bf16 (tw = 1) or
 // fp32 (tw = 0), [B,T,H,N] or, with wh = 1, one decay per head [B,T,H,1]; head size 64. Same buffers and meaning
 // as wkv6_cuda_forward / wkv6_cuda_backward, plus kscr (fp32 [B,T,H,N] scratch, like bscr).
-// The forward runs nseg segments per sequence (wkv6_chunk_forward_segments); seg is fp32 scratch of
-// B * H * (nseg - 1) * (N * N + N) floats (unused for nseg = 1).
-cudaError_t wkv6_chunk_forward(int tw, int wh, int B, int T, int H, int nseg, const void* r, const void* k,
-                               const void* v, const void* w, const float* u, const float* h0, float* seg, void* y,
-                               float* hT, cudaStream_t stream) {
-#define WKV6_FWD(TW, WH) launch_forward<TW, WH>(B, T, H, nseg, r, k, v, w, u, h0, seg, y, hT, stream)
-  if (tw == 1) return wh ? WKV6_FWD(bf16, true) : WKV6_FWD(bf16, false);
-  return wh ? WKV6_FWD(float, true) : WKV6_FWD(float, false);
-#undef WKV6_FWD
+cudaError_t wkv6_chunk_forward(int tw, int wh, int B, int T, int H, const void* r, const void* k, const void* v,
+                               const void* w, const float* u, const float* h0, void* y, float* hT,
+                               cudaStream_t stream) {
+  if (tw == 1)
+    return wh ? launch_forward<bf16, true>(B, T, H, r, k, v, w, u, h0, y, hT, stream)
+              : launch_forward<bf16, false>(B, T, H, r, k, v, w, u, h0, y, hT, stream);
+  return wh ? launch_forward<float, true>(B, T, H, r, k, v, w, u, h0, y, hT, stream)
+            : launch_forward<float, false>(B, T, H, r, k, v, w, u, h0, y, hT, stream);
 }
 
 cudaError_t wkv6_chunk_backward(int tw, int wh, int B, int T, int H, const void* r, const void* k, const void* v,

@@ -16,11 +16,9 @@ cudaError_t wkv6_cuda_backward(int tin, int tw, int N, int B, int T, int H, cons
                                const void* v, const void* w, const float* u, const float* h0, const void* gy,
                                const float* ghT, void* gr, void* gk, void* gv, void* gw, float* gu_part,
                                float* gh0, float* bscr, float* P, cudaStream_t stream);
-cudaError_t wkv6_chunk_forward(int tw, int wh, int B, int T, int H, int nseg, const void* r, const void* k,
-                               const void* v, const void* w, const float* u, const float* h0, float* seg, void* y,
-                               float* hT, cudaStream_t stream);
-int wkv6_chunk_forward_segments(int BH, int T);
-void wkv6_chunk_set_forward_segments(int n);
+cudaError_t wkv6_chunk_forward(int tw, int wh, int B, int T, int H, const void* r, const void* k, const void* v,
+                               const void* w, const float* u, const float* h0, void* y, float* hT,
+                               cudaStream_t stream);
 cudaError_t wkv6_chunk_backward(int tw, int wh, int B, int T, int H, const void* r, const void* k, const void* v,
                                 const void* w, const float* u, const float* h0, const void* gy, const float* ghT,
                                 void* gr, void* gk, void* gv, void* gw, float* gu_part, float* gh0, float* bscr,
@@ -89,14 +87,10 @@ std::vector<at::Tensor> wkv6_forward(const at::Tensor& r, const at::Tensor& k, c
   const float* h0p = opt_ptr(h0, r, "initial_state");
   auto y = at::empty_like(v);
   auto hT = at::empty({B, H, N, N}, r.options().dtype(at::kFloat));
-  // the chunked forward's segment summaries (local end state and decay of every segment but the last)
-  const int nseg = chunked ? wkv6_chunk_forward_segments((int)(B * H), (int)T) : 1;
-  auto seg = at::empty({nseg > 1 ? B * H * (nseg - 1) * (N * N + N) : 0}, r.options().dtype(at::kFloat));
   const cudaError_t err =
-      chunked ? wkv6_chunk_forward(dtype_code(w), (int)head_decay(r, w), (int)B, (int)T, (int)H, nseg, r.data_ptr(),
-                                   k.data_ptr(), v.data_ptr(), w.data_ptr(), u.data_ptr<float>(), h0p,
-                                   nseg > 1 ? seg.data_ptr<float>() : nullptr, y.data_ptr(), hT.data_ptr<float>(),
-                                   at::cuda::getCurrentCUDAStream())
+      chunked ? wkv6_chunk_forward(dtype_code(w), (int)head_decay(r, w), (int)B, (int)T, (int)H, r.data_ptr(),
+                                   k.data_ptr(), v.data_ptr(), w.data_ptr(), u.data_ptr<float>(), h0p, y.data_ptr(),
+                                   hT.data_ptr<float>(), at::cuda::getCurrentCUDAStream())
               : wkv6_cuda_forward(dtype_code(r), dtype_code(w), (int)N, (int)B, (int)T, (int)H, r.data_ptr(),
                                   k.data_ptr(), v.data_ptr(), w.data_ptr(), u.data_ptr<float>(), h0p, y.data_ptr(),
                                   hT.data_ptr<float>(), at::cuda::getCurrentCUDAStream());
@@ -148,21 +142,11 @@ std::map<std::string, int> chunk_occupancy() {
   return {{"forward", n[0]}, {"backward", n[1]}, {"gw", n[2]}};
 }
 
-// The chunked forward's segments per sequence for B * H sequences of length T (on the current device).
-int forward_segments(int64_t B, int64_t T, int64_t H) {
-  TORCH_CHECK(B >= 1 && T >= 1 && H >= 1 && B * H < (int64_t(1) << 31) && T < (int64_t(1) << 31),
-              "wkv6_cuda: forward_segments needs B, T, H >= 1");
-  return wkv6_chunk_forward_segments((int)(B * H), (int)T);
-}
-
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "wkv6 (RWKV-6) CUDA kernels, sequential and chunked: fp32/bf16 inputs, fp32 state and accumulation";
   m.def("forward", &wkv6_forward, "wkv6 forward(r, k, v, w, u, h0, chunked) -> (y, final_state fp32)");
   m.def("chunk_occupancy", &chunk_occupancy, "resident blocks per SM of the chunked kernels: {forward, backward, gw}");
-  m.def("forward_segments", &forward_segments, "segments per sequence of the chunked forward at (B, T, H)");
-  m.def("set_forward_segments", &wkv6_chunk_set_forward_segments,
-        "force the chunked forward's segments per sequence (n > 0) or restore the automatic choice (0)");
   m.def("backward", &wkv6_backward, "wkv6 backward(r, k, v, w, u, h0, gy, ghT, chunked) -> (gr, gk, gv, gw, gu fp32 [H,N], gh0 fp32)");
 }
