@@ -9,8 +9,10 @@ official kernel's algorithm, `impl="sequential"`) and, when the bench-only extra
 (`pip install -e '.[bench]'`), FLA's `chunk_rwkv6` (given the log-decay -exp(w), computed before
 timing, and scale 1). Forward (under no_grad) and
 forward+backward (torch.autograd.grad with a fixed random gy) medians and p20/p80 from CUDA events,
-one event pair per repetition, L2 flushed (256 MiB write) before each repetition, everything warmed
-up (JIT build included) before anything is timed. The sequential and chunked PyTorch references run
+one event pair per repetition, L2 flushed (256 MiB write) before each repetition, the extension built
+before anything is timed and each contender warmed up (Triton autotune included) by a call just before its
+timing. Shapes run in order, our kernels before the peers; `--out FILE` keeps the document so far on disk, so
+a run stopped part-way keeps what it timed. The sequential and chunked PyTorch references run
 too, on the smallest shape.
 
 Bytes bound, per shape (`wkv6_bytes_moved`): the bytes the op must read and write at least, each tensor
@@ -36,10 +38,12 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import platform
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -213,7 +217,9 @@ def _contenders(xs, gy, fla: bool = True):
     return out
 
 
-def bench_cuda(reps: int, fla: bool = True, refs: bool = True, shapes=SHAPES) -> dict:
+def bench_cuda(reps: int, fla: bool = True, refs: bool = True, shapes=SHAPES, progress=None) -> dict:
+    """The CUDA part (module docstring). `progress(doc)`, if given, receives the document so far after every timed
+    contender, so a run stopped part-way (a peer's long Triton autotune, a call's time limit) keeps what it timed."""
     name = torch.cuda.get_device_name()
     peak = next((bw for frag, bw in NOMINAL_HBM if frag in name), None)
     info = build_extension("cuda")
@@ -228,11 +234,13 @@ def bench_cuda(reps: int, fla: bool = True, refs: bool = True, shapes=SHAPES) ->
         xs, gy = _inputs(*s, torch.bfloat16, "cuda")
         xs = [x.requires_grad_(True) for x in xs]
         cases[s] = (xs, gy, _contenders(xs, gy, fla))
-    for _, _, cont in cases.values():  # global warm-up (JIT build, Triton autotune) before any timing
-        for _, fb in cont.values():
-            fb()
-    torch.cuda.synchronize()
-    rows = []
+    fla_fn = _fla_chunk() if fla else None
+    rows, peers = [], {}
+    doc = {"device": name, "sms": sms, "chunked_blocks_per_sm": occupancy, "nominal_hbm_bytes_per_s": peak,
+           "measured_copy_bytes_per_s": copy_bw, "build": info,
+           "fla_version": getattr(__import__("fla"), "__version__", "?") if fla_fn else None,
+           "shapes": rows, "peers_same_run": peers}
+    report = progress or (lambda d: None)
     for (B, T, H), (xs, gy, cont) in cases.items():
         E = B * T * H * HEAD
         moved = wkv6_bytes_moved(B, T, H, HEAD, HEAD, io_bytes=xs[0].element_size(), u_bytes=xs[4].element_size())
@@ -243,7 +251,8 @@ def bench_cuda(reps: int, fla: bool = True, refs: bool = True, shapes=SHAPES) ->
         if peak:
             row["forward_bound_ms"] = 1e3 * row["forward_bytes"] / peak
             row["forward_backward_bound_ms"] = 1e3 * row["forward_backward_bytes"] / peak
-        for cname, (f_fn, fb_fn) in cont.items():
+        rows.append(row)
+        for cname, (f_fn, fb_fn) in cont.items():   # each warmed up (build, autotune) by its first timing
             f, fb = _time_cuda(f_fn, reps, flush), _time_cuda(fb_fn, reps, flush)
             res = {"forward": f, "forward_backward": fb, "forward_us_per_step": 1e3 * f["median_ms"] / T,
                    "forward_backward_tokens_per_s": B * T / (fb["median_ms"] * 1e-3)}
@@ -255,6 +264,7 @@ def bench_cuda(reps: int, fla: bool = True, refs: bool = True, shapes=SHAPES) ->
             row[cname] = res
             _log(f"cuda {B},{T},{H} {cname}: fwd {f['median_ms']:.3f} ms ({frac['forward']:.1%} of the bytes bound), "
                  f"fwd+bwd {fb['median_ms']:.3f} ms ({frac['forward_backward']:.1%})")
+            report(doc)
         row["ours_chunked"]["phases"] = chunked_phases(cont["ours_chunked"][1], B, T, H, sms, occupancy)
         if "fla_chunk_rwkv6" in cont:
             fla_prof = kernel_times(cont["fla_chunk_rwkv6"][1])
@@ -262,11 +272,10 @@ def bench_cuda(reps: int, fla: bool = True, refs: bool = True, shapes=SHAPES) ->
         ours = row["ours_chunked"]["forward_backward"]["median_ms"]
         row["chunked_speedup_fwd_bwd"] = {c: row[c]["forward_backward"]["median_ms"] / ours
                                           for c in cont if c != "ours_chunked"}
-        rows.append(row)
+        report(doc)
     # the PyTorch references on the smallest shape (same protocol, fewer repetitions: they are slow)
     (B, T, H) = min(shapes, key=lambda s: s[0] * s[1] * s[2])
     xs, gy, _ = cases[(B, T, H)]
-    peers = {}
     for pname, fn in (("wkv6_ref_sequential", wkv6_ref), ("wkv6_chunked_ref", wkv6_chunked_ref)) if refs else ():
         def peer_fb(fn=fn):
             y, _ = fn(*xs)
@@ -279,11 +288,8 @@ def bench_cuda(reps: int, fla: bool = True, refs: bool = True, shapes=SHAPES) ->
         peers[pname] = {"shape": [B, T, H], "forward": _time_cuda(peer_f, 3, flush),
                         "forward_backward": _time_cuda(peer_fb, 3, flush)}
         _log(f"cuda peer {pname}: fwd+bwd {peers[pname]['forward_backward']['median_ms']:.1f} ms")
-    fla = _fla_chunk() if fla else None
-    return {"device": name, "sms": sms, "chunked_blocks_per_sm": occupancy, "nominal_hbm_bytes_per_s": peak,
-            "measured_copy_bytes_per_s": copy_bw, "build": info,
-            "fla_version": getattr(__import__("fla"), "__version__", "?") if fla else None,
-            "shapes": rows, "peers_same_run": peers}
+        report(doc)
+    return doc
 
 
 def bench_cpu(reps: int) -> dict:
@@ -323,6 +329,25 @@ def bench_cpu(reps: int) -> dict:
             "speedup_forward": ref_f["median_ms"] / ours_f["median_ms"]}
 
 
+def out_file(text: str) -> str:
+    """argparse type of `--out FILE` (here and in the pipeline's benchmarks): refused at the start, not after the
+    first result, when FILE's directory does not exist or FILE is a directory."""
+    p = Path(text)
+    if not p.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"the directory of {text!r} does not exist ({p.parent})")
+    if p.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory; give a file name")
+    return text
+
+
+def _write_json(path: str, doc: dict) -> None:
+    """doc as JSON at path, replaced atomically (temp name + os.replace): a reader never sees half a file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=2)
+    os.replace(tmp, path)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reps", type=int, default=20, help="timed repetitions per CUDA measurement")
@@ -331,6 +356,9 @@ def main(argv=None) -> None:
     ap.add_argument("--skip-cuda", action="store_true")
     ap.add_argument("--no-fla", action="store_true", help="leave FLA's chunk_rwkv6 out (its Triton autotune is slow)")
     ap.add_argument("--no-refs", action="store_true", help="leave the (slow) PyTorch references out")
+    ap.add_argument("--out", default=None, metavar="FILE", type=out_file,
+                    help="also write the JSON to FILE, replaced after every timed contender (a run stopped "
+                         "part-way keeps what it timed, marked \"partial\": true)")
     ap.add_argument("--shapes", default=None, help="B,T,H;B,T,H;... (default: %s)" % ";".join(",".join(map(str, s)) for s in SHAPES))
     args = ap.parse_args(argv)
     out = {
@@ -343,10 +371,17 @@ def main(argv=None) -> None:
     out["copy_bandwidth_GBps"] = None    # measured by the CUDA part; the CPU part has no bytes bound
     if torch.cuda.is_available() and not args.skip_cuda:
         shapes = SHAPES if not args.shapes else [tuple(int(x) for x in p.split(",")) for p in args.shapes.split(";")]
-        out["cuda"] = bench_cuda(args.reps, fla=not args.no_fla, refs=not args.no_refs, shapes=shapes)
+        def progress(cuda: dict) -> None:
+            _write_json(args.out, {**out, "partial": True, "cuda": cuda,
+                                   "copy_bandwidth_GBps": cuda["measured_copy_bytes_per_s"] / 1e9})
+
+        out["cuda"] = bench_cuda(args.reps, fla=not args.no_fla, refs=not args.no_refs, shapes=shapes,
+                                 progress=progress if args.out else None)
         out["copy_bandwidth_GBps"] = out["cuda"]["measured_copy_bytes_per_s"] / 1e9
     if not args.skip_cpu:
         out["cpu"] = bench_cpu(args.cpu_reps)
+    if args.out:
+        _write_json(args.out, out)
     print(json.dumps(out, indent=2))
 
 

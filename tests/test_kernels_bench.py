@@ -1,6 +1,8 @@
 """kernels.bench's bytes bound: the byte count of the wkv6 op (forward, backward, both) and its time at a given
 bandwidth, by hand-counted formulas (no GPU needed; the GPU run divides the same numbers by its measured copy
-bandwidth); and its per-kernel phases, from a given kernel list."""
+bandwidth); its per-kernel phases, from a given kernel list; and `--out`, which keeps the document so far on disk."""
+import json
+
 import pytest
 
 import kernels.bench as kbench
@@ -53,3 +55,41 @@ def test_phases_sum_each_chunk_kernel_and_count_its_waves(monkeypatch):
     assert out["other_ms"] == pytest.approx(0.05)
     # a kernel the GPU cannot hold (no resident block) has no wave count
     assert kbench.chunked_phases(None, 1, 17, 1, 132, {})["kernels"]["forward"]["waves"] is None
+
+
+def test_out_keeps_what_a_stopped_run_timed(monkeypatch, tmp_path):
+    # the CUDA part reports after its first contender, then stops (a peer's autotune past a time limit, say)
+    def stopped(reps, fla, refs, shapes, progress):
+        progress({"measured_copy_bytes_per_s": 4.2e12, "shapes": [{"B": 16, "T": 4096, "H": 8,
+                                                                    "ours_chunked": {"forward": {"median_ms": 0.8}}}]})
+        raise RuntimeError("stopped part-way")
+
+    monkeypatch.setattr(kbench.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(kbench.torch.cuda, "get_device_name", lambda *a: "Test GPU")
+    monkeypatch.setattr(kbench, "bench_cuda", stopped)
+    out = tmp_path / "kb.json"
+    with pytest.raises(RuntimeError, match="stopped part-way"):
+        kbench.main(["--skip-cpu", "--out", str(out)])
+    doc = json.loads(out.read_text())
+    assert doc["partial"] is True and doc["machine"]["gpu"] == "Test GPU"
+    assert doc["cuda"]["shapes"][0]["ours_chunked"]["forward"]["median_ms"] == 0.8
+    assert doc["copy_bandwidth_GBps"] == pytest.approx(4200.0)
+    assert not (tmp_path / "kb.json.tmp").exists()
+
+
+def test_out_holds_the_finished_document(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(kbench, "bench_cpu", lambda reps: {"speedup_forward_backward": 3.0})
+    out = tmp_path / "kb.json"
+    kbench.main(["--skip-cuda", "--out", str(out)])
+    printed = json.loads(capsys.readouterr().out)
+    assert json.loads(out.read_text()) == printed and "partial" not in printed
+    assert printed["cpu"]["speedup_forward_backward"] == 3.0
+
+
+def test_out_in_a_missing_directory_is_refused_at_the_start(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        kbench.main(["--skip-cuda", "--skip-cpu", "--out", str(tmp_path / "nope" / "kb.json")])
+    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        kbench.main(["--skip-cuda", "--skip-cpu", "--out", str(tmp_path)])
+    assert "is a directory" in capsys.readouterr().err

@@ -27,6 +27,7 @@ import torch
 
 import models
 import data
+from kernels.bench import out_file  # the --out argparse type of every benchmark here
 from gt_pipeline.store import write_json_atomic
 from gt_pipeline.engine.train import (BatchFeed, TrainConfig, build_optimizer, compile_label, resolve_compile, step_function,
                                       train_step)
@@ -127,17 +128,6 @@ def bench_model(name: str, size: str, vocab: int, batch: int, seq: int, steps: i
 def note(msg: str) -> None:
     """Progress on stderr (stdout carries the JSON): a long cold compilation shows where it is."""
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def out_file(text: str) -> str:
-    """argparse type of `--out FILE`: refused at the start, not after the first model has run, when FILE's
-    directory does not exist or FILE is a directory."""
-    p = Path(text)
-    if not p.parent.is_dir():
-        raise argparse.ArgumentTypeError(f"the directory of {text!r} does not exist ({p.parent})")
-    if p.is_dir():
-        raise argparse.ArgumentTypeError(f"{text!r} is a directory; give a file name")
-    return text
 
 
 def write_partial(path: str | None, doc: dict) -> None:
