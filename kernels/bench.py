@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import platform
 import statistics
 import sys
@@ -47,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from .build import build_extension, get_extension
+from .build import build_extension, get_extension, write_json_atomic
 from .reference import wkv6_chunked_ref, wkv6_ref
 from .wkv6 import wkv6
 
@@ -340,14 +339,6 @@ def out_file(text: str) -> str:
     return text
 
 
-def _write_json(path: str, doc: dict) -> None:
-    """doc as JSON at path, replaced atomically (temp name + os.replace): a reader never sees half a file."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=2)
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reps", type=int, default=20, help="timed repetitions per CUDA measurement")
@@ -371,9 +362,10 @@ def main(argv=None) -> None:
     out["copy_bandwidth_GBps"] = None    # measured by the CUDA part; the CPU part has no bytes bound
     if torch.cuda.is_available() and not args.skip_cuda:
         shapes = SHAPES if not args.shapes else [tuple(int(x) for x in p.split(",")) for p in args.shapes.split(";")]
+
         def progress(cuda: dict) -> None:
-            _write_json(args.out, {**out, "partial": True, "cuda": cuda,
-                                   "copy_bandwidth_GBps": cuda["measured_copy_bytes_per_s"] / 1e9})
+            write_json_atomic(Path(args.out), {**out, "partial": True, "cuda": cuda,
+                                               "copy_bandwidth_GBps": cuda["measured_copy_bytes_per_s"] / 1e9})
 
         out["cuda"] = bench_cuda(args.reps, fla=not args.no_fla, refs=not args.no_refs, shapes=shapes,
                                  progress=progress if args.out else None)
@@ -381,7 +373,7 @@ def main(argv=None) -> None:
     if not args.skip_cpu:
         out["cpu"] = bench_cpu(args.cpu_reps)
     if args.out:
-        _write_json(args.out, out)
+        write_json_atomic(Path(args.out), out)
     print(json.dumps(out, indent=2))
 
 

@@ -185,6 +185,14 @@ def _stage_sources(backend: str, src_dir: Path) -> None:
         os.replace(tmp, dest)
 
 
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """obj as indented JSON at path, through a temp file beside it and os.replace: a reader (or a run stopped
+    part-way) never sees half a file."""
+    tmp = path.with_name(f"{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
 def _build_key(fp: dict) -> str:
     """The build directory's key: the toolchain fingerprint plus the torch install compiled against."""
     return _fingerprint_key({**fp, "torch_dir": str(Path(torch.__file__).resolve().parent)})
@@ -242,9 +250,7 @@ def build_extension(device: str = "auto") -> dict:
             "cache_hit": cache_hit,
         }
         if not cache_hit:
-            tmp = info_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(info, indent=2))
-            os.replace(tmp, info_path)  # written last: marks a finished build
+            write_json_atomic(info_path, info)  # written last: marks a finished build
     return info
 
 
