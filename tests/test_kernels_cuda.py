@@ -155,20 +155,37 @@ def test_chunked_head_decay_long_sequence():
 
 @pytest.mark.parametrize("shape", [(2, 67, 3, 64), (4, 1030, 4, 64)], ids=["B2-T67-H3", "B4-T1030-H4"])
 def test_chunked_head_decay_equals_the_expanded_decay(shape):
-    """Against the per-channel kernels on w expanded over K: the same per-channel arithmetic, so every output
-    and every gradient but gw is bit for bit the same; gw is the expanded gw summed over the channels, to the
-    fp32 rounding of the 64 terms (the head kernel sums them in fp64 before rounding once)."""
+    """Against the per-channel kernels on w expanded over K. The head kernels form the intra-chunk sums as
+    matrix products and the per-channel ones elementwise, so the two differ by fp32 summation order only:
+    the bf16 outputs by at most one rounding step (2^-7 relative), the fp32 ones (state, gu, gh0) to 1e-5 of
+    their scale. gw is the expanded gw summed over the channels, to 1e-4 of its scale (the fp64 reference
+    allows 3e-4); a term missing or counted twice would miss these by orders of magnitude."""
     x, cot = make_inputs(*shape, seed=21, w_range=(-6.0, 2.0))
     xk = head_decay(cast(x, BF16, F32))
     head = run_with_grads(with_impl("chunked"), xk, cot)
     full = run_with_grads(with_impl("chunked"), {**xk, "w": xk["w"].expand(*shape).contiguous()}, cot)
     for name in NAMES:
-        if name != "w":
-            assert torch.equal(head[name], full[name]), name
-    want = full["w"].sum(-1, keepdim=True)
-    bound = 2.0 ** -23 * full["w"].abs().sum(-1, keepdim=True) + 1e-30
-    assert ((head["w"] - want).abs() <= bound).all(), ((head["w"] - want).abs() / bound).max()
+        if name == "w":
+            continue
+        got, want = head[name].double(), full[name].double()
+        scale = want.abs().max().item()
+        if name in ("y", "r", "k", "v"):
+            bound = 2.0 ** -7 * want.abs() + 1e-5 * scale
+        else:
+            bound = torch.full_like(want, 1e-5 * scale)
+        assert ((got - want).abs() <= bound).all(), (name, ((got - want).abs() / bound).max().item())
+    want = full["w"].double().sum(-1, keepdim=True)
+    err = (head["w"].double() - want).abs().max().item()
     assert want.abs().max() > 1.0
+    assert err <= 1e-4 * want.abs().max().item(), (err, want.abs().max().item())
+
+
+def test_chunked_kernels_fit_two_blocks_per_sm():
+    """The chunked kernels are built for two resident blocks per SM (the backward runs both sweeps of a sequence
+    side by side): shared memory or registers grown past that would halve what the GPU overlaps."""
+    occ = kernels.build.get_extension("cuda").chunk_occupancy()
+    assert {k: occ[k] for k in ("forward", "backward", "forward_head", "backward_head")} == dict.fromkeys(
+        ("forward", "backward", "forward_head", "backward_head"), 2), occ
 
 
 def test_chunked_rejects_what_it_cannot_run():

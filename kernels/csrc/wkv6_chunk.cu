@@ -3,8 +3,9 @@
 // C = 16 steps. The sequential kernels in wkv6_cuda.cu stay the reference backend (fp32 inputs,
 // head sizes 32 and 128); kernels/wkv6.py picks between them. w is one decay per channel [B, T, H, N] or
 // one per head [B, T, H, 1] (template flag WH; Mamba-2 through wkv6): the per-head value is read once per step
-// and stands for every channel, so all per-channel arithmetic is the same; gw then sums over the channels
-// (chunk_gw_head_kernel).
+// and stands for every channel. The state products are the same; the intra-chunk sums over pairs (s, t), which
+// per channel are elementwise with a decay per channel, become matrix products on tensor cores (head_scores);
+// gw then sums over the channels (chunk_gw_head_kernel).
 //
 // Per (b, h) one block of 256 threads walks the chunks in order, keeping the 64 x 64 state in shared
 // memory in fp32. The backward's two sweeps are independent and run side by side in one launch (two
@@ -67,6 +68,7 @@ constexpr int PB = N + 8;      // bf16 rows (wmma: ldm % 8 == 0, tiles 32-byte a
 constexpr int PA = C + 8;      // bf16 16 x 16 score matrix
 constexpr int PS = N + 4;      // fp32 64-wide rows for wmma accumulators (ldm % 4 == 0)
 constexpr float LW_MIN = -1e4f;
+static_assert(PF == PS, "s.D (rows of PF) doubles as a wmma output (rows of PS) with one decay per head");
 
 using FragAr = wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major>;
 using FragAc = wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::col_major>;
@@ -78,14 +80,17 @@ using FragC = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
 // One carve-out for the forward and backward kernels (the backward sweeps use a superset of the forward's arrays).
 struct Smem {
   float *R, *K, *LW, *Ex, *Ei;          // [C][PF]
-  float *D;                               // [C][PF] per-step decay e^{lw}
+  float *D;                               // [C][PF] per-step decay e^{lw} (per-channel scores); with one decay
+                                          // per head the kernels use it as one more C x N fp32 output, O3
   float *Et, *EEt, *U, *X1, *X2, *Z, *XS; // [N]; EEt = e^{Et}; X1, X2: the neighbouring chunk's edge row;
                                           // XS: the edge row's state product without the edge pair
   float *S;                               // [N][PS] state (or G in the reverse sweep)
   float *O1, *O2, *dA;                    // [C][PS] wmma outputs
   bf16 *V, *DY, *Rh, *Rl, *Kh, *Kl;       // [C][PB]
   bf16 *Rm, *Km;                          // [C][PB] third terms of r e^{Ex}, k e^{Et-Ei} (backward updates)
+  bf16 *Rb, *Kb;                          // [C][PB] r, k as loaded (one decay per head: score products)
   bf16 *Ah, *Al;                          // [C][PA]
+  bf16 *Mh, *Ml, *Mm;                     // [C][PA] decayed gradient scores M (one decay per head), three terms
   bf16 *Sh, *Sl, *Sm;                     // [N][PB]: S = Sh + Sl (+ Sm, a third term for gradients)
 };
 
@@ -93,7 +98,7 @@ __host__ __device__ constexpr size_t align128(size_t x) { return (x + 127) / 128
 
 __host__ __device__ constexpr size_t smem_bytes() {
   return 6 * align128(C * PF * 4) + 7 * align128(N * 4) + align128(N * PB * 2) + align128(N * PS * 4) + 3 * align128(C * PS * 4) +
-         8 * align128(C * PB * 2) + 2 * align128(C * PA * 2) + 2 * align128(N * PB * 2);
+         10 * align128(C * PB * 2) + 5 * align128(C * PA * 2) + 2 * align128(N * PB * 2);
 }
 
 __device__ Smem carve(unsigned char* p) {
@@ -109,7 +114,9 @@ __device__ Smem carve(unsigned char* p) {
   s.V = (bf16*)take(C * PB * 2); s.DY = (bf16*)take(C * PB * 2); s.Rh = (bf16*)take(C * PB * 2);
   s.Rl = (bf16*)take(C * PB * 2); s.Kh = (bf16*)take(C * PB * 2); s.Kl = (bf16*)take(C * PB * 2);
   s.Rm = (bf16*)take(C * PB * 2); s.Km = (bf16*)take(C * PB * 2);
+  s.Rb = (bf16*)take(C * PB * 2); s.Kb = (bf16*)take(C * PB * 2);
   s.Ah = (bf16*)take(C * PA * 2); s.Al = (bf16*)take(C * PA * 2);
+  s.Mh = (bf16*)take(C * PA * 2); s.Ml = (bf16*)take(C * PA * 2); s.Mm = (bf16*)take(C * PA * 2);
   s.Sh = (bf16*)take(N * PB * 2); s.Sl = (bf16*)take(N * PB * 2); s.Sm = (bf16*)take(N * PB * 2);
   return s;
 }
@@ -207,12 +214,17 @@ struct Prefetch {
     put4(s.LW + o, valid ? make_float4(lw_of(wf.x), lw_of(wf.y), lw_of(wf.z), lw_of(wf.w)) : make_float4(0.f, 0.f, 0.f, 0.f));
     *reinterpret_cast<uint2*>(s.V + sl.t * PB + sl.i0) = v;
     if (DY) *reinterpret_cast<uint2*>(s.DY + sl.t * PB + sl.i0) = dy;
+    if (WH) {
+      *reinterpret_cast<uint2*>(s.Rb + sl.t * PB + sl.i0) = r;
+      *reinterpret_cast<uint2*>(s.Kb + sl.t * PB + sl.i0) = k;
+    }
   }
 };
 
-// Exclusive / inclusive cumsums of the log-decay per channel, the per-step decays e^{lw} and e^{Et}.
+// Exclusive / inclusive cumsums of the log-decay per channel, e^{Et} and (PD) the per-step decays e^{lw}.
 // Thread (channel i, quarter q) = (8 * warp + lane % 8, lane / 8) sums rows 4q..4q+3; every lane of a
 // channel then adds the four quarter totals in the same order, so Ex_{t+1} == Ei_t holds exactly.
+template <bool PD>  // PD: write s.D for the per-channel scores (one decay per head: s.D is O3)
 __device__ __forceinline__ void cumsum(const Smem& s, int tid) {
   const int lane = tid & 31, i = 8 * (tid >> 5) + (lane & 7), q = lane >> 3;
   float lw[4], loc[4], run = 0.f;
@@ -232,7 +244,7 @@ __device__ __forceinline__ void cumsum(const Smem& s, int tid) {
     const int o = (4 * q + m) * PF + i;
     s.Ex[o] = m == 0 ? base : base + loc[m - 1];
     s.Ei[o] = base + loc[m];
-    s.D[o] = __expf(lw[m]);
+    if (PD) s.D[o] = __expf(lw[m]);
   }
   if (q == 3) {
     s.Et[i] = e[4];
@@ -401,19 +413,72 @@ __device__ __forceinline__ void rows_times_state_t(FragC& acc, const bf16* X, co
   }
 }
 
-// dA[t][s] = gy_t . v_s  (16 x 16)
-__device__ __forceinline__ void grad_scores(const Smem& s) {
+// dst[t][s] = X_t . Y_s (16 x 16 fp32, row stride PS) for bf16 rows X, Y: one warp. The gradient scores
+// dA = gy v^T, and with one decay per head the undecayed scores r k^T. Each product of two bf16 values is exact
+// in fp32, so these are the fp32 dot products of the elementwise form.
+__device__ __forceinline__ void dots(float* dst, const bf16* X, const bf16* Y) {
   FragC acc;
   wmma::fill_fragment(acc, 0.f);
   FragAr a;
   FragBc b;
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk) {
-    wmma::load_matrix_sync(a, s.DY + kk * 16, PB);
-    wmma::load_matrix_sync(b, s.V + kk * 16, PB);
+    wmma::load_matrix_sync(a, X + kk * 16, PB);
+    wmma::load_matrix_sync(b, Y + kk * 16, PB);
     wmma::mma_sync(acc, a, b, acc);
   }
-  wmma::store_matrix_sync(s.dA, acc, PS, wmma::mem_row_major);
+  wmma::store_matrix_sync(dst, acc, PS, wmma::mem_row_major);
+}
+
+__device__ __forceinline__ void split3(float x, bf16* hi, bf16* lo, bf16* mid) {
+  const bf16 h = __float2bfloat16_rn(x);
+  const float d = x - __bfloat162float(h);
+  const bf16 l = __float2bfloat16_rn(d);
+  *hi = h;
+  *lo = l;
+  *mid = __float2bfloat16_rn(d - __bfloat162float(l));
+}
+
+// One decay per head: every channel shares the log-decay, so the intra-chunk decay of a pair is one number,
+// F_ts = e^{Ex_t - Ei_s} (s < t), and the elementwise sums over channels become products of matrices:
+//   A_ts = (r_t . k_s) F_ts (s < t),  A_tt = r_t . (u k_t)     (the scores; RK = r k^T from `dots`)
+//   M_ts = dA_ts F_ts (s < t-1, else 0)                         (the backward's in-chunk decayed terms)
+// gr's in-chunk sum is then M k and gk's is M^T r (decayed_times). A is written as a bf16 pair like `scores`
+// writes it; M as three terms, so hi + lo + mid == M and its products keep fp32 precision (they feed gw). M
+// leaves out the adjacent pair s = t-1 as the elementwise sums do. Thread (t, s) = (tid / 16, tid % 16); the
+// diagonal's partial sums over channels 4s..4s+3 are added across the 16 lanes of row t.
+template <bool WA, bool WM>
+__device__ __forceinline__ void head_scores(const Smem& s, int tid, const float* RK) {
+  const int t = tid >> 4, c = tid & 15;
+  const float f = c < t ? __expf(s.Ex[t * PF] - s.Ei[c * PF]) : 0.f;
+  if (WA) {
+    const int i0 = 4 * c;
+    const float4 r = ld4(s.R + t * PF + i0), k = ld4(s.K + t * PF + i0), u = ld4(s.U + i0);
+    float d = r.x * u.x * k.x + r.y * u.y * k.y + r.z * u.z * k.z + r.w * u.w * k.w;
+#pragma unroll
+    for (int o = 8; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
+    split(c < t ? RK[t * PS + c] * f : c == t ? d : 0.f, s.Ah + t * PA + c, s.Al + t * PA + c);
+  }
+  if (WM) split3(c + 1 < t ? s.dA[t * PS + c] * f : 0.f, s.Mh + t * PA + c, s.Ml + t * PA + c, s.Mm + t * PA + c);
+}
+
+// out[:, 16 tj ..] = M X[:, 16 tj ..] (TR: M^T X), M the three-term decayed gradient scores of head_scores and
+// X a chunk of bf16 rows (C x 64): every product exact, fp32 accumulation. One warp per 16-column tile.
+template <bool TR>
+__device__ __forceinline__ void decayed_times(float* out, const Smem& s, const bf16* X, int tj) {
+  using FragM = typename std::conditional<TR, FragAc, FragAr>::type;
+  FragC acc;
+  wmma::fill_fragment(acc, 0.f);
+  FragM m;
+  FragBr x;
+  wmma::load_matrix_sync(x, X + tj * 16, PB);
+  wmma::load_matrix_sync(m, s.Mm, PA);
+  wmma::mma_sync(acc, m, x, acc);
+  wmma::load_matrix_sync(m, s.Ml, PA);
+  wmma::mma_sync(acc, m, x, acc);
+  wmma::load_matrix_sync(m, s.Mh, PA);
+  wmma::mma_sync(acc, m, x, acc);
+  wmma::store_matrix_sync(out + tj * 16, acc, PS, wmma::mem_row_major);
 }
 
 // XS[i] = sum_j (M[i][j] - X1[i] X2[j]) x[j], M the fp32 state (or G) in s.S, X1 X2^T the edge pair, x a bf16
@@ -474,10 +539,14 @@ chunk_forward_kernel(int T, int H, const bf16* __restrict__ r, const bf16* __res
   for (int c = 0; c < nch; ++c) {
     const bool more = c + 1 < nch, next_valid = (c + 1) * C + sl.t < T;
     if (more) pf.load(sl, off(c + 1), woff(c + 1), next_valid, r, k, v, w, nullptr);
-    cumsum(s, tid);
+    cumsum<!WH>(s, tid);
+    if (WH && warp == 0) dots(s.dA, s.Rb, s.Kb);  // r k^T (s.dA is free in the forward)
     __syncthreads();
     scaled_rk<2, 2>(s, sl);
-    scores(s, tid);
+    if (WH)
+      head_scores<true, false>(s, tid, s.dA);
+    else
+      scores(s, tid);
     decay_state(s, tid);  // S <- e^{Et} S (the bf16 pair Sh/Sl still holds the undecayed S0 for y)
     __syncthreads();
     if (warp < 4) {  // y tile j = warp: A V + (r e^{Ex}) S0
@@ -547,7 +616,8 @@ __device__ __forceinline__ void backward_sweep1(const Smem& s, int bh, int T, in
     const bool more = c + 1 < nch, next_valid = (c + 1) * C + sl.t < T;
     if (more) pf.load(sl, off(c + 1), woff(c + 1), next_valid, r, k, v, w, gy);
     edge_product(s, tid, s.DY);  // XS = (S0 - k_prev v_prev^T) gy_0, before S0 decays in place
-    cumsum(s, tid);
+    cumsum<false>(s, tid);
+    if (warp == 4) dots(s.dA, s.DY, s.V);
     if (!more && tid >= N && tid < 2 * N) {  // Z = rowsum(ghT * S0) of the last chunk, for P below
       const int i = tid - N;
       float z = 0.f;
@@ -560,27 +630,33 @@ __device__ __forceinline__ void backward_sweep1(const Smem& s, int bh, int T, in
     __syncthreads();
     scaled_rk<0, 3>(s, sl);
     decay_state(s, tid);
+    if (WH) head_scores<false, true>(s, tid, nullptr);
     __syncthreads();
-    if (warp < 4) {  // O1[t][16 warp + n] = (gy S0^T)[t][i]
+    if (warp < 4) {  // O1[t][16 warp + n] = (gy S0^T)[t][i]; one decay per head: O2 = M k (the in-chunk sum)
       FragC acc;
       wmma::fill_fragment(acc, 0.f);
       rows_times_state_t(acc, s.DY, s.Sh, s.Sl, s.Sm, warp);
       wmma::store_matrix_sync(s.O1 + warp * 16, acc, PS, wmma::mem_row_major);
+      if (WH) decayed_times<false>(s.O2, s, s.Kb, warp);
     } else {
-      if (warp == 4) grad_scores(s);
 #pragma unroll
       for (int q = 0; q < 4; ++q) state_update_tile<true>(s, 4 * (warp - 4) + q, s.Kh, s.Kl, s.Km, s.V);
     }
     __syncthreads();
     float gr_out[4], b_out[4];
-#pragma unroll
+    // one decay per head: rolled, which keeps the registers under the bound of two blocks per SM (unrolled,
+    // ptxas spilled 140 bytes); gr_out and b_out then take 32 bytes of local memory
+#pragma unroll(WH ? 1 : 4)
     for (int m = 0; m < 4; ++m) {
       const int t = owned_row(eg, m), o = t * PF + ei;
       const float ex = s.Ex[o];
       float acc = __expf(ex) * s.O1[t * PS + ei];
       // j = t-1 (weight exactly 1) is summed apart: b leaves the adjacent pair out, and subtracting it after
       // rounding it into acc left noise that gw multiplies by |lw| (up to 1e5 for strong decays).
-      for (int j = 0; j + 1 < t; ++j) acc = fmaf(s.dA[t * PS + j] * s.K[j * PF + ei], __expf(ex - s.Ei[j * PF + ei]), acc);
+      if (WH)
+        acc += s.O2[t * PS + ei];
+      else
+        for (int j = 0; j + 1 < t; ++j) acc = fmaf(s.dA[t * PS + j] * s.K[j * PF + ei], __expf(ex - s.Ei[j * PF + ei]), acc);
       const float rt = s.R[o], kt = s.K[o], dtt = s.dA[t * PS + t];
       gu_acc = fmaf(rt * kt, dtt, gu_acc);
       // t = 0: the pair with the previous chunk's last step is inside the state term (gr keeps it); b takes
@@ -665,10 +741,15 @@ __device__ __forceinline__ void backward_sweep2(const Smem& s, int bh, int T, in
     const bool more = c > 0;  // chunk c-1 is always full
     if (more) pf.load(sl, off(c - 1), woff(c - 1), true, r, k, v, w, gy);
     edge_product(s, tid, s.V + (C - 1) * PB);  // XS = (G - r_next^T gy_next) v_{C-1}, before G decays in place
-    cumsum(s, tid);
+    cumsum<!WH>(s, tid);
+    if (warp == 0) dots(s.dA, s.DY, s.V);
+    if (WH && warp == 1) dots(s.D, s.Rb, s.Kb);  // r k^T into O3
     __syncthreads();
     scaled_rk<3, 2>(s, sl);
-    scores(s, tid);
+    if (WH)
+      head_scores<true, true>(s, tid, s.D);
+    else
+      scores(s, tid);
     decay_state(s, tid);  // G <- e^{Et} G; Sh/Sl keep the undecayed G for gv and gk
     __syncthreads();
     if (warp < 4) {  // gv tile j = warp: A^T gy + (k e^{Et-Ei}) G
@@ -683,7 +764,7 @@ __device__ __forceinline__ void backward_sweep2(const Smem& s, int bh, int T, in
       wmma::mma_sync(acc, a, bg, acc);
       rows_times_state(acc, s.Kh, s.Kl, s.Sh, s.Sl, warp);
       wmma::store_matrix_sync(s.O1 + warp * 16, acc, PS, wmma::mem_row_major);
-      if (warp == 0) grad_scores(s);
+      if (WH) decayed_times<true>(s.D, s, s.Rb, warp);  // O3 = M^T r (the in-chunk sum of gk)
     } else {  // O2[s][16 ti + n] = (V G^T)[s][i], ti = warp - 4; then G += (r e^{Ex})^T gy on 4 tiles
       FragC acc;
       wmma::fill_fragment(acc, 0.f);
@@ -701,7 +782,10 @@ __device__ __forceinline__ void backward_sweep2(const Smem& s, int bh, int T, in
       const float st = fs * s.O2[t * PS + ei];  // through G (the chunk's end state)
       float in = 0.f;
       // q = t+1 (weight exactly 1) summed apart, as in the forward sweep; t = C-1: that pair is inside G
-      for (int q = t + 2; q < C; ++q) in = fmaf(s.dA[q * PS + t] * s.R[q * PF + ei], __expf(s.Ex[q * PF + ei] - eis), in);
+      if (WH)
+        in = s.D[t * PF + ei];
+      else
+        for (int q = t + 2; q < C; ++q) in = fmaf(s.dA[q * PS + t] * s.R[q * PF + ei], __expf(s.Ex[q * PF + ei] - eis), in);
       const float adj = t == C - 1 ? 0.f : s.dA[(t + 1) * PS + t] * s.R[(t + 1) * PF + ei];
       // the state part without the pair (t, t+1): t = C-1 takes it from XS, where the pair with the next chunk's
       // first step was left out before rounding; at T-1 the whole state part is the pair with the final-state
@@ -918,9 +1002,12 @@ cudaError_t wkv6_chunk_backward(int tw, int wh, int B, int T, int H, const void*
 #undef WKV6_BWD
 }
 
-// Resident blocks per SM of the chunk kernels (bf16 w per channel) on the current device: {forward, backward, gw}.
+// Resident blocks per SM of the chunk kernels (bf16 w) on the current device: {forward, backward, gw} with one
+// decay per channel, then {forward, backward} with one per head.
 void wkv6_chunk_occupancy(int* out) {
   out[0] = blocks_per_sm((const void*)chunk_forward_kernel<bf16, false>, NT, smem_bytes());
   out[1] = blocks_per_sm((const void*)chunk_backward_kernel<bf16, false>, NT, smem_bytes());
   out[2] = blocks_per_sm((const void*)chunk_gw_kernel<bf16>, N * GW_SEG, 0);
+  out[3] = blocks_per_sm((const void*)chunk_forward_kernel<bf16, true>, NT, smem_bytes());
+  out[4] = blocks_per_sm((const void*)chunk_backward_kernel<bf16, true>, NT, smem_bytes());
 }

@@ -137,9 +137,9 @@ std::vector<at::Tensor> wkv6_backward(const at::Tensor& r, const at::Tensor& k, 
 
 // Resident blocks per SM of the chunked kernels on the current device (bf16 w): what the GPU can overlap.
 std::map<std::string, int> chunk_occupancy() {
-  int n[3];
+  int n[5];
   wkv6_chunk_occupancy(n);
-  return {{"forward", n[0]}, {"backward", n[1]}, {"gw", n[2]}};
+  return {{"forward", n[0]}, {"backward", n[1]}, {"gw", n[2]}, {"forward_head", n[3]}, {"backward_head", n[4]}};
 }
 
 }  // namespace
@@ -147,6 +147,6 @@ std::map<std::string, int> chunk_occupancy() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "wkv6 (RWKV-6) CUDA kernels, sequential and chunked: fp32/bf16 inputs, fp32 state and accumulation";
   m.def("forward", &wkv6_forward, "wkv6 forward(r, k, v, w, u, h0, chunked) -> (y, final_state fp32)");
-  m.def("chunk_occupancy", &chunk_occupancy, "resident blocks per SM of the chunked kernels: {forward, backward, gw}");
+  m.def("chunk_occupancy", &chunk_occupancy, "resident blocks per SM of the chunked kernels: {forward, backward, gw, forward_head, backward_head}");
   m.def("backward", &wkv6_backward, "wkv6 backward(r, k, v, w, u, h0, gy, ghT, chunked) -> (gr, gk, gv, gw, gu fp32 [H,N], gh0 fp32)");
 }
