@@ -68,7 +68,7 @@ constexpr int PB = N + 8;      // bf16 rows (wmma: ldm % 8 == 0, tiles 32-byte a
 constexpr int PA = C + 8;      // bf16 16 x 16 score matrix
 constexpr int PS = N + 4;      // fp32 64-wide rows for wmma accumulators (ldm % 4 == 0)
 constexpr float LW_MIN = -1e4f;
-static_assert(PF == PS, "s.D (rows of PF) doubles as a wmma output (rows of PS) with one decay per head");
+static_assert(PF == PS, "s.O3 (rows of PS) is s.D's storage (rows of PF)");
 
 using FragAr = wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major>;
 using FragAc = wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::col_major>;
@@ -80,8 +80,8 @@ using FragC = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
 // One carve-out for the forward and backward kernels (the backward sweeps use a superset of the forward's arrays).
 struct Smem {
   float *R, *K, *LW, *Ex, *Ei;          // [C][PF]
-  float *D;                               // [C][PF] per-step decay e^{lw} (per-channel scores); with one decay
-                                          // per head the kernels use it as one more C x N fp32 output, O3
+  float *D;                               // [C][PF] per-step decay e^{lw} (per-channel scores)
+  float *O3;                              // [C][PS] one more wmma output, one decay per head: it is D's storage
   float *Et, *EEt, *U, *X1, *X2, *Z, *XS; // [N]; EEt = e^{Et}; X1, X2: the neighbouring chunk's edge row;
                                           // XS: the edge row's state product without the edge pair
   float *S;                               // [N][PS] state (or G in the reverse sweep)
@@ -107,6 +107,7 @@ __device__ Smem carve(unsigned char* p) {
   s.R = (float*)take(C * PF * 4); s.K = (float*)take(C * PF * 4); s.LW = (float*)take(C * PF * 4);
   s.Ex = (float*)take(C * PF * 4); s.Ei = (float*)take(C * PF * 4);
   s.D = (float*)take(C * PF * 4);
+  s.O3 = s.D;  // the head kernels form no per-step decays (cumsum<false>)
   s.Et = (float*)take(N * 4); s.EEt = (float*)take(N * 4); s.U = (float*)take(N * 4); s.X1 = (float*)take(N * 4); s.X2 = (float*)take(N * 4);
   s.Z = (float*)take(N * 4); s.XS = (float*)take(N * 4);
   s.S = (float*)take(N * PS * 4);
@@ -126,6 +127,19 @@ __device__ Smem carve(unsigned char* p) {
 struct Slot {
   int t, i0;
   __device__ explicit Slot(int tid) : t(tid >> 4), i0((tid & 15) * 4) {}
+};
+
+// Addresses for sequence (b, h): row(t) is step t's first element in the [B, T, H, N] tensors; off(c) is the
+// slot's first element of chunk c there, woff(c) its step's decay when w has one value per head ([B, T, H, 1]).
+struct ChunkAddr {
+  int b, h, T, H;
+  int64_t base, stride;
+  Slot sl;  // thread tid's slot
+  __device__ ChunkAddr(int b_, int h_, int T_, int H_, int tid)
+      : b(b_), h(h_), T(T_), H(H_), base(((int64_t)b_ * T_ * H_ + h_) * N), stride((int64_t)H_ * N), sl(tid) {}
+  __device__ int64_t row(int t) const { return base + (int64_t)t * stride; }
+  __device__ int64_t off(int c) const { return row(c * C + sl.t) + sl.i0; }
+  __device__ int64_t woff(int c) const { return ((int64_t)b * T + c * C + sl.t) * H + h; }
 };
 
 __device__ __forceinline__ float4 ld4(const float* p) { return *reinterpret_cast<const float4*>(p); }
@@ -224,7 +238,7 @@ struct Prefetch {
 // Exclusive / inclusive cumsums of the log-decay per channel, e^{Et} and (PD) the per-step decays e^{lw}.
 // Thread (channel i, quarter q) = (8 * warp + lane % 8, lane / 8) sums rows 4q..4q+3; every lane of a
 // channel then adds the four quarter totals in the same order, so Ex_{t+1} == Ei_t holds exactly.
-template <bool PD>  // PD: write s.D for the per-channel scores (one decay per head: s.D is O3)
+template <bool PD>  // PD: write s.D for the per-channel scores (with one decay per head it holds O3)
 __device__ __forceinline__ void cumsum(const Smem& s, int tid) {
   const int lane = tid & 31, i = 8 * (tid >> 5) + (lane & 7), q = lane >> 3;
   float lw[4], loc[4], run = 0.f;
@@ -523,22 +537,20 @@ chunk_forward_kernel(int T, int H, const bf16* __restrict__ r, const bf16* __res
   extern __shared__ __align__(128) unsigned char smem_raw[];
   const Smem s = carve(smem_raw);
   const int tid = threadIdx.x, warp = tid >> 5, bh = blockIdx.x, b = bh / H, h = bh % H;
-  const int64_t base = ((int64_t)b * T * H + h) * N, stride = (int64_t)H * N;
-  const Slot sl(tid);
+  const ChunkAddr at(b, h, T, H, tid);
+  const Slot& sl = at.sl;
   if (tid < N) s.U[tid] = u[h * N + tid];
   init_state(s, h0 ? h0 + (int64_t)bh * N * N : nullptr, tid);
   __syncthreads();
   split_state<false>(s, tid);
   Prefetch<Tw, false, WH> pf;
   const int nch = (T + C - 1) / C;
-  auto off = [&](int c) { return base + (int64_t)(c * C + sl.t) * stride + sl.i0; };
-  auto woff = [&](int c) { return ((int64_t)b * T + c * C + sl.t) * H + h; };  // WH only
-  pf.load(sl, off(0), woff(0), sl.t < T, r, k, v, w, nullptr);
+  pf.load(sl, at.off(0), at.woff(0), sl.t < T, r, k, v, w, nullptr);
   pf.store(s, sl, sl.t < T);
   __syncthreads();
   for (int c = 0; c < nch; ++c) {
     const bool more = c + 1 < nch, next_valid = (c + 1) * C + sl.t < T;
-    if (more) pf.load(sl, off(c + 1), woff(c + 1), next_valid, r, k, v, w, nullptr);
+    if (more) pf.load(sl, at.off(c + 1), at.woff(c + 1), next_valid, r, k, v, w, nullptr);
     cumsum<!WH>(s, tid);
     if (WH && warp == 0) dots(s.dA, s.Rb, s.Kb);  // r k^T (s.dA is free in the forward)
     __syncthreads();
@@ -572,7 +584,7 @@ chunk_forward_kernel(int T, int H, const bf16* __restrict__ r, const bf16* __res
       uint2 raw;
       raw.x = *reinterpret_cast<const uint32_t*>(&y01);
       raw.y = *reinterpret_cast<const uint32_t*>(&y23);
-      *reinterpret_cast<uint2*>(y + off(c)) = raw;
+      *reinterpret_cast<uint2*>(y + at.off(c)) = raw;
     }
     split_state<false>(s, tid);
     if (more) pf.store(s, sl, next_valid);
@@ -592,8 +604,8 @@ __device__ __forceinline__ void backward_sweep1(const Smem& s, int bh, int T, in
                                                 float* __restrict__ bscr, float* __restrict__ gu_part,
                                                 float* __restrict__ P) {
   const int tid = threadIdx.x, warp = tid >> 5, b = bh / H, h = bh % H;
-  const int64_t base = ((int64_t)b * T * H + h) * N, stride = (int64_t)H * N;
-  const Slot sl(tid);
+  const ChunkAddr at(b, h, T, H, tid);
+  const Slot& sl = at.sl;
   // elementwise ownership: channel i = tid & 63, rows owned_row(tid >> 6, 0..3)
   const int ei = tid & 63, eg = tid >> 6;
   float gu_acc = 0.f;
@@ -607,14 +619,12 @@ __device__ __forceinline__ void backward_sweep1(const Smem& s, int bh, int T, in
   split_state<true>(s, tid);
   Prefetch<Tw, true, WH> pf;
   const int nch = (T + C - 1) / C;
-  auto off = [&](int c) { return base + (int64_t)(c * C + sl.t) * stride + sl.i0; };
-  auto woff = [&](int c) { return ((int64_t)b * T + c * C + sl.t) * H + h; };  // WH only
-  pf.load(sl, off(0), woff(0), sl.t < T, r, k, v, w, gy);
+  pf.load(sl, at.off(0), at.woff(0), sl.t < T, r, k, v, w, gy);
   pf.store(s, sl, sl.t < T);
   __syncthreads();
   for (int c = 0; c < nch; ++c) {
     const bool more = c + 1 < nch, next_valid = (c + 1) * C + sl.t < T;
-    if (more) pf.load(sl, off(c + 1), woff(c + 1), next_valid, r, k, v, w, gy);
+    if (more) pf.load(sl, at.off(c + 1), at.woff(c + 1), next_valid, r, k, v, w, gy);
     edge_product(s, tid, s.DY);  // XS = (S0 - k_prev v_prev^T) gy_0, before S0 decays in place
     cumsum<false>(s, tid);
     if (warp == 4) dots(s.dA, s.DY, s.V);
@@ -670,7 +680,7 @@ __device__ __forceinline__ void backward_sweep1(const Smem& s, int bh, int T, in
     for (int m = 0; m < 4; ++m) {  // stores after all loads (the compiler cannot tell smem from global here)
       const int t = owned_row(eg, m);
       if (c * C + t < T) {
-        const int64_t g = base + (int64_t)(c * C + t) * stride + ei;
+        const int64_t g = at.row(c * C + t) + ei;
         gr[g] = cvt<bf16>(gr_out[m]);
         bscr[g] = b_out[m];
       }
@@ -719,8 +729,8 @@ __device__ __forceinline__ void backward_sweep2(const Smem& s, int bh, int T, in
                                                 bf16* __restrict__ gk, bf16* __restrict__ gv,
                                                 float* __restrict__ kscr, float* __restrict__ gh0) {
   const int tid = threadIdx.x, warp = tid >> 5, b = bh / H, h = bh % H;
-  const int64_t base = ((int64_t)b * T * H + h) * N, stride = (int64_t)H * N;
-  const Slot sl(tid);
+  const ChunkAddr at(b, h, T, H, tid);
+  const Slot& sl = at.sl;
   const int ei = tid & 63, eg = tid >> 6;
   if (tid < N) {
     s.U[tid] = u[h * N + tid];
@@ -732,22 +742,20 @@ __device__ __forceinline__ void backward_sweep2(const Smem& s, int bh, int T, in
   split_state<true>(s, tid);
   Prefetch<Tw, true, WH> pf;
   const int nch = (T + C - 1) / C;
-  auto off = [&](int c) { return base + (int64_t)(c * C + sl.t) * stride + sl.i0; };
-  auto woff = [&](int c) { return ((int64_t)b * T + c * C + sl.t) * H + h; };  // WH only
-  pf.load(sl, off(nch - 1), woff(nch - 1), (nch - 1) * C + sl.t < T, r, k, v, w, gy);
+  pf.load(sl, at.off(nch - 1), at.woff(nch - 1), (nch - 1) * C + sl.t < T, r, k, v, w, gy);
   pf.store(s, sl, (nch - 1) * C + sl.t < T);
   __syncthreads();
   for (int c = nch - 1; c >= 0; --c) {
     const bool more = c > 0;  // chunk c-1 is always full
-    if (more) pf.load(sl, off(c - 1), woff(c - 1), true, r, k, v, w, gy);
+    if (more) pf.load(sl, at.off(c - 1), at.woff(c - 1), true, r, k, v, w, gy);
     edge_product(s, tid, s.V + (C - 1) * PB);  // XS = (G - r_next^T gy_next) v_{C-1}, before G decays in place
     cumsum<!WH>(s, tid);
     if (warp == 0) dots(s.dA, s.DY, s.V);
-    if (WH && warp == 1) dots(s.D, s.Rb, s.Kb);  // r k^T into O3
+    if (WH && warp == 1) dots(s.O3, s.Rb, s.Kb);  // r k^T
     __syncthreads();
     scaled_rk<3, 2>(s, sl);
     if (WH)
-      head_scores<true, true>(s, tid, s.D);
+      head_scores<true, true>(s, tid, s.O3);
     else
       scores(s, tid);
     decay_state(s, tid);  // G <- e^{Et} G; Sh/Sl keep the undecayed G for gv and gk
@@ -764,7 +772,7 @@ __device__ __forceinline__ void backward_sweep2(const Smem& s, int bh, int T, in
       wmma::mma_sync(acc, a, bg, acc);
       rows_times_state(acc, s.Kh, s.Kl, s.Sh, s.Sl, warp);
       wmma::store_matrix_sync(s.O1 + warp * 16, acc, PS, wmma::mem_row_major);
-      if (WH) decayed_times<true>(s.D, s, s.Rb, warp);  // O3 = M^T r (the in-chunk sum of gk)
+      if (WH) decayed_times<true>(s.O3, s, s.Rb, warp);  // M^T r (the in-chunk sum of gk)
     } else {  // O2[s][16 ti + n] = (V G^T)[s][i], ti = warp - 4; then G += (r e^{Ex})^T gy on 4 tiles
       FragC acc;
       wmma::fill_fragment(acc, 0.f);
@@ -783,7 +791,7 @@ __device__ __forceinline__ void backward_sweep2(const Smem& s, int bh, int T, in
       float in = 0.f;
       // q = t+1 (weight exactly 1) summed apart, as in the forward sweep; t = C-1: that pair is inside G
       if (WH)
-        in = s.D[t * PF + ei];
+        in = s.O3[t * PS + ei];
       else
         for (int q = t + 2; q < C; ++q) in = fmaf(s.dA[q * PS + t] * s.R[q * PF + ei], __expf(s.Ex[q * PF + ei] - eis), in);
       const float adj = t == C - 1 ? 0.f : s.dA[(t + 1) * PS + t] * s.R[(t + 1) * PF + ei];
@@ -799,7 +807,7 @@ __device__ __forceinline__ void backward_sweep2(const Smem& s, int bh, int T, in
     for (int m = 0; m < 4; ++m) {  // stores after all loads, as in sweep 1
       const int t = owned_row(eg, m);
       if (c * C + t < T) {
-        const int64_t g = base + (int64_t)(c * C + t) * stride + ei;
+        const int64_t g = at.row(c * C + t) + ei;
         gk[g] = cvt<bf16>(gk_out[m]);
         gv[g] = cvt<bf16>(gv_out[m]);
         kscr[g] = kd_out[m];
