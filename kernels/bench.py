@@ -12,7 +12,8 @@ forward+backward (torch.autograd.grad with a fixed random gy) medians and p20/p8
 one event pair per repetition, L2 flushed (256 MiB write) before each repetition, the extension built
 before anything is timed and each contender warmed up (Triton autotune included) by a call just before its
 timing. Shapes run in order, our kernels before the peers; `--out FILE` keeps the document so far on disk, so
-a run stopped part-way keeps what it timed. The sequential and chunked PyTorch references run
+a run stopped part-way keeps what it timed. FLA's Triton autotune results stay in Triton's on-disk cache
+(`keep_autotune_results`), so only the first run on a machine pays for them. The sequential and chunked PyTorch references run
 too, on the smallest shape.
 
 Bytes bound, per shape (`wkv6_bytes_moved`): the bytes the op must read and write at least, each tensor
@@ -38,6 +39,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import platform
 import statistics
 import sys
@@ -176,6 +178,17 @@ def chunked_phases(fwd_bwd, B: int, T: int, H: int, sms: int, occupancy: dict) -
     return out
 
 
+def keep_autotune_results(environ=None) -> bool:
+    """Have Triton keep its autotune results on disk beside its compiled kernels (TRITON_CACHE_AUTOTUNING=1;
+    TRITON_CACHE_DIR, default ~/.triton/cache), unless the caller set the variable. FLA's autotune at the
+    default shapes takes about 200 s on a fresh H200; later runs read the results back. Triton keys them by
+    its version, the GPU target, the kernel's source and the shapes' tuning key. Returns whether
+    results are kept (TRITON_CACHE_AUTOTUNING=0 re-tunes every run)."""
+    environ = os.environ if environ is None else environ
+    environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
+    return environ["TRITON_CACHE_AUTOTUNING"].strip().lower() in ("1", "true", "on")  # as Triton reads it
+
+
 def _fla_chunk():
     """FLA's chunk_rwkv6 (bench-only extra), or None when it is not installed."""
     try:
@@ -238,6 +251,7 @@ def bench_cuda(reps: int, fla: bool = True, refs: bool = True, shapes=SHAPES, pr
     doc = {"device": name, "sms": sms, "chunked_blocks_per_sm": occupancy, "nominal_hbm_bytes_per_s": peak,
            "measured_copy_bytes_per_s": copy_bw, "build": info,
            "fla_version": getattr(__import__("fla"), "__version__", "?") if fla_fn else None,
+           "triton_autotune_cached": os.environ.get("TRITON_CACHE_AUTOTUNING") if fla_fn else None,
            "shapes": rows, "peers_same_run": peers}
     report = progress or (lambda d: None)
     for (B, T, H), (xs, gy, cont) in cases.items():
@@ -361,6 +375,10 @@ def main(argv=None) -> None:
     }
     out["copy_bandwidth_GBps"] = None    # measured by the CUDA part; the CPU part has no bytes bound
     if torch.cuda.is_available() and not args.skip_cuda:
+        if not args.no_fla:
+            kept = keep_autotune_results()
+            _log("FLA's Triton autotune results " + ("are kept in Triton's cache (TRITON_CACHE_AUTOTUNING=1; set it "
+                 "to 0 to re-tune)" if kept else "are not kept (TRITON_CACHE_AUTOTUNING is off): FLA re-tunes"))
         shapes = SHAPES if not args.shapes else [tuple(int(x) for x in p.split(",")) for p in args.shapes.split(";")]
 
         def progress(cuda: dict) -> None:

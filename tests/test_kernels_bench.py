@@ -1,7 +1,9 @@
 """kernels.bench's bytes bound: the byte count of the wkv6 op (forward, backward, both) and its time at a given
 bandwidth, by hand-counted formulas (no GPU needed; the GPU run divides the same numbers by its measured copy
-bandwidth); its per-kernel phases, from a given kernel list; and `--out`, which keeps the document so far on disk."""
+bandwidth); its per-kernel phases, from a given kernel list; `--out`, which keeps the document so far on disk;
+and the Triton setting that keeps FLA's autotune results between runs."""
 import json
+import os
 
 import pytest
 
@@ -64,6 +66,7 @@ def test_out_keeps_what_a_stopped_run_timed(monkeypatch, tmp_path):
                                                                     "ours_chunked": {"forward": {"median_ms": 0.8}}}]})
         raise RuntimeError("stopped part-way")
 
+    monkeypatch.setenv("TRITON_CACHE_AUTOTUNING", "1")
     monkeypatch.setattr(kbench.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(kbench.torch.cuda, "get_device_name", lambda *a: "Test GPU")
     monkeypatch.setattr(kbench, "bench_cuda", stopped)
@@ -93,3 +96,31 @@ def test_out_in_a_missing_directory_is_refused_at_the_start(tmp_path, capsys):
     with pytest.raises(SystemExit):
         kbench.main(["--skip-cuda", "--skip-cpu", "--out", str(tmp_path)])
     assert "is a directory" in capsys.readouterr().err
+
+
+def test_autotune_results_are_kept_unless_the_caller_says_no():
+    env = {}
+    assert kbench.keep_autotune_results(env) is True and env == {"TRITON_CACHE_AUTOTUNING": "1"}
+    env = {"TRITON_CACHE_AUTOTUNING": "0"}
+    assert kbench.keep_autotune_results(env) is False and env == {"TRITON_CACHE_AUTOTUNING": "0"}
+
+
+def test_the_cuda_part_runs_with_fla_autotune_results_kept(monkeypatch, capsys):
+    monkeypatch.setenv("TRITON_CACHE_AUTOTUNING", "")  # recorded first, so whatever the test sets is undone
+    monkeypatch.delenv("TRITON_CACHE_AUTOTUNING")
+    seen = []
+
+    def fake(reps, fla, refs, shapes, progress):
+        seen.append(os.environ.get("TRITON_CACHE_AUTOTUNING"))
+        return {"measured_copy_bytes_per_s": 4.2e12}
+
+    monkeypatch.setattr(kbench.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(kbench.torch.cuda, "get_device_name", lambda *a: "Test GPU")
+    monkeypatch.setattr(kbench, "bench_cuda", fake)
+    kbench.main(["--skip-cpu", "--no-fla"])  # no peer, no Triton: the environment stays as it was
+    assert seen == [None] and "autotune" not in capsys.readouterr().err
+    kbench.main(["--skip-cpu"])
+    assert seen == [None, "1"] and "kept in Triton's cache" in capsys.readouterr().err
+    monkeypatch.setenv("TRITON_CACHE_AUTOTUNING", "0")
+    kbench.main(["--skip-cpu"])
+    assert seen[-1] == "0" and "FLA re-tunes" in capsys.readouterr().err
