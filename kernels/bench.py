@@ -186,7 +186,7 @@ def keep_autotune_results(environ=None) -> bool:
     results are kept (TRITON_CACHE_AUTOTUNING=0 re-tunes every run)."""
     environ = os.environ if environ is None else environ
     environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
-    return environ["TRITON_CACHE_AUTOTUNING"].strip().lower() in ("1", "true", "on")  # as Triton reads it
+    return environ["TRITON_CACHE_AUTOTUNING"].lower() in ("1", "true", "on")  # as Triton reads it
 
 
 def _fla_chunk():
