@@ -829,7 +829,7 @@ __device__ __forceinline__ void backward_sweep2(const Smem& s, int bh, int T, in
 // ========================================================================================= backward launch
 // The two sweeps are independent (gw, the only output needing both, is formed afterwards), so one launch runs
 // them side by side: block 2 bh is sweep 1 of (b, h), block 2 bh + 1 its sweep 2. Two blocks fit an SM (smem
-// and the 128-register bound below, at which ptxas spills 20 bytes), so up to 2 x (SMs) sweeps run at once
+// and the 128-register bound below, at which ptxas spills at most 8 bytes), so up to 2 x (SMs) sweeps run at once
 // instead of one sweep after the other.
 template <typename Tw, bool WH>
 __global__ void __launch_bounds__(NT, 2)
@@ -939,7 +939,7 @@ chunk_gw_head_kernel(int T, int H, const Tw* __restrict__ w, const float* __rest
   }
 }
 
-// The forward and backward kernels ask for the largest shared-memory carve-out, so two blocks (2 x ~104 KB) fit
+// The forward and backward kernels ask for the largest shared-memory carve-out, so two blocks (2 x ~110 KB) fit
 // an SM.
 cudaError_t setup(const void* fn) {
   cudaError_t err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_bytes());
