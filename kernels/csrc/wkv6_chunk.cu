@@ -156,10 +156,15 @@ __device__ __forceinline__ float to_f32(float x) { return x; }
 __device__ __forceinline__ float to_f32(bf16 x) { return __bfloat162float(x); }
 
 __device__ __forceinline__ void put4(float* dst, const float4& x) { *reinterpret_cast<float4*>(dst) = x; }
-__device__ __forceinline__ void split(float x, bf16* hi, bf16* lo) {
+// One fp32 value as bf16 terms hi + lo (MID: and mid, hi + lo + mid == x); split4 below does four at once.
+template <bool MID = false>
+__device__ __forceinline__ void split(float x, bf16* hi, bf16* lo, bf16* mid = nullptr) {
   const bf16 h = __float2bfloat16_rn(x);
   *hi = h;
-  *lo = __float2bfloat16_rn(x - __bfloat162float(h));
+  const float d = x - __bfloat162float(h);
+  const bf16 l = __float2bfloat16_rn(d);
+  *lo = l;
+  if (MID) *mid = __float2bfloat16_rn(d - __bfloat162float(l));
 }
 __device__ __forceinline__ float lw_of(float w) { return -__expf(w); }  // exact; the cumsums clamp it
 
@@ -444,15 +449,6 @@ __device__ __forceinline__ void dots(float* dst, const bf16* X, const bf16* Y) {
   wmma::store_matrix_sync(dst, acc, PS, wmma::mem_row_major);
 }
 
-__device__ __forceinline__ void split3(float x, bf16* hi, bf16* lo, bf16* mid) {
-  const bf16 h = __float2bfloat16_rn(x);
-  const float d = x - __bfloat162float(h);
-  const bf16 l = __float2bfloat16_rn(d);
-  *hi = h;
-  *lo = l;
-  *mid = __float2bfloat16_rn(d - __bfloat162float(l));
-}
-
 // One decay per head: every channel shares the log-decay, so the intra-chunk decay of a pair is one number,
 // F_ts = e^{Ex_t - Ei_s} (s < t), and the elementwise sums over channels become products of matrices:
 //   A_ts = (r_t . k_s) F_ts (s < t),  A_tt = r_t . (u k_t)     (the scores; RK = r k^T from `dots`)
@@ -473,7 +469,7 @@ __device__ __forceinline__ void head_scores(const Smem& s, int tid, const float*
     for (int o = 8; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
     split(c < t ? RK[t * PS + c] * f : c == t ? d : 0.f, s.Ah + t * PA + c, s.Al + t * PA + c);
   }
-  if (WM) split3(c + 1 < t ? s.dA[t * PS + c] * f : 0.f, s.Mh + t * PA + c, s.Ml + t * PA + c, s.Mm + t * PA + c);
+  if (WM) split<true>(c + 1 < t ? s.dA[t * PS + c] * f : 0.f, s.Mh + t * PA + c, s.Ml + t * PA + c, s.Mm + t * PA + c);
 }
 
 // out[:, 16 tj ..] = M X[:, 16 tj ..] (TR: M^T X), M the three-term decayed gradient scores of head_scores and
