@@ -50,10 +50,11 @@ Triton is optional at import: without it this module still imports and `gru_scan
 raises ValueError saying so. Timings: `python -m kernels.gru_bench`.
 """
 import contextlib
-import functools
 import types
 
 import torch
+
+from . import triton_interp
 
 try:
     import triton
@@ -273,67 +274,15 @@ def _gru_bwd_kernel(dhs_ptr, dhT_ptr, hprev_ptr, gates_ptr, w_ptr, dgi_ptr, dghn
     tl.store(dh0_ptr + row * C + cols[None, :], dh, mask=mask)
 
 
-@_jit
-def _loop_probe_kernel(x_ptr, n):
-    """The interpreter hook's self-test: x[i] = i for i < n, a loop over a runtime bound like the kernels'."""
-    for i in range(n):
-        tl.store(x_ptr + i, i * 1.0)
-
-
 # ------------------------------------------------------------------------------------- interpreter hook
-_INTERPRETER = {"on": False, "kernels": None}
+# Tests only (kernels/triton_interp.py): inside `_cpu_interpreter()` gru_scan takes CPU tensors.
+_interpreter_problem = triton_interp.problem
 
 
-@functools.lru_cache(maxsize=None)
-def _interpreter_problem() -> str | None:
-    """None if Triton's interpreter can run the kernels here, else why not. Triton 3.6's interpreter turns a
-    runtime loop bound into a Python int with int() of a 1-element array, which numpy >= 2.4 refuses (a
-    TypeError); triton 3.9 does not."""
-    if triton is None:
-        return "triton is not installed"
-    x = torch.zeros(3)
-    try:
-        _interpreted_kernels()["_loop_probe_kernel"][(1,)](x, 3)
-    except triton.runtime.errors.InterpreterError as e:     # reported (skip reason / RuntimeError), not hidden
-        return (f"triton {triton.__version__}'s interpreter fails a loop over a runtime bound here "
-                f"({type(e).__name__}: {e}); triton >= 3.9 runs it")
-    if x.tolist() != [0.0, 1.0, 2.0]:
-        return f"triton {triton.__version__}'s interpreter computed {x.tolist()} for [0, 1, 2]"
-    return None
-
-
-@contextlib.contextmanager
 def _cpu_interpreter():
-    """Tests only: inside this context `gru_scan` accepts CPU tensors and runs the kernels above in Triton's
-    interpreter, whatever TRITON_INTERPRET said when triton was imported. Precision "bf16" runs as
-    "bf16_emulated" there (module docstring). Not thread-safe; the backward must run inside it too.
-    RuntimeError if the interpreter cannot run them here (`_interpreter_problem`)."""
-    problem = _interpreter_problem()
-    if problem is not None:
-        raise RuntimeError(f"gru: the CPU interpreter hook cannot run: {problem}")
-    old = _INTERPRETER["on"]
-    _INTERPRETER["on"] = True
-    try:
-        yield
-    finally:
-        _INTERPRETER["on"] = old
-
-
-def _interpreted_kernels() -> dict:
-    """{name: triton InterpretedFunction} for this module's @triton.jit functions, built once. Each is a copy
-    of the jitted function bound to a private copy of this module's globals in which every @triton.jit
-    function is interpreted too: an interpreted kernel cannot call a compiled helper, and the interpreter
-    writes into the globals it runs in (the copy keeps this module's own clean). triton.language's own
-    @jit functions (tl.sigmoid, ...) stay compiled, so the kernels use none of them."""
-    if _INTERPRETER["kernels"] is None:
-        from triton.runtime.interpreter import InterpretedFunction
-
-        env = dict(globals())
-        jitted = {k: v for k, v in env.items() if isinstance(v, triton.runtime.JITFunction)}
-        for name, f in jitted.items():
-            env[name] = InterpretedFunction(types.FunctionType(f.fn.__code__, env, f.fn.__name__))
-        _INTERPRETER["kernels"] = {name: env[name] for name in jitted}
-    return _INTERPRETER["kernels"]
+    """Tests only: `gru_scan` accepts CPU tensors inside and runs the kernels in Triton's interpreter; precision
+    "bf16" runs as "bf16_emulated" there (module docstring). RuntimeError if the interpreter cannot run here."""
+    return triton_interp.cpu_interpreter("gru")
 
 
 def _kernels_for(x: torch.Tensor, precision: str):
@@ -342,9 +291,9 @@ def _kernels_for(x: torch.Tensor, precision: str):
         fwd, bwd = _gru_fwd_kernel, _gru_bwd_kernel
         interpreted = not isinstance(fwd, triton.runtime.JITFunction)   # TRITON_INTERPRET=1 at import
     else:
-        if not _INTERPRETER["on"]:
+        if not triton_interp.active():
             raise RuntimeError("gru: CPU tensors reached the kernel outside _cpu_interpreter()")
-        fwd, bwd = (_interpreted_kernels()[k] for k in ("_gru_fwd_kernel", "_gru_bwd_kernel"))
+        fwd, bwd = (triton_interp.interpreted(globals())[k] for k in ("_gru_fwd_kernel", "_gru_bwd_kernel"))
         interpreted = True
     dot = "bf16_emulated" if precision == "bf16" and interpreted else precision
     return fwd, bwd, dot, "tf32" if precision == "tf32" else "ieee"
@@ -456,7 +405,7 @@ def _validate(gi, h0, w_hh, b_hh, precision) -> None:
     if triton is None:
         raise ValueError("gru_scan: needs triton, which is not installed (it comes with CUDA builds of "
                          "torch); gru_scan_ref is the pure-PyTorch version")
-    if not gi.is_cuda and not (gi.device.type == "cpu" and _INTERPRETER["on"]):
+    if not gi.is_cuda and not (gi.device.type == "cpu" and triton_interp.active()):
         raise ValueError(f"gru_scan: inputs must be CUDA tensors, got {gi.device}; "
                          "on CPU use nn.GRU or gru_scan_ref")
 
