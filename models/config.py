@@ -11,7 +11,8 @@ FFN 4x GELU, RMSNorm eps 1e-6, tied embeddings. `models/PARAMS.md` lists every c
 on CUDA where its limits hold, "torch" on CPU), "torch", "triton", or "wkv6" (the scan through the RWKV-6 kernel;
 needs d_state == mamba_headdim). It changes numerics, not parameters, so a checkpoint loads under any backend;
 configs saved before the field existed rebuild as "auto". `mamba_conv` picks the Mamba-2 depthwise conv: "auto"
-(causal_conv1d's CUDA kernel where it applies) or "torch".
+(our Triton kernels under torch.compile, causal_conv1d's CUDA kernel in eager CUDA calls, where they apply),
+"triton" or "torch".
 `wkv6_impl` picks the wkv6 CUDA kernels: "auto" (default: `kernels.set_auto_impl`'s choice, the chunked
 tensor-core kernels where they apply: CUDA, bf16 autocast, head size 64), "sequential", or "chunked".
 Numerics only, like `mamba_backend`. `models.describe_paths` reports what a model runs on a device.

@@ -26,12 +26,18 @@ default). `ssd_path(u)` says which one a call takes; a CUDA call that cannot tak
     fp32 (fp64 for fp64 modules).
   * "triton": CUDA with mamba_ssm importable: mamba_ssm's Triton `mamba_chunk_scan_combined`;
   * "torch": `models.ssd.ssd_chunked`, a chunked pure-PyTorch SSD.
-The depthwise causal conv, `conv_impl` "auto" (default) or "torch": "auto" runs causal_conv1d's CUDA kernel where
-it applies (package importable, CUDA, fp32/fp16/bf16 input, d_conv 2..4, no conv state carried in, not under
-torch.compile, where the fused PyTorch conv measured faster) and the PyTorch conv elsewhere (same maths, tested
-against each other); `conv_path(x, conv_state)` says which. The
-kernel gets xBC in a layout it accepts (`causal_conv1d_layout`): channel-last copy when conv_dim % 8 == 0, else
-channel-first; a strided view into the in_proj output would be refused for most widths.
+The depthwise causal conv + SiLU, `conv_impl` "auto" (default), "triton" or "torch"; `conv_path(x, conv_state)`
+says which one a call takes. Every path computes the same maths in fp32 (tested against each other):
+  * "triton": `kernels.conv.causal_conv1d_silu`, our Triton kernels (CUDA; fp32/fp16/bf16; d_conv <= 8). A custom
+    op, so torch.compile traces it without a graph break.
+  * "causal_conv1d": the causal_conv1d package's CUDA kernel (importable, CUDA, fp32/fp16/bf16, d_conv 2..4). It
+    gets xBC in a layout it accepts (`causal_conv1d_layout`): channel-last copy when conv_dim % 8 == 0, else
+    channel-first; a strided view into the in_proj output would be refused for most widths.
+  * "torch": W shifted multiply-adds in PyTorch; the only path for a carried conv state (chunked evaluation,
+    decoding) and for fp64.
+"auto" takes "triton" under torch.compile on CUDA (BENCHMARKS.md: faster than the PyTorch conv Inductor fuses),
+"causal_conv1d" in eager CUDA calls, and "torch" elsewhere; "triton" forces the Triton kernels wherever they
+apply. A path that does not apply falls back to "torch" and says so once in the log.
 State: conv state = the last d_conv *pre-conv* xBC columns (B, conv_dim, d_conv), as mamba_ssm's inference
 cache; SSM state (B, H, P, N) fp32.
 """
@@ -45,6 +51,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
+from kernels import conv as kconv
+from kernels import triton_interp
 from kernels.build import HEAD_SIZES_CUDA
 
 from .ssd import ssd_chunked
@@ -52,7 +60,7 @@ from .ssd import ssd_chunked
 __all__ = ["Mamba2", "RMSNormGated", "ssd_wkv6", "BACKENDS", "CONV_IMPLS", "causal_conv1d_layout"]
 
 BACKENDS = ("auto", "torch", "triton", "wkv6")   # "auto": the fastest that applies (module docstring)
-CONV_IMPLS = ("auto", "torch")                   # "auto": causal_conv1d where it applies (module docstring)
+CONV_IMPLS = ("auto", "triton", "torch")         # "auto": the fastest that applies (module docstring)
 # Devices causal_conv1d_fn runs on (its kernels are CUDA only); tests widen this to drive a CPU stand-in.
 CAUSAL_CONV1D_DEVICES = ("cuda",)
 CAUSAL_CONV1D_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -313,22 +321,31 @@ class Mamba2(nn.Module):
         return "triton" if available and self.backend != "torch" else "torch"
 
     def conv_path(self, xBC: torch.Tensor, conv_state: torch.Tensor | None = None, compiled: bool | None = None) -> str:
-        """The depthwise-conv path this call takes: "causal_conv1d" or "torch" (module docstring). Under torch.compile
-        (`compiled`, default: whether this call is being traced) it is the PyTorch conv, which Inductor fuses into its
-        neighbours: a compiled GF-MH 5m step ran at 960k tok/s with it and 820k with causal_conv1d (H200, CUDA
-        graphs, BENCHMARKS.md)."""
+        """The depthwise-conv path this call takes: "triton", "causal_conv1d" or "torch" (module docstring).
+        `compiled`: whether the call is traced by torch.compile (default: whether this call is being traced)."""
         traced = torch.compiler.is_compiling() if compiled is None else compiled
         if self.conv_impl not in CONV_IMPLS:
             raise ValueError(f"Mamba2: conv_impl must be one of {', '.join(map(repr, CONV_IMPLS))}, "
                              f"got {self.conv_impl!r}")
-        if self.conv_impl == "torch" or xBC.device.type not in CAUSAL_CONV1D_DEVICES or traced:
+        if self.conv_impl == "torch" or conv_state is not None or xBC.dtype not in CAUSAL_CONV1D_DTYPES:
+            return "torch"   # asked for, carried conv state (chunked evaluation, decoding), or fp64
+        if self.conv_impl == "triton" or traced:
+            triton_runs = xBC.is_cuda or (xBC.device.type == "cpu" and triton_interp.active())
+            if kconv.triton is not None and triton_runs and self.d_conv <= kconv.MAX_WIDTH:
+                return "triton"
+            if self.conv_impl == "triton" or xBC.is_cuda:
+                log_once(f"Mamba2 conv_impl {self.conv_impl!r}: the Triton conv does not apply here (device "
+                         f"{xBC.device.type}, d_conv {self.d_conv}, triton {'absent' if kconv.triton is None else 'present'}); "
+                         "the depthwise conv runs in PyTorch (same maths, tested against it)")
+            return "torch"
+        if xBC.device.type not in CAUSAL_CONV1D_DEVICES:
             return "torch"
         if _mamba_ssm_ops()[1] is None:
             log_once("Mamba2 conv_impl 'auto': causal_conv1d is not importable, so the depthwise conv runs in "
                       "PyTorch (same maths, tested against it); pip install -e '.[cuda]' for the CUDA kernel")
             return "torch"
-        if conv_state is not None or xBC.dtype not in CAUSAL_CONV1D_DTYPES or not 2 <= self.d_conv <= 4:
-            return "torch"   # carried conv state (chunked evaluation, decoding), fp64, or widths the kernel lacks
+        if not 2 <= self.d_conv <= 4:
+            return "torch"   # widths the kernel lacks
         return "causal_conv1d"
 
     # ---------------------------------------------------------------------------------------------- forward
@@ -339,9 +356,11 @@ class Mamba2(nn.Module):
             prev = xBC.new_zeros(xBC.shape[0], W - 1, self.conv_dim)
         else:
             prev = conv_state[..., 1:].transpose(1, 2).to(xBC.dtype)   # the last W-1 inputs before this chunk
-        full = torch.cat([prev, xBC], dim=-2)                                             # (B, W-1+T, conv_dim)
-        new_conv_state = full[:, -W:].transpose(1, 2)                                     # (B, conv_dim, W)
-        if self.conv_path(xBC, conv_state) == "causal_conv1d":
+        new_conv_state = torch.cat([prev, xBC[:, -W:]], dim=-2)[:, -W:].transpose(1, 2)  # (B, conv_dim, W)
+        path = self.conv_path(xBC, conv_state)
+        if path == "triton":
+            out = kconv.causal_conv1d_silu(xBC, self.conv1d.weight[:, 0, :], self.conv1d.bias)  # (B, T, conv_dim)
+        elif path == "causal_conv1d":
             causal_conv1d_fn = _mamba_ssm_ops()[1]
             out = causal_conv1d_fn(causal_conv1d_layout(xBC), self.conv1d.weight.squeeze(1), bias=self.conv1d.bias,
                                    activation="silu").transpose(1, 2)                      # (B, T, conv_dim)
@@ -350,6 +369,7 @@ class Mamba2(nn.Module):
             # multiply-adds in (B, T, C) layout are much faster on CPU than a depthwise conv (no transposes).
             # Accumulate in fp32 under AMP, as causal_conv1d does.
             T, cd = xBC.shape[1], (torch.float64 if xBC.dtype == torch.float64 else torch.float32)
+            full = torch.cat([prev, xBC], dim=-2)                                         # (B, W-1+T, conv_dim)
             full_c, w = full.to(cd), self.conv1d.weight[:, 0, :].to(cd)                   # w: (conv_dim, W)
             out = full_c[:, 0:T] * w[:, 0]
             for j in range(1, W):

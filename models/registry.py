@@ -217,7 +217,7 @@ def describe_paths(model: nn.Module, device: str | torch.device, amp: bool = Tru
     torch.compile when `compiled`), as they
     resolve them at run time: `rwkv_wkv6` ("chunked" / "sequential"), `mamba_ssd` ("wkv6" / "triton" / "torch"),
     `mamba_wkv6` (the wkv6 kernels of the Mamba SSD when it runs on them) and `mamba_conv`
-    ("causal_conv1d" / "torch"); "n/a" where the model has no such layer. A model with a GRU arbiter adds
+    ("triton" / "causal_conv1d" / "torch"); "n/a" where the model has no such layer. A model with a GRU arbiter adds
     `arbiter_gru` ("triton" / "cudnn", models.arbiter). A fallback a layer takes is logged
     by the layer itself (models.mamba2)."""
     dev = torch.device(device)

@@ -126,7 +126,9 @@ def test_torch_conv_where_causal_conv1d_does_not_apply(standin):
     assert standin.calls == []
 
 
-def test_compiled_calls_take_the_torch_conv(standin):
+def test_compiled_calls_off_cuda_take_the_torch_conv(standin):
+    """Under compile 'auto' takes the Triton conv on CUDA only (tests/test_conv_kernel.py); a CPU call, here with
+    the causal_conv1d stand-in allowed on CPU, stays on the PyTorch conv."""
     layer = _mamba_of(CASES["5m"])
     xbc = torch.empty(1, 1, layer.conv_dim)
     assert layer.conv_path(xbc) == "causal_conv1d" and layer.conv_path(xbc, compiled=True) == "torch"
@@ -143,7 +145,7 @@ def test_conv_falls_back_to_torch_when_package_missing(monkeypatch, caplog):
 
 
 def test_conv_impl_validated():
-    with pytest.raises(ValueError, match="Mamba2: conv_impl must be one of 'auto', 'torch', got 'cuda'"):
+    with pytest.raises(ValueError, match="Mamba2: conv_impl must be one of 'auto', 'triton', 'torch', got 'cuda'"):
         models.Mamba2(64, d_state=32, headdim=32, conv_impl="cuda")
     with pytest.raises(ValueError, match="ModelConfig.mamba_conv: must be one of"):
         models.make_config("GF-MH", 97, size="demo", mamba_conv="fast")

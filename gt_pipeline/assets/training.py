@@ -78,8 +78,8 @@ class TrainingConfig(dg.Config):
                               "max-autotune, max-autotune-no-cudagraphs; a mode other than auto turns compile on")
     mamba_backend: str = Field(default="auto", description="Mamba-2 SSD path: auto (the fastest that applies: wkv6 on "
                                "CUDA, torch on CPU), torch, triton (mamba_ssm), or wkv6 (through our wkv6 kernel)")
-    mamba_conv: str = Field(default="auto", description="Mamba-2 depthwise conv: auto (causal_conv1d's CUDA kernel "
-                            "where it applies) or torch")
+    mamba_conv: str = Field(default="auto", description="Mamba-2 depthwise conv: auto (our Triton kernels under "
+                            "compile, causal_conv1d's CUDA kernel in eager CUDA runs, where they apply), triton, or torch")
     wkv6_impl: str = Field(default="auto", description="wkv6 CUDA kernels: auto (chunked tensor-core kernels where "
                            "they apply: bf16, head size 64; sequential elsewhere), sequential, or chunked")
     mamba_residual: bool = Field(default=False, description="Hybrids: add the Mamba-2 output to the residual stream "

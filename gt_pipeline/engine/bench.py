@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="after timing, profile N more steps and report the top kernels")
     ap.add_argument("--mamba-backend", default=None, help="Mamba2 SSD path: auto (default), wkv6, triton or torch")
-    ap.add_argument("--mamba-conv", default=None, help="Mamba2 depthwise conv: auto (default) or torch")
+    ap.add_argument("--mamba-conv", default=None, help="Mamba2 depthwise conv: auto (default), triton or torch")
     ap.add_argument("--wkv6-impl", default=None, choices=["auto", "chunked", "sequential"],
                     help="the models' wkv6 kernels (ModelConfig.wkv6_impl; default auto: chunked where it applies)")
     ap.add_argument("--compare", action="store_true",

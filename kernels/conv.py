@@ -1,0 +1,262 @@
+"""Causal depthwise conv1d + SiLU over channel-last sequences, forward and backward as Triton kernels.
+
+    from kernels.conv import causal_conv1d_silu, causal_conv1d_silu_ref
+    y = causal_conv1d_silu(x, weight, bias)     # x (B, T, D), weight (D, W), bias (D,) or None -> y (B, T, D)
+
+    y[b, t, d] = silu(p[b, t, d]),  p[b, t, d] = sum_{j<W} weight[d, j] x[b, t - (W-1) + j, d] + bias[d]
+
+with x = 0 before t = 0: nn.Conv1d(D, D, W, groups=D, padding=W-1) cut to its first T outputs, then SiLU.
+This is Mamba-2's conv over xBC (`models.mamba2`), which reads x as a column slice of the in_proj output:
+any batch and time strides are taken as they are, only the channels must be contiguous.
+
+Numerics: p accumulates in fp32 in the order j = 0 .. W-1, then the bias, as the PyTorch conv of
+models.mamba2 does; y is stored in x's dtype. The backward recomputes p (nothing but x is saved):
+    dp = dy silu'(p),  silu'(p) = s (1 + p (1 - s)),  s = sigmoid(p)
+    dx[t] = sum_j weight[:, j] dp[t + (W-1) - j],   dweight[:, j] = sum_{b,t} dp[t] x[t - (W-1) + j],
+    dbias = sum_{b,t} dp
+dp is kept in fp32 between the backward's two kernels; the weight and bias gradients are summed per tile of
+rows in fp32, then over the tiles by torch (deterministic: no atomics).
+
+Kernel design: each program owns a tile of BT steps x BD channels of one sequence. The W shifted reads of
+x overlap and come from cache, so each kernel moves about its inputs and outputs once: forward x and y;
+backward x, dy and dp (fp32) in the first kernel, dp and dx in the second.
+
+Supported: B, T >= 1, any D, 1 <= W <= MAX_WIDTH; x fp32, bf16 or fp16 on CUDA; weight and bias any float
+dtype (computed in fp32). Exposed as torch.library custom ops (namespace "gt_kernels") with fake
+implementations and autograd, so torch.compile traces a model that calls them without a graph break.
+`causal_conv1d_silu_ref` is the same map through F.conv1d, in any dtype (fp64 in the tests).
+Without a GPU the kernels run in Triton's interpreter inside `kernels.triton_interp.cpu_interpreter()` (tests).
+"""
+from __future__ import annotations
+
+import contextlib
+import types
+
+import torch
+import torch.nn.functional as F
+
+from . import triton_interp
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:          # CPU-only installs: the reference works, causal_conv1d_silu says what is missing
+    triton = None
+    tl = types.SimpleNamespace(constexpr=None)
+
+__all__ = ["causal_conv1d_silu", "causal_conv1d_silu_ref", "MAX_WIDTH"]
+
+MAX_WIDTH = 8
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Tile of BT steps x BD channels, fixed (no autotune): 64 x 128 at 8 warps is 32 elements a thread, and BT = 64
+# keeps the backward's per-tile weight-gradient partials small ((B * T / 64) x (W + 1) x D fp32).
+_BT, _BD, _WARPS = 64, 128, 8
+
+
+def causal_conv1d_silu_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The definition through F.conv1d, computed in x's dtype (module docstring). x (B, T, D), weight (D, W)."""
+    T, W = x.shape[1], weight.shape[1]
+    p = F.conv1d(x.transpose(1, 2), weight.to(x.dtype)[:, None, :], None if bias is None else bias.to(x.dtype),
+                 padding=W - 1, groups=x.shape[2])[..., :T]
+    return F.silu(p).transpose(1, 2)
+
+
+# --------------------------------------------------------------------------------------------- the kernels
+def _jit(fn):
+    return triton.jit(fn) if triton is not None else fn
+
+
+@_jit
+def _add(a, b):
+    # tl.sum's combine, written here: tl.sum is itself a @triton.jit function, which the interpreter hook
+    # (kernels/triton_interp.py) cannot call
+    return a + b
+
+
+@_jit
+def _preact(x_ptr, w_ptr, b_ptr, t, d, dm, T, D, sxt,
+            HAS_BIAS: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+    """p for steps t (BT,) and channels d (BD,) of one sequence (x_ptr at its start), fp32 (BT, BD)."""
+    acc = tl.full([BT, BD], 0.0, tl.float32)
+    for j in tl.static_range(W):
+        ts = t - (W - 1) + j
+        m = ((ts >= 0) & (ts < T))[:, None] & dm[None, :]
+        xv = tl.load(x_ptr + ts.to(tl.int64)[:, None] * sxt + d[None, :], mask=m, other=0.0).to(tl.float32)
+        wv = tl.load(w_ptr + j * D + d, mask=dm, other=0.0)
+        acc += xv * wv[None, :]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + d, mask=dm, other=0.0)[None, :]
+    return acc
+
+
+@_jit
+def _fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, T, D, sxb, sxt,
+                HAS_BIAS: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+    t = tl.program_id(0) * BT + tl.arange(0, BT)
+    d = tl.program_id(1) * BD + tl.arange(0, BD)
+    b = tl.program_id(2).to(tl.int64)
+    dm = d < D
+    p = _preact(x_ptr + b * sxb, w_ptr, b_ptr, t, d, dm, T, D, sxt, HAS_BIAS, W, BT, BD)
+    y = p / (1.0 + tl.exp(-p))
+    rows = b * T + t.to(tl.int64)
+    tl.store(y_ptr + rows[:, None] * D + d[None, :], y.to(y_ptr.dtype.element_ty), mask=(t < T)[:, None] & dm[None, :])
+
+
+@_jit
+def _bwd_dp_kernel(x_ptr, w_ptr, b_ptr, dy_ptr, dp_ptr, part_ptr, T, D, sxb, sxt,
+                   HAS_BIAS: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+    """dp = dy silu'(p) into dp (B, T, D) fp32; this tile's sums of dp x_shifted (W rows) and dp (one row)
+    into part[(b, tile), :, d], part (B * n_tiles, W + 1, D) fp32."""
+    t = tl.program_id(0) * BT + tl.arange(0, BT)
+    d = tl.program_id(1) * BD + tl.arange(0, BD)
+    b = tl.program_id(2).to(tl.int64)
+    dm = d < D
+    xb = x_ptr + b * sxb
+    p = _preact(xb, w_ptr, b_ptr, t, d, dm, T, D, sxt, HAS_BIAS, W, BT, BD)
+    rows = b * T + t.to(tl.int64)
+    tm = (t < T)[:, None] & dm[None, :]
+    dy = tl.load(dy_ptr + rows[:, None] * D + d[None, :], mask=tm, other=0.0).to(tl.float32)
+    s = 1.0 / (1.0 + tl.exp(-p))
+    dp = dy * s * (p * (1.0 - s) + 1.0)                     # 0 outside the sequence (dy = 0 there)
+    tl.store(dp_ptr + rows[:, None] * D + d[None, :], dp, mask=tm)
+    part = part_ptr + (b * tl.num_programs(0) + tl.program_id(0)) * (W + 1) * D
+    for j in tl.static_range(W):
+        ts = t - (W - 1) + j
+        m = ((ts >= 0) & (ts < T))[:, None] & dm[None, :]
+        xv = tl.load(xb + ts.to(tl.int64)[:, None] * sxt + d[None, :], mask=m, other=0.0).to(tl.float32)
+        tl.store(part + j * D + d, tl.reduce(dp * xv, 0, _add), mask=dm)
+    tl.store(part + W * D + d, tl.reduce(dp, 0, _add), mask=dm)
+
+
+@_jit
+def _bwd_dx_kernel(dp_ptr, w_ptr, dx_ptr, T, D, W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+    """dx[t] = sum_j weight[:, j] dp[t + (W-1) - j], into dx (B, T, D) contiguous."""
+    t = tl.program_id(0) * BT + tl.arange(0, BT)
+    d = tl.program_id(1) * BD + tl.arange(0, BD)
+    b = tl.program_id(2).to(tl.int64)
+    dm = d < D
+    acc = tl.full([BT, BD], 0.0, tl.float32)
+    for j in tl.static_range(W):
+        ts = t + (W - 1) - j
+        m = (ts < T)[:, None] & dm[None, :]
+        dp = tl.load(dp_ptr + (b * T + ts.to(tl.int64))[:, None] * D + d[None, :], mask=m, other=0.0)
+        acc += dp * tl.load(w_ptr + j * D + d, mask=dm, other=0.0)[None, :]
+    rows = b * T + t.to(tl.int64)
+    tl.store(dx_ptr + rows[:, None] * D + d[None, :], acc.to(dx_ptr.dtype.element_ty), mask=(t < T)[:, None] & dm[None, :])
+
+
+def _kernel(x: torch.Tensor, name: str):
+    """The compiled kernel on CUDA, its interpreted copy on CPU inside the interpreter hook."""
+    if x.is_cuda:
+        return globals()[name]
+    if not triton_interp.active():
+        raise RuntimeError("conv: CPU tensors reached the kernels outside triton_interp.cpu_interpreter()")
+    return triton_interp.interpreted(globals())[name]
+
+
+def _grid(B, T, D):
+    return (triton.cdiv(T, _BT), triton.cdiv(D, _BD), B)
+
+
+def _device(x):
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("gt_kernels::causal_conv1d_silu_fwd", mutates_args=())
+def _conv_fwd(x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (B, T, D) with stride(2) == 1; w_t (W, D) and bias (D,) fp32 contiguous. Returns y (B, T, D) contiguous."""
+    B, T, D = x.shape
+    y = x.new_empty(B, T, D)
+    with _device(x):
+        _kernel(x, "_fwd_kernel")[_grid(B, T, D)](
+            x, w_t, w_t if bias is None else bias, y, T, D, x.stride(0), x.stride(1),
+            HAS_BIAS=bias is not None, W=w_t.shape[0], BT=_BT, BD=_BD, num_warps=_WARPS)
+    return y
+
+
+@_conv_fwd.register_fake
+def _(x, w_t, bias):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("gt_kernels::causal_conv1d_silu_bwd", mutates_args=())
+def _conv_bwd(x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None,
+              dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """dy (B, T, D) contiguous. Returns dx (B, T, D) in x's dtype and (W + 1, D) fp32: dw_t rows, then dbias."""
+    B, T, D = x.shape
+    W = w_t.shape[0]
+    grid = _grid(B, T, D)
+    dp = torch.empty(B, T, D, device=x.device, dtype=torch.float32)
+    part = torch.empty(B * grid[0], W + 1, D, device=x.device, dtype=torch.float32)
+    dx = x.new_empty(B, T, D)
+    with _device(x):
+        _kernel(x, "_bwd_dp_kernel")[grid](
+            x, w_t, w_t if bias is None else bias, dy, dp, part, T, D, x.stride(0), x.stride(1),
+            HAS_BIAS=bias is not None, W=W, BT=_BT, BD=_BD, num_warps=_WARPS)
+        _kernel(x, "_bwd_dx_kernel")[grid](dp, w_t, dx, T, D, W=W, BT=_BT, BD=_BD, num_warps=_WARPS)
+    return dx, part.sum(dim=0)
+
+
+@_conv_bwd.register_fake
+def _(x, w_t, bias, dy):
+    return x.new_empty(x.shape), x.new_empty(w_t.shape[0] + 1, x.shape[2], dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output):
+    x, w_t, bias = inputs
+    ctx.save_for_backward(x, w_t, bias)
+
+
+def _backward(ctx, dy):
+    x, w_t, bias = ctx.saved_tensors
+    dx, dwb = _conv_bwd(x, w_t, bias, dy.contiguous())
+    W = w_t.shape[0]
+    return dx, dwb[:W], None if bias is None else dwb[W]
+
+
+_conv_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------------------ public
+def problem(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> str | None:
+    """Why `causal_conv1d_silu` cannot take these arguments (a sentence naming the argument), or None."""
+    named = {"x": x, "weight": weight, **({} if bias is None else {"bias": bias})}
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            return f"{name} must be a torch.Tensor, got {type(t).__name__}"
+    if x.dim() != 3 or x.shape[0] < 1 or x.shape[1] < 1 or x.shape[2] < 1:
+        return f"x must be (B, T, D) with B, T, D >= 1, got shape {tuple(x.shape)}"
+    D = x.shape[2]
+    if weight.dim() != 2 or weight.shape[0] != D or not 1 <= weight.shape[1] <= MAX_WIDTH:
+        return (f"weight must be (D, W) with D = {D} (x's channels) and 1 <= W <= {MAX_WIDTH}, "
+                f"got shape {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (D,):
+        return f"bias must have shape ({D},), got {tuple(bias.shape)}"
+    if x.dtype not in _DTYPES:
+        return f"x must be float32, bfloat16 or float16, got {x.dtype}; causal_conv1d_silu_ref takes any dtype"
+    for name, t in named.items():
+        if not t.is_floating_point():
+            return f"{name} must be a floating tensor, got {t.dtype}"
+        if t.device != x.device:
+            return f"all inputs must be on one device; x is on {x.device}, {name} on {t.device}"
+    if triton is None:
+        return "needs triton, which is not installed (CUDA builds of torch bring it)"
+    if not x.is_cuda and not (x.device.type == "cpu" and triton_interp.active()):
+        return f"x must be a CUDA tensor, got {x.device}; on CPU use causal_conv1d_silu_ref"
+    return None
+
+
+def causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(causal depthwise conv1d(x)) (module docstring), differentiable in x, weight and bias.
+
+    x (B, T, D) fp32 / bf16 / fp16 on CUDA, any batch and time strides; weight (D, W), 1 <= W <= MAX_WIDTH;
+    bias (D,) or None. Returns y (B, T, D) contiguous in x's dtype. ValueError naming the argument otherwise.
+    """
+    why = problem(x, weight, bias)
+    if why is not None:
+        raise ValueError(f"causal_conv1d_silu: {why}")
+    if x.stride(2) != 1:
+        x = x.contiguous()
+    w_t = weight.float().t().contiguous()                                             # (W, D)
+    return _conv_fwd(x, w_t, None if bias is None else bias.float().contiguous())

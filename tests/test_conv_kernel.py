@@ -1,0 +1,182 @@
+"""kernels.conv: `causal_conv1d_silu` (Triton) against the fp64 F.conv1d definition, in a Mamba-2 layer, and compiled.
+
+Without a GPU the kernels run in Triton's interpreter (kernels/triton_interp.py) on fp32 inputs: the interpreter
+truncates fp32 -> bf16 casts, so bf16 runs only on the GPU (`gpu` tests, skipped without CUDA). Tolerances are on err_ratio (rms of the
+error over rms of the reference): fp32 accumulation of W <= 8 terms and fp32 sums over B * T rows for the weight
+gradients; bf16 storage of y and dx.
+"""
+import pytest
+import torch
+
+import models
+from kernels import conv as kconv
+from kernels import triton_interp
+from kernels.conv import causal_conv1d_silu, causal_conv1d_silu_ref
+from numerics import assert_ratio
+
+FP32_TOL = 2e-6
+BF16_TOL = 1e-2           # y and dx stored in bf16 (8 bits); the fp32 products of bf16 x are exact
+
+
+@pytest.fixture
+def interp():
+    pytest.importorskip("triton", reason="triton is not installed: the interpreter tests need it")
+    problem = triton_interp.problem()
+    if problem is not None:
+        pytest.skip(f"Triton's CPU interpreter is unusable here: {problem}")
+    with triton_interp.cpu_interpreter("test"):
+        yield
+
+
+def make(B, T, D, W, bias=True, seed=0, device="cpu", strided=True):
+    """fp64 x (a column slice of a wider tensor when strided: Mamba-2's xBC is one), weight, bias, cotangent."""
+    g = torch.Generator().manual_seed(seed)
+    f64 = dict(generator=g, dtype=torch.float64)
+    wide = torch.randn(B, T, D + 5 if strided else D, **f64)
+    x = wide[:, :, 2:D + 2] if strided else wide
+    w = torch.randn(D, W, **f64) * W ** -0.5
+    b = torch.randn(D, **f64) if bias else None
+    gy = torch.randn(B, T, D, **f64)
+    return [t if t is None else t.to(device) for t in (x, w, b, gy)]
+
+
+def outputs_and_grads(fn, x, w, b, gy, dtype):
+    xs = [t if t is None else t.to(dtype).detach().requires_grad_() for t in (x, w, b)]
+    y = fn(*xs)
+    y.backward(gy.to(y.dtype))
+    return [y] + [t.grad for t in xs if t is not None]
+
+
+def check(got, ref, tol, what):
+    for name, a, r in zip(["y", "dx", "dweight", "dbias"], got, ref):
+        assert_ratio(f"{what}: {name}", a.double(), r.double(), tol)
+
+
+CASES = [(1, 1, 5, 4), (2, 70, 130, 4), (3, 9, 7, 1), (1, 5, 3, 8), (2, 130, 16, 2)]
+
+
+@pytest.mark.parametrize("B,T,D,W", CASES, ids=[f"B{b}-T{t}-D{d}-W{w}" for b, t, d, w in CASES])
+def test_matches_fp64_definition(interp, B, T, D, W):
+    """Single step, T shorter than the width, odd D past one channel tile, T past two step tiles, W = 1 and 8."""
+    x, w, b, gy = make(B, T, D, W)
+    ref = outputs_and_grads(causal_conv1d_silu_ref, x, w, b, gy, torch.float64)
+    got = outputs_and_grads(causal_conv1d_silu, x, w, b, gy, torch.float32)
+    check(got, ref, FP32_TOL, f"{(B, T, D, W)}")
+
+
+def test_without_bias_and_contiguous_input(interp):
+    x, w, _, gy = make(2, 20, 9, 4, bias=False, strided=False)
+    ref = outputs_and_grads(causal_conv1d_silu_ref, x, w, None, gy, torch.float64)
+    got = outputs_and_grads(causal_conv1d_silu, x, w, None, gy, torch.float32)
+    check(got, ref, FP32_TOL, "no bias")
+
+
+def test_compile_fullgraph_no_graph_break(interp):
+    """Custom ops with fake and autograd implementations: one graph, the same numbers as eager."""
+    x, w, b, gy = make(2, 11, 6, 4)
+    eager = outputs_and_grads(causal_conv1d_silu, x, w, b, gy, torch.float32)
+    compiled = outputs_and_grads(torch.compile(causal_conv1d_silu, fullgraph=True, backend="aot_eager"),
+                                 x, w, b, gy, torch.float32)
+    for a, r in zip(compiled, eager):
+        assert torch.equal(a, r)
+
+
+def test_mamba2_layer_triton_conv_matches_torch_conv(interp):
+    """A Mamba-2 layer with conv_impl 'triton' (run by the interpreter here) against the PyTorch conv: outputs,
+    input gradient and the conv's own parameter gradients; the carried conv state is the same tensor."""
+    torch.manual_seed(0)
+    layer = models.Mamba2(16, d_state=8, headdim=8)
+    u = torch.randn(2, 13, 16, requires_grad=True)
+    res = {}
+    for impl in ("triton", "torch"):
+        layer.conv_impl = impl
+        layer.zero_grad(set_to_none=True)
+        assert layer.conv_path(u.new_empty(1, 1, layer.conv_dim)) == impl
+        y, st = layer(u, return_state=True)
+        (gu,) = torch.autograd.grad(y.square().sum(), u, retain_graph=True)
+        y.square().sum().backward()
+        res[impl] = (y, gu, layer.conv1d.weight.grad.clone(), layer.conv1d.bias.grad.clone(), st["mamba_conv_state"])
+    for name, a, r in zip(["y", "grad u", "grad conv weight", "grad conv bias"], res["triton"], res["torch"]):
+        assert_ratio(f"Mamba2 triton vs torch conv: {name}", a, r, 1e-5)
+    assert torch.equal(res["triton"][4], res["torch"][4])
+
+
+def test_conv_paths(interp):
+    """'auto' under compile and 'triton' take the kernels where they run; a carried state or fp64 takes torch."""
+    layer = models.Mamba2(16, d_state=8, headdim=8)
+    xbc = torch.empty(1, 1, layer.conv_dim)
+    assert layer.conv_path(xbc, compiled=True) == "triton"
+    assert layer.conv_path(xbc, torch.zeros(1, layer.conv_dim, layer.d_conv), compiled=True) == "torch"
+    assert layer.conv_path(xbc.double(), compiled=True) == "torch"
+    layer.conv_impl = "triton"
+    assert layer.conv_path(xbc) == "triton"
+
+
+def test_forced_triton_outside_its_reach_falls_back_and_logs(monkeypatch, caplog):
+    """Without CUDA (and outside the interpreter hook) 'triton' runs the PyTorch conv and says so once."""
+    import models.mamba2 as m2
+    monkeypatch.setattr(m2, "_LOGGED", set())
+    layer = models.Mamba2(16, d_state=8, headdim=8, conv_impl="triton")
+    with caplog.at_level("WARNING", logger="models.mamba2"):
+        assert layer.conv_path(torch.empty(1, 1, layer.conv_dim)) == "torch"
+    assert "the Triton conv does not apply here (device cpu" in caplog.text
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(x=torch.zeros(2, 3)), r"x must be \(B, T, D\)"),
+    (dict(x=torch.zeros(1, 0, 4)), r"x must be \(B, T, D\) with B, T, D >= 1"),
+    (dict(weight=torch.zeros(5, 4)), r"weight must be \(D, W\) with D = 4"),
+    (dict(weight=torch.zeros(4, 9)), r"1 <= W <= 8"),
+    (dict(bias=torch.zeros(3)), r"bias must have shape \(4,\)"),
+    (dict(x=torch.zeros(1, 2, 4, dtype=torch.float64)), "x must be float32, bfloat16 or float16"),
+    (dict(x=torch.zeros(1, 2, 4, dtype=torch.int32)), "x must be float32"),
+    (dict(weight="w"), "weight must be a torch.Tensor"),
+])
+def test_bad_input_is_named(bad, match):
+    args = dict(x=torch.zeros(1, 2, 4), weight=torch.zeros(4, 4), bias=torch.zeros(4))
+    args.update(bad)
+    with pytest.raises(ValueError, match=match):
+        causal_conv1d_silu(**args)
+
+
+def test_cpu_tensors_are_refused_outside_the_interpreter():
+    pytest.importorskip("triton")
+    with pytest.raises(ValueError, match="x must be a CUDA tensor, got cpu; on CPU use causal_conv1d_silu_ref"):
+        causal_conv1d_silu(torch.zeros(1, 2, 4), torch.zeros(4, 4))
+
+
+# ------------------------------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("B,T,D,W", [(2, 1000, 1152, 4), (1, 3, 98, 4), (3, 129, 200, 2)],
+                         ids=["d512-width", "short", "odd"])
+def test_gpu_matches_fp64_definition(dtype, B, T, D, W):
+    """The compiled kernels against the fp64 definition: bf16 y and dx within bf16 rounding, the fp32 parameter
+    gradients within fp32 sums of rounded inputs (the reference sees the same bf16 x)."""
+    x, w, b, gy = make(B, T, D, W, device="cuda")
+    x, gy = x.to(dtype).double(), gy.to(dtype).double()
+    ref = outputs_and_grads(causal_conv1d_silu_ref, x, w, b, gy, torch.float64)
+    got = outputs_and_grads(lambda x_, w_, b_: causal_conv1d_silu(x_.to(dtype), w_, b_), x, w, b, gy, torch.float32)
+    check(got, ref, FP32_TOL if dtype == torch.float32 else BF16_TOL, f"{dtype} {(B, T, D, W)}")
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_mamba2_layer_takes_triton_conv_without_graph_break():
+    """A compiled Mamba-2 layer under bf16 autocast takes the Triton conv (fullgraph: no graph break) and agrees
+    with the same layer on the PyTorch conv, compiled too."""
+    torch.manual_seed(0)
+    layer = models.Mamba2(512, d_state=64, headdim=64).cuda()
+    u = torch.randn(4, 256, 512, device="cuda")
+    assert layer.conv_path(u.new_empty(1, 1, layer.conv_dim).bfloat16(), compiled=True) == "triton"
+    res = {}
+    for impl in ("auto", "torch"):
+        layer.conv_impl = impl
+        layer.zero_grad(set_to_none=True)
+        torch._dynamo.reset()
+        f = torch.compile(layer, fullgraph=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = f(u)
+        y.float().square().mean().backward()
+        res[impl] = (y.float(), layer.conv1d.weight.grad.clone(), layer.in_proj.weight.grad.clone())
+    for name, a, r in zip(["y", "grad conv weight", "grad in_proj"], res["auto"], res["torch"]):
+        assert_ratio(f"compiled Mamba2, triton vs torch conv: {name}", a, r, 2e-2)
