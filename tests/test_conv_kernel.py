@@ -180,3 +180,25 @@ def test_gpu_compiled_mamba2_layer_takes_triton_conv_without_graph_break():
         res[impl] = (y.float(), layer.conv1d.weight.grad.clone(), layer.in_proj.weight.grad.clone())
     for name, a, r in zip(["y", "grad conv weight", "grad in_proj"], res["auto"], res["torch"]):
         assert_ratio(f"compiled Mamba2, triton vs torch conv: {name}", a, r, 2e-2)
+
+
+def test_bench_refuses_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("has CUDA: the GPU test below runs the bench")
+    from kernels import conv_bench
+    with pytest.raises(SystemExit, match="kernels.conv_bench: needs a CUDA GPU"):
+        conv_bench.main([])
+
+
+@pytest.mark.gpu
+def test_gpu_bench_prints_every_contender(capsys):
+    import json
+
+    from kernels import conv_bench
+    conv_bench.main(["--B", "2", "--T", "64", "--d-model", "64", "--d-state", "32", "--reps", "3"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["shape"]["conv_dim"] == 2 * 64 + 2 * 32
+    assert {"triton", "triton_compiled", "torch_compiled"} <= set(out["timings"])
+    for t in out["timings"].values():
+        assert t["forward"]["median_ms"] > 0 and t["forward_backward"]["median_ms"] > 0
+    assert out["kernel_stats"]["backward_dp"]["registers"] > 0

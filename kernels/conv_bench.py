@@ -1,0 +1,126 @@
+"""Mamba-2 depthwise conv benchmark: kernels.conv against causal_conv1d and the compiled PyTorch conv; prints JSON.
+
+    python -m kernels.conv_bench                      # d_model 512 (conv_dim 1152), B, T = 16, 1024, median of 50
+    python -m kernels.conv_bench --d-model 128 --B 64 --T 512
+
+Needs a CUDA GPU (it refuses to run otherwise). Every contender runs a Mamba-2 layer's own conv
+(`models.Mamba2._conv`, d_state = headdim = --d-state) on the same bf16 xBC, a column slice of a wider tensor as
+in the layer (the in_proj output), with its fp32 weights:
+* "triton": conv_impl "triton", eager: kernels.conv.causal_conv1d_silu;
+* "triton_compiled": conv_impl "auto" under torch.compile, the training step's path (Triton kernels, plus any
+  copies Inductor puts around the custom op);
+* "torch_compiled": conv_impl "torch" under torch.compile: the PyTorch conv Inductor fuses;
+* "causal_conv1d": conv_impl "auto", eager, where the package is importable: its CUDA kernel on the layout copy
+  the layer makes (`models.mamba2.causal_conv1d_layout`).
+Each is timed forward (no_grad) and forward+backward (grads of xBC, weight and bias for a fixed cotangent) with
+CUDA events after warm-up (compiles included there); medians and p20/p80 in ms. `bytes_bound_ms` is the time to
+read x and write y (forward), then read x and dy and write dx (backward) once at the measured copy rate;
+`kernel_stats` gives registers and shared memory of the three Triton kernels as compiled here.
+"""
+import argparse
+import datetime as dt
+import json
+import platform
+
+import torch
+
+from . import conv
+from .bench import _copy_bandwidth, _log, _time_cuda, bytes_bound_ms
+
+
+def _contenders(B: int, T: int, d_model: int, d_state: int) -> tuple[dict, int]:
+    """(name -> (forward fn, forward+backward fn), conv_dim)."""
+    from models.mamba2 import Mamba2, _mamba_ssm_ops
+
+    torch.manual_seed(0)
+    layer = Mamba2(d_model, d_state=d_state, headdim=d_state).cuda()
+    D = layer.conv_dim
+    wide = torch.randn(B, T, D + 64, device="cuda", dtype=torch.bfloat16)
+    xbc = wide[:, :, 32:32 + D].detach().requires_grad_()                 # strided like the in_proj column slice
+    gy = torch.randn(B, T, D, device="cuda", dtype=torch.bfloat16)
+    wrt = [xbc, layer.conv1d.weight, layer.conv1d.bias]
+
+    def run_with(impl, compiled):
+        def conv_of(x):
+            return layer._conv(x, None)[0]
+        f = torch.compile(conv_of) if compiled else conv_of
+
+        def run():
+            layer.conv_impl = impl
+            return f(xbc)
+        return run
+
+    def pair(run):
+        def fwd():
+            with torch.no_grad():
+                run()
+
+        def fwd_bwd():
+            torch.autograd.grad(run(), wrt, gy)
+        return fwd, fwd_bwd
+
+    out = {"triton": pair(run_with("triton", False)),
+           "triton_compiled": pair(run_with("auto", True)),
+           "torch_compiled": pair(run_with("torch", True))}
+    if _mamba_ssm_ops()[1] is not None:
+        out["causal_conv1d"] = pair(run_with("auto", False))
+    return out, D
+
+
+def kernel_stats(B: int, T: int, D: int, W: int = 4) -> dict:
+    """Registers a thread and shared memory (bytes) of the three kernels as compiled here (one direct launch each,
+    kernels.conv's launch configuration)."""
+    dev = dict(device="cuda", dtype=torch.float32)
+    x = torch.randn(B, T, D, device="cuda", dtype=torch.bfloat16)
+    w_t, b = torch.randn(W, D, **dev), torch.randn(D, **dev)
+    y, dp, dx = torch.empty_like(x), torch.empty(B, T, D, **dev), torch.empty_like(x)
+    grid = conv._grid(B, T, D)
+    part = torch.empty(B * grid[0], W + 1, D, **dev)
+    cfg = dict(HAS_BIAS=True, W=W, BT=conv._BT, BD=conv._BD, num_warps=conv._WARPS)
+    kf = conv._fwd_kernel[grid](x, w_t, b, y, T, D, x.stride(0), x.stride(1), **cfg)
+    kp = conv._bwd_dp_kernel[grid](x, w_t, b, y, dp, part, T, D, x.stride(0), x.stride(1), **cfg)
+    kx = conv._bwd_dx_kernel[grid](dp, w_t, dx, T, D, W=W, BT=conv._BT, BD=conv._BD, num_warps=conv._WARPS)
+    stats = lambda k: {"registers": getattr(k, "n_regs", None), "spills": getattr(k, "n_spills", None),  # noqa: E731
+                       "shared_bytes": getattr(getattr(k, "metadata", None), "shared", None)}
+    return {"forward": stats(kf), "backward_dp": stats(kp), "backward_dx": stats(kx),
+            "tile": [conv._BT, conv._BD], "num_warps": conv._WARPS}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--B", type=int, default=16)
+    ap.add_argument("--T", type=int, default=1024)
+    ap.add_argument("--d-model", type=int, default=512)
+    ap.add_argument("--d-state", type=int, default=64, help="Mamba-2 d_state (= headdim); conv_dim = 2 d_model + 2 d_state")
+    ap.add_argument("--reps", type=int, default=50, help="timed repetitions per contender and phase")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("kernels.conv_bench: needs a CUDA GPU (torch.cuda.is_available() is False); "
+                         "the kernels' CPU tests are `pytest tests/test_conv_kernel.py` (Triton's interpreter)")
+    contenders, D = _contenders(args.B, args.T, args.d_model, args.d_state)
+    rate = _copy_bandwidth()
+    elems = args.B * args.T * D
+    out = {
+        "benchmark": "kernels.conv",
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
+                    "triton": __import__("triton").__version__, "python": platform.python_version()},
+        "shape": {"B": args.B, "T": args.T, "conv_dim": D, "width": 4, "dtype": "bfloat16"},
+        "copy_GBps": rate / 1e9,
+        "bytes_bound_ms": {"forward": bytes_bound_ms(2 * 2 * elems, rate),
+                           "forward_backward": bytes_bound_ms(5 * 2 * elems, rate)},
+        "kernel_stats": kernel_stats(args.B, args.T, D),
+        "timings": {},
+    }
+    for name, (fwd, fwd_bwd) in contenders.items():
+        out["timings"][name] = {"forward": _time_cuda(fwd, args.reps, None, warmup=3),
+                                "forward_backward": _time_cuda(fwd_bwd, args.reps, None, warmup=3)}
+        _log(f"{name}: fwd+bwd {out['timings'][name]['forward_backward']['median_ms']:.3f} ms")
+    base = out["timings"]["torch_compiled"]["forward_backward"]["median_ms"]
+    out["speedup_vs_torch_compiled_forward_backward"] = {
+        name: base / t["forward_backward"]["median_ms"] for name, t in out["timings"].items() if name != "torch_compiled"}
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
