@@ -108,6 +108,32 @@ def _time_cuda(fn, reps: int, flush: torch.Tensor | None, warmup: int = 1) -> di
     return _quantiles([s.elapsed_time(e) for s, e in ev])
 
 
+def time_contenders(contenders: dict, reps: int) -> dict:
+    """{name: {"forward", "forward_backward"}} timings (_time_cuda, 3 warm-up calls) of {name: (fwd, fwd_bwd)},
+    each logged to stderr as it finishes (the Triton kernel benchmarks, kernels.gru_bench and kernels.conv_bench)."""
+    out = {}
+    for name, (fwd, fwd_bwd) in contenders.items():
+        out[name] = {"forward": _time_cuda(fwd, reps, None, warmup=3),
+                     "forward_backward": _time_cuda(fwd_bwd, reps, None, warmup=3)}
+        _log(f"{name}: fwd+bwd {out[name]['forward_backward']['median_ms']:.3f} ms")
+    return out
+
+
+def gpu_machine() -> dict:
+    """The GPU and software versions a Triton kernel benchmark records."""
+    import triton
+
+    return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "triton": triton.__version__, "python": platform.python_version()}
+
+
+def triton_kernel_stats(k) -> dict:
+    """Registers a thread, spilled registers and shared memory (bytes) of a launched Triton kernel (what a
+    launch returns), None where this Triton version does not say."""
+    return {"registers": getattr(k, "n_regs", None), "spills": getattr(k, "n_spills", None),
+            "shared_bytes": getattr(getattr(k, "metadata", None), "shared", None)}
+
+
 def wkv6_bytes_moved(B: int, T: int, H: int, K: int, V: int, io_bytes: int = 2, u_bytes: int = 4) -> dict:
     """Bytes the wkv6 op must read and write (module docstring), r, k, v, w, y and their gradients in elements of
     `io_bytes` (bf16: 2), u and gu of `u_bytes` (fp32: 4): {"forward", "backward", "forward_backward"}."""

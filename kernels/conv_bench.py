@@ -20,12 +20,11 @@ read x and write y (forward), then read x and dy and write dx (backward) once at
 import argparse
 import datetime as dt
 import json
-import platform
 
 import torch
 
 from . import conv
-from .bench import _copy_bandwidth, _log, _time_cuda, bytes_bound_ms
+from .bench import _copy_bandwidth, bytes_bound_ms, gpu_machine, time_contenders, triton_kernel_stats
 
 
 def _contenders(B: int, T: int, d_model: int, d_state: int) -> tuple[dict, int]:
@@ -80,9 +79,7 @@ def kernel_stats(B: int, T: int, D: int, W: int = 4) -> dict:
     kf = conv._fwd_kernel[grid](x, w_t, b, y, T, D, x.stride(0), x.stride(1), **cfg)
     kp = conv._bwd_dp_kernel[grid](x, w_t, b, y, dp, part, T, D, x.stride(0), x.stride(1), **cfg)
     kx = conv._bwd_dx_kernel[grid](dp, w_t, dx, T, D, W=W, BT=conv._BT, BD=conv._BD, num_warps=conv._WARPS)
-    stats = lambda k: {"registers": getattr(k, "n_regs", None), "spills": getattr(k, "n_spills", None),  # noqa: E731
-                       "shared_bytes": getattr(getattr(k, "metadata", None), "shared", None)}
-    return {"forward": stats(kf), "backward_dp": stats(kp), "backward_dx": stats(kx),
+    return {"forward": triton_kernel_stats(kf), "backward_dp": triton_kernel_stats(kp), "backward_dx": triton_kernel_stats(kx),
             "tile": [conv._BT, conv._BD], "num_warps": conv._WARPS}
 
 
@@ -103,19 +100,14 @@ def main(argv=None) -> None:
     out = {
         "benchmark": "kernels.conv",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
-                    "triton": __import__("triton").__version__, "python": platform.python_version()},
+        "machine": gpu_machine(),
         "shape": {"B": args.B, "T": args.T, "conv_dim": D, "width": 4, "dtype": "bfloat16"},
         "copy_GBps": rate / 1e9,
         "bytes_bound_ms": {"forward": bytes_bound_ms(2 * 2 * elems, rate),
                            "forward_backward": bytes_bound_ms(5 * 2 * elems, rate)},
         "kernel_stats": kernel_stats(args.B, args.T, D),
-        "timings": {},
+        "timings": time_contenders(contenders, args.reps),
     }
-    for name, (fwd, fwd_bwd) in contenders.items():
-        out["timings"][name] = {"forward": _time_cuda(fwd, args.reps, None, warmup=3),
-                                "forward_backward": _time_cuda(fwd_bwd, args.reps, None, warmup=3)}
-        _log(f"{name}: fwd+bwd {out['timings'][name]['forward_backward']['median_ms']:.3f} ms")
     base = out["timings"]["torch_compiled"]["forward_backward"]["median_ms"]
     out["speedup_vs_torch_compiled_forward_backward"] = {
         name: base / t["forward_backward"]["median_ms"] for name, t in out["timings"].items() if name != "torch_compiled"}

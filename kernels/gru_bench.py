@@ -19,12 +19,11 @@ the forward and backward kernels as compiled for this GPU. `--sweep` repeats the
 import argparse
 import datetime as dt
 import json
-import platform
 
 import torch
 
 from . import gru
-from .bench import _log, _time_cuda
+from .bench import _log, _time_cuda, gpu_machine, time_contenders, triton_kernel_stats
 from .gru import PRECISIONS, gru_scan
 
 SWEEP = [(4, 16), (8, 16), (4, 32), (8, 32)]          # (num_warps, BLOCK_B)
@@ -86,9 +85,8 @@ def kernel_stats(B: int, T: int, C: int) -> dict:
     cfg = dict(C=C, BLOCK_B=gru._BLOCK_B, DOT="bf16", IP="ieee", num_warps=gru._num_warps(C))
     kf = gru._gru_fwd_kernel[grid](gi, h0, w, b, hs, hT, gates, B, T, **cfg)
     kb = gru._gru_bwd_kernel[grid](hs, hT, hs, gates, w, dgi, dghn, dh0, B, T, **cfg)
-    stats = lambda k: {"registers": getattr(k, "n_regs", None), "spills": getattr(k, "n_spills", None),  # noqa: E731
-                       "shared_bytes": getattr(getattr(k, "metadata", None), "shared", None)}
-    return {"forward": stats(kf), "backward": stats(kb), "num_warps": gru._num_warps(C), "BLOCK_B": gru._BLOCK_B}
+    return {"forward": triton_kernel_stats(kf), "backward": triton_kernel_stats(kb), "num_warps": gru._num_warps(C),
+            "BLOCK_B": gru._BLOCK_B}
 
 
 def sweep(B: int, T: int, C: int, reps: int) -> list[dict]:
@@ -124,16 +122,11 @@ def main(argv=None) -> None:
     out = {
         "benchmark": "kernels.gru",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
-                    "triton": __import__("triton").__version__, "python": platform.python_version()},
+        "machine": gpu_machine(),
         "shape": {"B": B, "T": T, "C": C},
         "kernel_stats": kernel_stats(B, T, C),
-        "timings": {},
+        "timings": time_contenders(_contenders(B, T, C), args.reps),
     }
-    for name, (fwd, fwd_bwd) in _contenders(B, T, C).items():
-        out["timings"][name] = {"forward": _time_cuda(fwd, args.reps, None, warmup=3),
-                                "forward_backward": _time_cuda(fwd_bwd, args.reps, None, warmup=3)}
-        _log(f"{name}: fwd+bwd {out['timings'][name]['forward_backward']['median_ms']:.3f} ms")
     base = out["timings"]["cudnn_fp32"]["forward_backward"]["median_ms"]
     out["speedup_vs_cudnn_forward_backward"] = {
         name: base / t["forward_backward"]["median_ms"] for name, t in out["timings"].items() if name != "cudnn_fp32"}
