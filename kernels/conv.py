@@ -47,6 +47,7 @@ except ImportError:          # CPU-only installs: the reference works, causal_co
 __all__ = ["causal_conv1d_silu", "causal_conv1d_silu_ref", "MAX_WIDTH"]
 
 MAX_WIDTH = 8
+MAX_BATCH = 65535   # the batch runs on grid axis z, which CUDA bounds at 65535
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Tile of BT steps x BD channels, fixed (no autotune): 32 x 128 at 8 warps, 16 elements a thread. ptxas (sm_90,
 # W = 4) gives the forward 62 registers a thread and the backward's kernels 94 and 80, so two or more blocks share
@@ -157,7 +158,13 @@ def _kernel(x: torch.Tensor, name: str):
 
 
 def _grid(B, T, D):
-    return (triton.cdiv(T, _BT), triton.cdiv(D, _BD), B)
+    return (triton.cdiv(T, _BT), triton.cdiv(D, _BD), B)   # B on grid axis z: at most MAX_BATCH
+
+
+def _channels_contiguous(x):
+    """x itself when its channels are contiguous (the kernels take any batch and time strides), else a copy.
+    Inside the ops, so the layout holds whatever strides torch.compile hands them."""
+    return x if x.stride(2) == 1 else x.contiguous()
 
 
 def _device(x):
@@ -167,7 +174,10 @@ def _device(x):
 # ---------------------------------------------------------------------------------------------- custom ops
 @torch.library.custom_op("gt_kernels::causal_conv1d_silu_fwd", mutates_args=())
 def _conv_fwd(x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x (B, T, D) with stride(2) == 1; w_t (W, D) and bias (D,) fp32 contiguous. Returns y (B, T, D) contiguous."""
+    """x (B, T, D), any strides (channel-strided x is copied); w_t (W, D) and bias (D,) fp32. Returns y (B, T, D)
+    contiguous."""
+    x, w_t = _channels_contiguous(x), w_t.contiguous()
+    bias = None if bias is None else bias.contiguous()
     B, T, D = x.shape
     y = x.new_empty(B, T, D)
     with _device(x):
@@ -185,7 +195,10 @@ def _(x, w_t, bias):
 @torch.library.custom_op("gt_kernels::causal_conv1d_silu_bwd", mutates_args=())
 def _conv_bwd(x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None,
               dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """dy (B, T, D) contiguous. Returns dx (B, T, D) in x's dtype and (W + 1, D) fp32: dw_t rows, then dbias."""
+    """x, w_t, bias as _conv_fwd's, dy (B, T, D). Returns dx (B, T, D) contiguous in x's dtype and (W + 1, D) fp32:
+    the dw_t rows, then dbias."""
+    x, w_t, dy = _channels_contiguous(x), w_t.contiguous(), dy.contiguous()
+    bias = None if bias is None else bias.contiguous()
     B, T, D = x.shape
     W = w_t.shape[0]
     grid = _grid(B, T, D)
@@ -212,7 +225,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy):
     x, w_t, bias = ctx.saved_tensors
-    dx, dwb = _conv_bwd(x, w_t, bias, dy.contiguous())
+    dx, dwb = _conv_bwd(x, w_t, bias, dy)
     W = w_t.shape[0]
     return dx, dwb[:W], None if bias is None else dwb[W]
 
@@ -229,6 +242,8 @@ def problem(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
             return f"{name} must be a torch.Tensor, got {type(t).__name__}"
     if x.dim() != 3 or x.shape[0] < 1 or x.shape[1] < 1 or x.shape[2] < 1:
         return f"x must be (B, T, D) with B, T, D >= 1, got shape {tuple(x.shape)}"
+    if x.shape[0] > MAX_BATCH:
+        return f"x's batch size must be at most {MAX_BATCH} (a CUDA grid axis), got {x.shape[0]}; split the batch"
     D = x.shape[2]
     if weight.dim() != 2 or weight.shape[0] != D or not 1 <= weight.shape[1] <= MAX_WIDTH:
         return (f"weight must be (D, W) with D = {D} (x's channels) and 1 <= W <= {MAX_WIDTH}, "
@@ -258,7 +273,5 @@ def causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     why = problem(x, weight, bias)
     if why is not None:
         raise ValueError(f"causal_conv1d_silu: {why}")
-    if x.stride(2) != 1:
-        x = x.contiguous()
     w_t = weight.float().t().contiguous()                                             # (W, D)
     return _conv_fwd(x, w_t, None if bias is None else bias.float().contiguous())

@@ -37,7 +37,8 @@ says which one a call takes. Every path computes the same maths in fp32 (tested 
     decoding) and for fp64.
 "auto" takes "triton" under torch.compile on CUDA (BENCHMARKS.md: faster than the PyTorch conv Inductor fuses),
 "causal_conv1d" in eager CUDA calls, and "torch" elsewhere; "triton" forces the Triton kernels wherever they
-apply. A path that does not apply falls back to "torch" and says so once in the log.
+apply. Where the Triton or causal_conv1d kernels cannot run on a CUDA call (device, width, package missing)
+the layer falls back to "torch" and says so once in the log.
 State: conv state = the last d_conv *pre-conv* xBC columns (B, conv_dim, d_conv), as mamba_ssm's inference
 cache; SSM state (B, H, P, N) fp32.
 """
@@ -331,11 +332,15 @@ class Mamba2(nn.Module):
             return "torch"   # asked for, carried conv state (chunked evaluation, decoding), or fp64
         if self.conv_impl == "triton" or traced:
             triton_runs = xBC.is_cuda or (xBC.device.type == "cpu" and triton_interp.active())
-            if kconv.triton is not None and triton_runs and self.d_conv <= kconv.MAX_WIDTH:
+            if (kconv.triton is not None and triton_runs and self.d_conv <= kconv.MAX_WIDTH
+                    and xBC.shape[0] <= kconv.MAX_BATCH):
                 return "triton"
-            if self.conv_impl == "triton" or xBC.is_cuda:
+            # said once from an eager call (describe_paths, which training runs before compiling, is one);
+            # Dynamo cannot trace a logger
+            if (self.conv_impl == "triton" or xBC.is_cuda) and not torch.compiler.is_compiling():
                 log_once(f"Mamba2 conv_impl {self.conv_impl!r}: the Triton conv does not apply here (device "
-                         f"{xBC.device.type}, d_conv {self.d_conv}, triton {'absent' if kconv.triton is None else 'present'}); "
+                         f"{xBC.device.type}, d_conv {self.d_conv}, batch {xBC.shape[0]}, "
+                         f"triton {'absent' if kconv.triton is None else 'present'}); "
                          "the depthwise conv runs in PyTorch (same maths, tested against it)")
             return "torch"
         if xBC.device.type not in CAUSAL_CONV1D_DEVICES:

@@ -16,6 +16,8 @@ from numerics import assert_ratio
 
 FP32_TOL = 2e-6
 BF16_TOL = 1e-2           # y and dx stored in bf16 (8 bits); the fp32 products of bf16 x are exact
+FP16_TOL = 2e-3           # ... in fp16 (11 bits)
+PARAM_GRAD_TOL = 1e-4     # dweight, dbias (fp32) on GPU: fp32 sums over B * T rows of fp32 products
 
 
 @pytest.fixture
@@ -47,8 +49,8 @@ def outputs_and_grads(fn, x, w, b, gy, dtype):
     return [y] + [t.grad for t in xs if t is not None]
 
 
-def check(got, ref, tol, what):
-    for name, a, r in zip(["y", "dx", "dweight", "dbias"], got, ref):
+def check(got, ref, tol, what, names=("y", "dx", "dweight", "dbias")):
+    for name, a, r in zip(names, got, ref):
         assert_ratio(f"{what}: {name}", a.double(), r.double(), tol)
 
 
@@ -71,6 +73,20 @@ def test_without_bias_and_contiguous_input(interp):
     check(got, ref, FP32_TOL, "no bias")
 
 
+def test_channel_strided_input_is_copied(interp):
+    """x whose channels are not contiguous (every second column) is copied inside the op: the same numbers."""
+    x, w, b, gy = make(2, 9, 5, 3, strided=False)
+    wide = torch.zeros(2, 9, 10, dtype=torch.float64)
+    wide[..., ::2] = x
+    ref = outputs_and_grads(causal_conv1d_silu_ref, x, w, b, gy, torch.float64)
+    xs = wide.float().requires_grad_()
+    wf, bf = w.float().requires_grad_(), b.float().requires_grad_()
+    y = causal_conv1d_silu(xs[..., ::2], wf, bf)
+    y.backward(gy.float())
+    check([y, xs.grad[..., ::2], wf.grad, bf.grad], ref, FP32_TOL, "channel-strided x")
+    assert not xs.grad[..., 1::2].any()
+
+
 def test_compile_fullgraph_no_graph_break(interp):
     """Custom ops with fake and autograd implementations: one graph, the same numbers as eager."""
     x, w, b, gy = make(2, 11, 6, 4)
@@ -81,9 +97,22 @@ def test_compile_fullgraph_no_graph_break(interp):
         assert torch.equal(a, r)
 
 
-def test_mamba2_layer_triton_conv_matches_torch_conv(interp):
+@pytest.fixture
+def conv_calls(monkeypatch):
+    """Counts the layer's calls of kernels.conv.causal_conv1d_silu (traced calls count once per trace)."""
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return causal_conv1d_silu(*args, **kwargs)
+    monkeypatch.setattr(kconv, "causal_conv1d_silu", spy)
+    return calls
+
+
+def test_mamba2_layer_triton_conv_matches_torch_conv(interp, conv_calls):
     """A Mamba-2 layer with conv_impl 'triton' (run by the interpreter here) against the PyTorch conv: outputs,
-    input gradient and the conv's own parameter gradients; the carried conv state is the same tensor."""
+    input gradient and the conv's own parameter gradients; the carried conv state is the same tensor. The
+    'triton' runs reach the kernels, the 'torch' runs do not."""
     torch.manual_seed(0)
     layer = models.Mamba2(16, d_state=8, headdim=8)
     u = torch.randn(2, 13, 16, requires_grad=True)
@@ -96,6 +125,7 @@ def test_mamba2_layer_triton_conv_matches_torch_conv(interp):
         (gu,) = torch.autograd.grad(y.square().sum(), u, retain_graph=True)
         y.square().sum().backward()
         res[impl] = (y, gu, layer.conv1d.weight.grad.clone(), layer.conv1d.bias.grad.clone(), st["mamba_conv_state"])
+        assert len(conv_calls) == 1, f"after conv_impl {impl!r}: {len(conv_calls)} kernel calls (1 expected)"
     for name, a, r in zip(["y", "grad u", "grad conv weight", "grad conv bias"], res["triton"], res["torch"]):
         assert_ratio(f"Mamba2 triton vs torch conv: {name}", a, r, 1e-5)
     assert torch.equal(res["triton"][4], res["torch"][4])
@@ -122,15 +152,27 @@ def test_forced_triton_outside_its_reach_falls_back_and_logs(monkeypatch, caplog
     assert "the Triton conv does not apply here (device cpu" in caplog.text
 
 
+def test_forced_triton_off_its_reach_compiles_in_one_graph():
+    """The fallback is said from eager calls only: a traced call must not reach the logger (Dynamo cannot trace
+    it), so a compiled layer with conv_impl 'triton' on the CPU is one graph on the PyTorch conv."""
+    layer = models.Mamba2(16, d_state=8, headdim=8, conv_impl="triton")
+    u = torch.randn(1, 5, 16)
+    y = torch.compile(layer, fullgraph=True, backend="eager")(u)
+    assert torch.allclose(y, layer(u), atol=1e-6)
+
+
 @pytest.mark.parametrize("bad, match", [
     (dict(x=torch.zeros(2, 3)), r"x must be \(B, T, D\)"),
     (dict(x=torch.zeros(1, 0, 4)), r"x must be \(B, T, D\) with B, T, D >= 1"),
     (dict(weight=torch.zeros(5, 4)), r"weight must be \(D, W\) with D = 4"),
+    (dict(x=torch.zeros(65536, 1, 4)), "x's batch size must be at most 65535"),
     (dict(weight=torch.zeros(4, 9)), r"1 <= W <= 8"),
     (dict(bias=torch.zeros(3)), r"bias must have shape \(4,\)"),
     (dict(x=torch.zeros(1, 2, 4, dtype=torch.float64)), "x must be float32, bfloat16 or float16"),
     (dict(x=torch.zeros(1, 2, 4, dtype=torch.int32)), "x must be float32"),
     (dict(weight="w"), "weight must be a torch.Tensor"),
+    (dict(weight=torch.zeros(4, 4, dtype=torch.int32)), "weight must be a floating tensor, got torch.int32"),
+    (dict(bias=torch.zeros(4, device="meta")), "all inputs must be on one device; x is on cpu, bias on meta"),
 ])
 def test_bad_input_is_named(bad, match):
     args = dict(x=torch.zeros(1, 2, 4), weight=torch.zeros(4, 4), bias=torch.zeros(4))
@@ -147,7 +189,7 @@ def test_cpu_tensors_are_refused_outside_the_interpreter():
 
 # ------------------------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("B,T,D,W", [(2, 1000, 1152, 4), (1, 3, 98, 4), (3, 129, 200, 2)],
                          ids=["d512-width", "short", "odd"])
 def test_gpu_matches_fp64_definition(dtype, B, T, D, W):
@@ -157,11 +199,13 @@ def test_gpu_matches_fp64_definition(dtype, B, T, D, W):
     x, gy = x.to(dtype).double(), gy.to(dtype).double()
     ref = outputs_and_grads(causal_conv1d_silu_ref, x, w, b, gy, torch.float64)
     got = outputs_and_grads(lambda x_, w_, b_: causal_conv1d_silu(x_.to(dtype), w_, b_), x, w, b, gy, torch.float32)
-    check(got, ref, FP32_TOL if dtype == torch.float32 else BF16_TOL, f"{dtype} {(B, T, D, W)}")
+    io_tol = {torch.float32: FP32_TOL, torch.bfloat16: BF16_TOL, torch.float16: FP16_TOL}[dtype]
+    check(got[:2], ref[:2], io_tol, f"{dtype} {(B, T, D, W)}")                          # y, dx: stored in dtype
+    check(got[2:], ref[2:], PARAM_GRAD_TOL, f"{dtype} {(B, T, D, W)}", names=("dweight", "dbias"))
 
 
 @pytest.mark.gpu
-def test_gpu_compiled_mamba2_layer_takes_triton_conv_without_graph_break():
+def test_gpu_compiled_mamba2_layer_takes_triton_conv_without_graph_break(conv_calls):
     """A compiled Mamba-2 layer under bf16 autocast takes the Triton conv (fullgraph: no graph break) and agrees
     with the same layer on the PyTorch conv, compiled too."""
     torch.manual_seed(0)
@@ -178,6 +222,7 @@ def test_gpu_compiled_mamba2_layer_takes_triton_conv_without_graph_break():
             y = f(u)
         y.float().square().mean().backward()
         res[impl] = (y.float(), layer.conv1d.weight.grad.clone(), layer.in_proj.weight.grad.clone())
+        assert len(conv_calls) >= 1, f"conv_impl {impl!r}: the compiled layer never reached the Triton conv"
     for name, a, r in zip(["y", "grad conv weight", "grad in_proj"], res["auto"], res["torch"]):
         assert_ratio(f"compiled Mamba2, triton vs torch conv: {name}", a, r, 2e-2)
 
