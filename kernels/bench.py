@@ -110,7 +110,7 @@ def _time_cuda(fn, reps: int, flush: torch.Tensor | None, warmup: int = 1) -> di
 
 def time_contenders(contenders: dict, reps: int) -> dict:
     """{name: {"forward", "forward_backward"}} timings (_time_cuda, 3 warm-up calls) of {name: (fwd, fwd_bwd)},
-    each logged to stderr as it finishes (the Triton kernel benchmarks, kernels.gru_bench and kernels.conv_bench)."""
+    each logged to stderr as it finishes (kernels.gru_bench, gt_pipeline.engine.conv_bench)."""
     out = {}
     for name, (fwd, fwd_bwd) in contenders.items():
         out[name] = {"forward": _time_cuda(fwd, reps, None, warmup=3),

@@ -145,7 +145,8 @@ def _bwd_dx_kernel(dp_ptr, w_ptr, dx_ptr, T, D, W: tl.constexpr, BT: tl.constexp
         dp = tl.load(dp_ptr + (b * T + ts.to(tl.int64))[:, None] * D + d[None, :], mask=m, other=0.0)
         acc += dp * tl.load(w_ptr + j * D + d, mask=dm, other=0.0)[None, :]
     rows = b * T + t.to(tl.int64)
-    tl.store(dx_ptr + rows[:, None] * D + d[None, :], acc.to(dx_ptr.dtype.element_ty), mask=(t < T)[:, None] & dm[None, :])
+    tl.store(dx_ptr + rows[:, None] * D + d[None, :], acc.to(dx_ptr.dtype.element_ty),
+             mask=(t < T)[:, None] & dm[None, :])
 
 
 def _kernel(x: torch.Tensor, name: str):

@@ -1,9 +1,9 @@
 """kernels.conv: `causal_conv1d_silu` (Triton) against the fp64 F.conv1d definition, in a Mamba-2 layer, and compiled.
 
 Without a GPU the kernels run in Triton's interpreter (kernels/triton_interp.py) on fp32 inputs: the interpreter
-truncates fp32 -> bf16 casts, so bf16 runs only on the GPU (`gpu` tests, skipped without CUDA). Tolerances are on err_ratio (rms of the
-error over rms of the reference): fp32 accumulation of W <= 8 terms and fp32 sums over B * T rows for the weight
-gradients; bf16 storage of y and dx.
+truncates fp32 -> bf16 casts, so bf16 runs only on the GPU (`gpu` tests, skipped without CUDA). Tolerances are on
+err_ratio (rms of the error over rms of the reference): fp32 accumulation of W <= 8 terms and fp32 sums over
+B * T rows for the weight gradients; bf16 storage of y and dx.
 """
 import pytest
 import torch
@@ -230,8 +230,8 @@ def test_gpu_compiled_mamba2_layer_takes_triton_conv_without_graph_break(conv_ca
 def test_bench_refuses_without_cuda():
     if torch.cuda.is_available():
         pytest.skip("has CUDA: the GPU test below runs the bench")
-    from kernels import conv_bench
-    with pytest.raises(SystemExit, match="kernels.conv_bench: needs a CUDA GPU"):
+    from gt_pipeline.engine import conv_bench
+    with pytest.raises(SystemExit, match="gt_pipeline.engine.conv_bench: needs a CUDA GPU"):
         conv_bench.main([])
 
 
@@ -239,7 +239,7 @@ def test_bench_refuses_without_cuda():
 def test_gpu_bench_prints_every_contender(capsys):
     import json
 
-    from kernels import conv_bench
+    from gt_pipeline.engine import conv_bench
     conv_bench.main(["--B", "2", "--T", "64", "--d-model", "64", "--d-state", "32", "--reps", "3"])
     out = json.loads(capsys.readouterr().out)
     assert out["shape"]["conv_dim"] == 2 * 64 + 2 * 32

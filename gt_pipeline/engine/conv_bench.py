@@ -1,7 +1,7 @@
 """Mamba-2 depthwise conv benchmark: kernels.conv against causal_conv1d and the compiled PyTorch conv; prints JSON.
 
-    python -m kernels.conv_bench                      # d_model 512 (conv_dim 1152), B, T = 16, 1024, median of 50
-    python -m kernels.conv_bench --d-model 128 --B 64 --T 512
+    python -m gt_pipeline.engine.conv_bench          # d_model 512 (conv_dim 1152), B, T = 16, 1024, median of 50
+    python -m gt_pipeline.engine.conv_bench --d-model 128 --B 64 --T 512
 
 Needs a CUDA GPU (it refuses to run otherwise). Every contender runs a Mamba-2 layer's own conv
 (`models.Mamba2._conv`, d_state = headdim = --d-state) on the same bf16 xBC, a column slice of a wider tensor as
@@ -23,14 +23,13 @@ import json
 
 import torch
 
-from . import conv
-from .bench import _copy_bandwidth, bytes_bound_ms, gpu_machine, time_contenders, triton_kernel_stats
+from kernels import conv
+from kernels.bench import _copy_bandwidth, bytes_bound_ms, gpu_machine, time_contenders, triton_kernel_stats
+from models.mamba2 import Mamba2, _mamba_ssm_ops
 
 
 def _contenders(B: int, T: int, d_model: int, d_state: int) -> tuple[dict, int]:
     """(name -> (forward fn, forward+backward fn), conv_dim)."""
-    from models.mamba2 import Mamba2, _mamba_ssm_ops
-
     torch.manual_seed(0)
     layer = Mamba2(d_model, d_state=d_state, headdim=d_state).cuda()
     D = layer.conv_dim
@@ -79,7 +78,8 @@ def kernel_stats(B: int, T: int, D: int, W: int = 4) -> dict:
     kf = conv._fwd_kernel[grid](x, w_t, b, y, T, D, x.stride(0), x.stride(1), **cfg)
     kp = conv._bwd_dp_kernel[grid](x, w_t, b, y, dp, part, T, D, x.stride(0), x.stride(1), **cfg)
     kx = conv._bwd_dx_kernel[grid](dp, w_t, dx, T, D, W=W, BT=conv._BT, BD=conv._BD, num_warps=conv._WARPS)
-    return {"forward": triton_kernel_stats(kf), "backward_dp": triton_kernel_stats(kp), "backward_dx": triton_kernel_stats(kx),
+    return {"forward": triton_kernel_stats(kf), "backward_dp": triton_kernel_stats(kp),
+            "backward_dx": triton_kernel_stats(kx),
             "tile": [conv._BT, conv._BD], "num_warps": conv._WARPS}
 
 
@@ -88,17 +88,18 @@ def main(argv=None) -> None:
     ap.add_argument("--B", type=int, default=16)
     ap.add_argument("--T", type=int, default=1024)
     ap.add_argument("--d-model", type=int, default=512)
-    ap.add_argument("--d-state", type=int, default=64, help="Mamba-2 d_state (= headdim); conv_dim = 2 d_model + 2 d_state")
+    ap.add_argument("--d-state", type=int, default=64,
+                    help="Mamba-2 d_state (= headdim); conv_dim = 2 d_model + 2 d_state")
     ap.add_argument("--reps", type=int, default=50, help="timed repetitions per contender and phase")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
-        raise SystemExit("kernels.conv_bench: needs a CUDA GPU (torch.cuda.is_available() is False); "
+        raise SystemExit("gt_pipeline.engine.conv_bench: needs a CUDA GPU (torch.cuda.is_available() is False); "
                          "the kernels' CPU tests are `pytest tests/test_conv_kernel.py` (Triton's interpreter)")
     contenders, D = _contenders(args.B, args.T, args.d_model, args.d_state)
     rate = _copy_bandwidth()
     elems = args.B * args.T * D
     out = {
-        "benchmark": "kernels.conv",
+        "benchmark": "gt_pipeline.engine.conv_bench",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": gpu_machine(),
         "shape": {"B": args.B, "T": args.T, "conv_dim": D, "width": 4, "dtype": "bfloat16"},
@@ -110,7 +111,8 @@ def main(argv=None) -> None:
     }
     base = out["timings"]["torch_compiled"]["forward_backward"]["median_ms"]
     out["speedup_vs_torch_compiled_forward_backward"] = {
-        name: base / t["forward_backward"]["median_ms"] for name, t in out["timings"].items() if name != "torch_compiled"}
+        name: base / t["forward_backward"]["median_ms"]
+        for name, t in out["timings"].items() if name != "torch_compiled"}
     print(json.dumps(out, indent=2))
 
 
