@@ -54,12 +54,13 @@ def check(got, ref, tol, what, names=("y", "dx", "dweight", "dbias")):
         assert_ratio(f"{what}: {name}", a.double(), r.double(), tol)
 
 
-CASES = [(1, 1, 5, 4), (2, 70, 130, 4), (3, 9, 7, 1), (1, 5, 3, 8), (2, 130, 16, 2)]
+CASES = [(1, 1, 5, 4), (1, 40, 130, 4), (3, 9, 7, 1), (1, 5, 3, 8), (1, 97, 16, 2)]
 
 
 @pytest.mark.parametrize("B,T,D,W", CASES, ids=[f"B{b}-T{t}-D{d}-W{w}" for b, t, d, w in CASES])
 def test_matches_fp64_definition(interp, B, T, D, W):
-    """Single step, T shorter than the width, odd D past one channel tile, T past two step tiles, W = 1 and 8."""
+    """Single step, T shorter than the width, odd D past one channel tile, T over two and four step tiles (the
+    last one partial), W = 1 and 8."""
     x, w, b, gy = make(B, T, D, W)
     ref = outputs_and_grads(causal_conv1d_silu_ref, x, w, b, gy, torch.float64)
     got = outputs_and_grads(causal_conv1d_silu, x, w, b, gy, torch.float32)
