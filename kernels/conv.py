@@ -29,7 +29,6 @@ Without a GPU the kernels run in Triton's interpreter inside `kernels.triton_int
 """
 from __future__ import annotations
 
-import contextlib
 import types
 
 import torch
@@ -149,15 +148,6 @@ def _bwd_dx_kernel(dp_ptr, w_ptr, dx_ptr, T, D, W: tl.constexpr, BT: tl.constexp
              mask=(t < T)[:, None] & dm[None, :])
 
 
-def _kernel(x: torch.Tensor, name: str):
-    """The compiled kernel on CUDA, its interpreted copy on CPU inside the interpreter hook."""
-    if x.is_cuda:
-        return globals()[name]
-    if not triton_interp.active():
-        raise RuntimeError("conv: CPU tensors reached the kernels outside triton_interp.cpu_interpreter()")
-    return triton_interp.interpreted(globals())[name]
-
-
 def _grid(B, T, D):
     return (triton.cdiv(T, _BT), triton.cdiv(D, _BD), B)   # B on grid axis z: at most MAX_BATCH
 
@@ -166,10 +156,6 @@ def _channels_contiguous(x):
     """x itself when its channels are contiguous (the kernels take any batch and time strides), else a copy.
     Inside the ops, so the layout holds whatever strides torch.compile hands them."""
     return x if x.stride(2) == 1 else x.contiguous()
-
-
-def _device(x):
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------------------------------------- custom ops
@@ -181,8 +167,9 @@ def _conv_fwd(x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None) -> 
     bias = None if bias is None else bias.contiguous()
     B, T, D = x.shape
     y = x.new_empty(B, T, D)
-    with _device(x):
-        _kernel(x, "_fwd_kernel")[_grid(B, T, D)](
+    (fwd,) = triton_interp.kernels_for(globals(), x, ("_fwd_kernel",), "conv")
+    with triton_interp.on_device(x):
+        fwd[_grid(B, T, D)](
             x, w_t, w_t if bias is None else bias, y, T, D, x.stride(0), x.stride(1),
             HAS_BIAS=bias is not None, W=w_t.shape[0], BT=_BT, BD=_BD, num_warps=_WARPS)
     return y
@@ -206,11 +193,12 @@ def _conv_bwd(x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None,
     dp = torch.empty(B, T, D, device=x.device, dtype=torch.float32)
     part = torch.empty(B * grid[0], W + 1, D, device=x.device, dtype=torch.float32)
     dx = x.new_empty(B, T, D)
-    with _device(x):
-        _kernel(x, "_bwd_dp_kernel")[grid](
+    dp_kernel, dx_kernel = triton_interp.kernels_for(globals(), x, ("_bwd_dp_kernel", "_bwd_dx_kernel"), "conv")
+    with triton_interp.on_device(x):
+        dp_kernel[grid](
             x, w_t, w_t if bias is None else bias, dy, dp, part, T, D, x.stride(0), x.stride(1),
             HAS_BIAS=bias is not None, W=W, BT=_BT, BD=_BD, num_warps=_WARPS)
-        _kernel(x, "_bwd_dx_kernel")[grid](dp, w_t, dx, T, D, W=W, BT=_BT, BD=_BD, num_warps=_WARPS)
+        dx_kernel[grid](dp, w_t, dx, T, D, W=W, BT=_BT, BD=_BD, num_warps=_WARPS)
     return dx, part.sum(dim=0)
 
 
@@ -260,7 +248,7 @@ def problem(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
             return f"all inputs must be on one device; x is on {x.device}, {name} on {t.device}"
     if triton is None:
         return "needs triton, which is not installed (CUDA builds of torch bring it)"
-    if not x.is_cuda and not (x.device.type == "cpu" and triton_interp.active()):
+    if not triton_interp.runs_on(x):
         return f"x must be a CUDA tensor, got {x.device}; on CPU use causal_conv1d_silu_ref"
     return None
 
@@ -274,5 +262,4 @@ def causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     why = problem(x, weight, bias)
     if why is not None:
         raise ValueError(f"causal_conv1d_silu: {why}")
-    w_t = weight.float().t().contiguous()                                             # (W, D)
-    return _conv_fwd(x, w_t, None if bias is None else bias.float().contiguous())
+    return _conv_fwd(x, weight.float().t(), None if bias is None else bias.float())   # w_t: (W, D)

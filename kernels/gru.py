@@ -49,7 +49,6 @@ kernels under numpy >= 2.4 (`_interpreter_problem` says why); triton 3.9's can.
 Triton is optional at import: without it this module still imports and `gru_scan_ref` works; `gru_scan`
 raises ValueError saying so. Timings: `python -m kernels.gru_bench`.
 """
-import contextlib
 import types
 
 import torch
@@ -287,14 +286,9 @@ def _cpu_interpreter():
 
 def _kernels_for(x: torch.Tensor, precision: str):
     """(fwd kernel, bwd kernel, DOT, IP) for tensors on x's device: compiled on CUDA, interpreted on CPU."""
-    if x.is_cuda:
-        fwd, bwd = _gru_fwd_kernel, _gru_bwd_kernel
-        interpreted = not isinstance(fwd, triton.runtime.JITFunction)   # TRITON_INTERPRET=1 at import
-    else:
-        if not triton_interp.active():
-            raise RuntimeError("gru: CPU tensors reached the kernel outside _cpu_interpreter()")
-        fwd, bwd = (triton_interp.interpreted(globals())[k] for k in ("_gru_fwd_kernel", "_gru_bwd_kernel"))
-        interpreted = True
+    fwd, bwd = triton_interp.kernels_for(globals(), x, ("_gru_fwd_kernel", "_gru_bwd_kernel"), "gru")
+    # interpreted on the CPU, and on CUDA too when TRITON_INTERPRET=1 was set at import
+    interpreted = not isinstance(fwd, triton.runtime.JITFunction)
     dot = "bf16_emulated" if precision == "bf16" and interpreted else precision
     return fwd, bwd, dot, "tf32" if precision == "tf32" else "ieee"
 
@@ -314,7 +308,7 @@ def _gru_scan_fwd(gi: torch.Tensor, h0: torch.Tensor, w_hh: torch.Tensor, b_hh: 
     hT = gi.new_empty(B, C)
     gates = gi.new_empty(B, T, 4, C)
     fwd, _, dot, ip = _kernels_for(gi, precision)
-    with torch.cuda.device(gi.device) if gi.is_cuda else contextlib.nullcontext():
+    with triton_interp.on_device(gi):
         fwd[(triton.cdiv(B, _BLOCK_B),)](gi, h0, w_hh, b_hh, hs, hT, gates, B, T, C=C, BLOCK_B=_BLOCK_B,
                                          DOT=dot, IP=ip, num_warps=_num_warps(C))
     return hs, hT, gates
@@ -337,7 +331,7 @@ def _gru_scan_bwd(dhs: torch.Tensor, dhT: torch.Tensor, hprev: torch.Tensor, gat
     dghn = dhs.new_empty(B, T, C)
     dh0 = dhs.new_empty(B, C)
     _, bwd, dot, ip = _kernels_for(dhs, precision)
-    with torch.cuda.device(dhs.device) if dhs.is_cuda else contextlib.nullcontext():
+    with triton_interp.on_device(dhs):
         bwd[(triton.cdiv(B, _BLOCK_B),)](dhs, dhT, hprev, gates, w_hh, dgi, dghn, dh0, B, T, C=C,
                                          BLOCK_B=_BLOCK_B, DOT=dot, IP=ip, num_warps=_num_warps(C))
     return dgi, dghn, dh0
@@ -405,7 +399,7 @@ def _validate(gi, h0, w_hh, b_hh, precision) -> None:
     if triton is None:
         raise ValueError("gru_scan: needs triton, which is not installed (it comes with CUDA builds of "
                          "torch); gru_scan_ref is the pure-PyTorch version")
-    if not gi.is_cuda and not (gi.device.type == "cpu" and triton_interp.active()):
+    if not triton_interp.runs_on(gi):
         raise ValueError(f"gru_scan: inputs must be CUDA tensors, got {gi.device}; "
                          "on CPU use nn.GRU or gru_scan_ref")
 

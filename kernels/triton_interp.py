@@ -26,7 +26,7 @@ try:
 except ImportError:
     triton = None
 
-__all__ = ["active", "cpu_interpreter", "interpreted", "problem"]
+__all__ = ["active", "cpu_interpreter", "interpreted", "kernels_for", "on_device", "problem", "runs_on"]
 
 _STATE = {"on": False}
 _BUILT: dict[str, dict] = {}   # module name -> {kernel name: InterpretedFunction}
@@ -35,6 +35,28 @@ _BUILT: dict[str, dict] = {}   # module name -> {kernel name: InterpretedFunctio
 def active() -> bool:
     """True inside `cpu_interpreter()`: entry points may take CPU tensors."""
     return _STATE["on"]
+
+
+def runs_on(x: torch.Tensor) -> bool:
+    """Whether the kernels can take x's device: CUDA, or the CPU inside `cpu_interpreter()`."""
+    return x.is_cuda or (x.device.type == "cpu" and active())
+
+
+def kernels_for(module_globals: dict, x: torch.Tensor, names: tuple[str, ...], who: str) -> tuple:
+    """The named @triton.jit kernels of a module for tensors on x's device: the compiled ones on CUDA, their
+    interpreted copies on the CPU inside `cpu_interpreter()`; RuntimeError (naming `who`) for CPU tensors
+    outside it."""
+    if x.is_cuda:
+        return tuple(module_globals[n] for n in names)
+    if not active():
+        raise RuntimeError(f"{who}: CPU tensors reached the kernels outside the CPU interpreter hook")
+    built = interpreted(module_globals)
+    return tuple(built[n] for n in names)
+
+
+def on_device(x: torch.Tensor):
+    """The context a launch for x runs in: x's CUDA device, or nothing on the CPU (the interpreter)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 def interpreted(module_globals: dict) -> dict:
