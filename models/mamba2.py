@@ -53,7 +53,6 @@ import torch.nn.functional as F
 
 import kernels
 from kernels import conv as kconv
-from kernels import triton_interp
 from kernels.build import HEAD_SIZES_CUDA
 
 from .ssd import ssd_chunked
@@ -331,16 +330,15 @@ class Mamba2(nn.Module):
         if self.conv_impl == "torch" or conv_state is not None or xBC.dtype not in CAUSAL_CONV1D_DTYPES:
             return "torch"   # asked for, carried conv state (chunked evaluation, decoding), or fp64
         if self.conv_impl == "triton" or traced:
-            triton_runs = xBC.is_cuda or (xBC.device.type == "cpu" and triton_interp.active())
-            if (kconv.triton is not None and triton_runs and self.d_conv <= kconv.MAX_WIDTH
-                    and xBC.shape[0] <= kconv.MAX_BATCH):
+            # the parameters as they would be on xBC's device (describe_paths asks about CUDA for a CPU model)
+            bias = None if self.conv1d.bias is None else self.conv1d.bias.to(xBC.device)
+            problem = kconv.problem(xBC, self.conv1d.weight[:, 0, :].to(xBC.device), bias)
+            if problem is None:
                 return "triton"
             # said once from an eager call (describe_paths, which training runs before compiling, is one);
             # Dynamo cannot trace a logger
             if (self.conv_impl == "triton" or xBC.is_cuda) and not torch.compiler.is_compiling():
-                log_once(f"Mamba2 conv_impl {self.conv_impl!r}: the Triton conv does not apply here (device "
-                         f"{xBC.device.type}, d_conv {self.d_conv}, batch {xBC.shape[0]}, "
-                         f"triton {'absent' if kconv.triton is None else 'present'}); "
+                log_once(f"Mamba2 conv_impl {self.conv_impl!r}: the Triton conv does not apply here ({problem}); "
                          "the depthwise conv runs in PyTorch (same maths, tested against it)")
             return "torch"
         if xBC.device.type not in CAUSAL_CONV1D_DEVICES:

@@ -205,6 +205,8 @@ def test_default_paths_on_cuda_are_the_fast_ones():
     except ImportError:
         assert paths["mamba_conv"] == "torch"
     assert models.describe_paths(model, "cuda", amp=True, compiled=True)["mamba_conv"] == "triton"
+    cpu_model = models.get_model("GF-MH", 1000, size="5m", n_layer=1)   # engine.run_paths asks about a CPU twin
+    assert models.describe_paths(cpu_model, "cuda", amp=True, compiled=True)["mamba_conv"] == "triton"
     x = torch.randint(0, 1000, (4, 256), device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
         loss = torch.nn.functional.cross_entropy(model(x).logits.float().flatten(0, 1), torch.roll(x, -1, 1).flatten())

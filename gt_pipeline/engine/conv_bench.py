@@ -28,8 +28,8 @@ from kernels.bench import _copy_bandwidth, bytes_bound_ms, gpu_machine, time_con
 from models.mamba2 import Mamba2, _mamba_ssm_ops
 
 
-def _contenders(B: int, T: int, d_model: int, d_state: int) -> tuple[dict, int]:
-    """(name -> (forward fn, forward+backward fn), conv_dim)."""
+def _contenders(B: int, T: int, d_model: int, d_state: int) -> tuple[dict, int, int]:
+    """(name -> (forward fn, forward+backward fn), conv_dim, d_conv)."""
     torch.manual_seed(0)
     layer = Mamba2(d_model, d_state=d_state, headdim=d_state).cuda()
     D = layer.conv_dim
@@ -62,10 +62,10 @@ def _contenders(B: int, T: int, d_model: int, d_state: int) -> tuple[dict, int]:
            "torch_compiled": pair(run_with("torch", True))}
     if _mamba_ssm_ops()[1] is not None:
         out["causal_conv1d"] = pair(run_with("auto", False))
-    return out, D
+    return out, D, layer.d_conv
 
 
-def kernel_stats(B: int, T: int, D: int, W: int = 4) -> dict:
+def kernel_stats(B: int, T: int, D: int, W: int) -> dict:
     """Registers a thread and shared memory (bytes) of the three kernels as compiled here (one direct launch each,
     kernels.conv's launch configuration)."""
     dev = dict(device="cuda", dtype=torch.float32)
@@ -95,18 +95,18 @@ def main(argv=None) -> None:
     if not torch.cuda.is_available():
         raise SystemExit("gt_pipeline.engine.conv_bench: needs a CUDA GPU (torch.cuda.is_available() is False); "
                          "the kernels' CPU tests are `pytest tests/test_conv_kernel.py` (Triton's interpreter)")
-    contenders, D = _contenders(args.B, args.T, args.d_model, args.d_state)
+    contenders, D, W = _contenders(args.B, args.T, args.d_model, args.d_state)
     rate = _copy_bandwidth()
     elems = args.B * args.T * D
     out = {
         "benchmark": "gt_pipeline.engine.conv_bench",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": gpu_machine(),
-        "shape": {"B": args.B, "T": args.T, "conv_dim": D, "width": 4, "dtype": "bfloat16"},
+        "shape": {"B": args.B, "T": args.T, "conv_dim": D, "width": W, "dtype": "bfloat16"},
         "copy_GBps": rate / 1e9,
         "bytes_bound_ms": {"forward": bytes_bound_ms(2 * 2 * elems, rate),
                            "forward_backward": bytes_bound_ms(5 * 2 * elems, rate)},
-        "kernel_stats": kernel_stats(args.B, args.T, D),
+        "kernel_stats": kernel_stats(args.B, args.T, D, W),
         "timings": time_contenders(contenders, args.reps),
     }
     base = out["timings"]["torch_compiled"]["forward_backward"]["median_ms"]
