@@ -12,8 +12,9 @@ Needs a CUDA GPU (it refuses to run otherwise). Contenders, all on the same inpu
 * "gru_scan_<precision>_scan_only": gru_scan alone on a precomputed gi (the recurrence the kernels replace).
 Each is timed forward (under no_grad) and forward+backward (torch.autograd.grad of every input and weight
 with a fixed random cotangent) with CUDA events, one event pair per repetition, after warm-up (Triton's JIT
-compile included); medians and p20/p80 in ms. `kernel_stats` gives the registers, spills and shared memory of
-the forward and backward kernels as compiled for this GPU. `--sweep` repeats the forward+backward of
+compile included); medians and p20/p80 in ms, and `gpu_ms`, the summed time of the call's kernels (torch.profiler).
+`kernel_stats` gives the registers, spills and shared memory of the forward and backward kernels as compiled for
+this GPU. `--sweep` repeats the forward+backward of
 "bf16_scan_only" for every (num_warps, BLOCK_B) in SWEEP (it sets kernels.gru's private launch config).
 """
 import argparse
