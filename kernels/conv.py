@@ -14,12 +14,13 @@ models.mamba2 does; y is stored in x's dtype. The backward recomputes p (nothing
     dp = dy silu'(p),  silu'(p) = s (1 + p (1 - s)),  s = sigmoid(p)
     dx[t] = sum_j weight[:, j] dp[t + (W-1) - j],   dweight[:, j] = sum_{b,t} dp[t] x[t - (W-1) + j],
     dbias = sum_{b,t} dp
-dp is kept in fp32 between the backward's two kernels; the weight and bias gradients are summed per tile of
-rows in fp32, then over the tiles by torch (deterministic: no atomics).
+dp never goes to memory: the backward recomputes it at the W - 1 steps past each tile that dx needs. The weight
+and bias gradients are summed in fp32 per program (a run of rows), then over the programs by torch
+(deterministic: no atomics).
 
-Kernel design: each program owns a tile of BT steps x BD channels of one sequence. The W shifted reads of
-x overlap and come from cache, so each kernel moves about its inputs and outputs once: forward x and y;
-backward x, dy and dp (fp32) in the first kernel, dp and dx in the second.
+Kernel design: each program owns BT steps x BD channels of one sequence (the backward: a run of such tiles).
+The shifted reads of x and dy overlap and come from cache, so each kernel moves about its inputs and outputs
+once: forward x and y, backward x, dy and dx.
 
 Supported: B, T >= 1, any D, 1 <= W <= MAX_WIDTH; x fp32, bf16 or fp16 on CUDA; weight and bias any float
 dtype (computed in fp32). Exposed as torch.library custom ops (namespace "gt_kernels") with fake
@@ -48,11 +49,12 @@ __all__ = ["causal_conv1d_silu", "causal_conv1d_silu_ref", "MAX_WIDTH"]
 MAX_WIDTH = 8
 MAX_BATCH = 65535   # the batch runs on grid axis z, which CUDA bounds at 65535
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Tile of BT steps x BD channels, fixed (no autotune): 32 x 128 at 8 warps, 16 elements a thread. ptxas (sm_90,
-# W = 4) gives the forward 62 registers a thread and the backward's kernels 94 and 80, so two or more blocks share
-# an SM. At 64 x 128 the backward's first kernel took 193 (one block per SM) and 223 us a layer at d = 512 on an
-# H200. The weight-gradient partials are (B * T / BT) x (W + 1) x D fp32.
+# Launch configuration, fixed (no autotune). Forward: tiles of BT steps x BD channels, 32 x 128 at 8 warps (ptxas,
+# sm_90, W = 4: 62 registers a thread). Backward: one kernel, each program walking TILES tiles of 16 x 128 at 8
+# warps, 8 elements a thread per (BT, BD) value. Its weight-gradient partials are (B * T / (BT TILES)) x (W + 1) x D
+# fp32.
 _BT, _BD, _WARPS = 32, 128, 8
+_BWD_BT, _BWD_TILES, _BWD_WARPS = 16, 4, 8
 
 
 def causal_conv1d_silu_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -105,51 +107,97 @@ def _fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, T, D, sxb, sxt,
 
 
 @_jit
-def _bwd_dp_kernel(x_ptr, w_ptr, b_ptr, dy_ptr, dp_ptr, part_ptr, T, D, sxb, sxt,
-                   HAS_BIAS: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
-    """dp = dy silu'(p) into dp (B, T, D) fp32; this tile's sums of dp x_shifted (W rows) and dp (one row)
-    into part[(b, tile), :, d], part (B * n_tiles, W + 1, D) fp32."""
-    t = tl.program_id(0) * BT + tl.arange(0, BT)
+def _dp(xb, w_ptr, b_ptr, dyb, t, d, dm, T, D, sxt,
+        HAS_BIAS: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+    """dp = dy silu'(p) at steps t (BT,) and channels d (BD,) of one sequence, fp32 (BT, BD); 0 where t >= T."""
+    p = _preact(xb, w_ptr, b_ptr, t, d, dm, T, D, sxt, HAS_BIAS, W, BT, BD)
+    m = (t < T)[:, None] & dm[None, :]
+    dy = tl.load(dyb + t.to(tl.int64)[:, None] * D + d[None, :], mask=m, other=0.0).to(tl.float32)
+    s = 1.0 / (1.0 + tl.exp(-p))
+    return dy * s * (p * (1.0 - s) + 1.0)
+
+
+@_jit
+def _shifted(xb, t, j, d, dm, T, sxt, W: tl.constexpr):
+    """x[t - (W-1) + j] for steps t and channels d, fp32 (BT, BD), 0 outside the sequence."""
+    ts = t - (W - 1) + j
+    m = ((ts >= 0) & (ts < T))[:, None] & dm[None, :]
+    return tl.load(xb + ts.to(tl.int64)[:, None] * sxt + d[None, :], mask=m, other=0.0).to(tl.float32)
+
+
+@_jit
+def _bwd_kernel(x_ptr, w_ptr, b_ptr, dy_ptr, dx_ptr, part_ptr, T, D, sxb, sxt,
+                HAS_BIAS: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+                TILES: tl.constexpr):
+    """One program: TILES tiles of BT steps x BD channels of one sequence, walked in time order.
+    dx[t] = sum_j weight[:, j] dp[t + (W-1) - j], with dp at t + 1 .. t + W-1 recomputed from x and dy (the rows
+    past the tile) instead of read back. The weight and bias gradients of the program's rows accumulate
+    elementwise in registers (acc_j += dp[t] x[t - (W-1) + j], accb += dp[t]; the unused ones stay 1 x 1) and are
+    reduced over the rows once, into part[(b, program), :, d], part (B * programs, W + 1, D) fp32."""
     d = tl.program_id(1) * BD + tl.arange(0, BD)
     b = tl.program_id(2).to(tl.int64)
     dm = d < D
     xb = x_ptr + b * sxb
-    p = _preact(xb, w_ptr, b_ptr, t, d, dm, T, D, sxt, HAS_BIAS, W, BT, BD)
-    rows = b * T + t.to(tl.int64)
-    tm = (t < T)[:, None] & dm[None, :]
-    dy = tl.load(dy_ptr + rows[:, None] * D + d[None, :], mask=tm, other=0.0).to(tl.float32)
-    s = 1.0 / (1.0 + tl.exp(-p))
-    dp = dy * s * (p * (1.0 - s) + 1.0)                     # 0 outside the sequence (dy = 0 there)
-    tl.store(dp_ptr + rows[:, None] * D + d[None, :], dp, mask=tm)
+    dyb = dy_ptr + b * T * D
+    acc0 = tl.full([BT, BD], 0.0, tl.float32)
+    acc1 = tl.full([BT if W > 1 else 1, BD if W > 1 else 1], 0.0, tl.float32)
+    acc2 = tl.full([BT if W > 2 else 1, BD if W > 2 else 1], 0.0, tl.float32)
+    acc3 = tl.full([BT if W > 3 else 1, BD if W > 3 else 1], 0.0, tl.float32)
+    acc4 = tl.full([BT if W > 4 else 1, BD if W > 4 else 1], 0.0, tl.float32)
+    acc5 = tl.full([BT if W > 5 else 1, BD if W > 5 else 1], 0.0, tl.float32)
+    acc6 = tl.full([BT if W > 6 else 1, BD if W > 6 else 1], 0.0, tl.float32)
+    acc7 = tl.full([BT if W > 7 else 1, BD if W > 7 else 1], 0.0, tl.float32)
+    accb = tl.full([BT, BD], 0.0, tl.float32)
+    for i in range(TILES):
+        t = (tl.program_id(0) * TILES + i) * BT + tl.arange(0, BT)
+        dp = _dp(xb, w_ptr, b_ptr, dyb, t, d, dm, T, D, sxt, HAS_BIAS, W, BT, BD)
+        dx = dp * tl.load(w_ptr + (W - 1) * D + d, mask=dm, other=0.0)[None, :]
+        for s in tl.static_range(1, W):
+            dps = _dp(xb, w_ptr, b_ptr, dyb, t + s, d, dm, T, D, sxt, HAS_BIAS, W, BT, BD)
+            dx += dps * tl.load(w_ptr + (W - 1 - s) * D + d, mask=dm, other=0.0)[None, :]
+        tl.store(dx_ptr + (b * T + t.to(tl.int64))[:, None] * D + d[None, :], dx.to(dx_ptr.dtype.element_ty),
+                 mask=(t < T)[:, None] & dm[None, :])
+        acc0 += dp * _shifted(xb, t, 0, d, dm, T, sxt, W)
+        if W > 1:
+            acc1 += dp * _shifted(xb, t, 1, d, dm, T, sxt, W)
+        if W > 2:
+            acc2 += dp * _shifted(xb, t, 2, d, dm, T, sxt, W)
+        if W > 3:
+            acc3 += dp * _shifted(xb, t, 3, d, dm, T, sxt, W)
+        if W > 4:
+            acc4 += dp * _shifted(xb, t, 4, d, dm, T, sxt, W)
+        if W > 5:
+            acc5 += dp * _shifted(xb, t, 5, d, dm, T, sxt, W)
+        if W > 6:
+            acc6 += dp * _shifted(xb, t, 6, d, dm, T, sxt, W)
+        if W > 7:
+            acc7 += dp * _shifted(xb, t, 7, d, dm, T, sxt, W)
+        accb += dp
     part = part_ptr + (b * tl.num_programs(0) + tl.program_id(0)) * (W + 1) * D
-    for j in tl.static_range(W):
-        ts = t - (W - 1) + j
-        m = ((ts >= 0) & (ts < T))[:, None] & dm[None, :]
-        xv = tl.load(xb + ts.to(tl.int64)[:, None] * sxt + d[None, :], mask=m, other=0.0).to(tl.float32)
-        tl.store(part + j * D + d, tl.reduce(dp * xv, 0, _add), mask=dm)
-    tl.store(part + W * D + d, tl.reduce(dp, 0, _add), mask=dm)
-
-
-@_jit
-def _bwd_dx_kernel(dp_ptr, w_ptr, dx_ptr, T, D, W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
-    """dx[t] = sum_j weight[:, j] dp[t + (W-1) - j], into dx (B, T, D) contiguous."""
-    t = tl.program_id(0) * BT + tl.arange(0, BT)
-    d = tl.program_id(1) * BD + tl.arange(0, BD)
-    b = tl.program_id(2).to(tl.int64)
-    dm = d < D
-    acc = tl.full([BT, BD], 0.0, tl.float32)
-    for j in tl.static_range(W):
-        ts = t + (W - 1) - j
-        m = (ts < T)[:, None] & dm[None, :]
-        dp = tl.load(dp_ptr + (b * T + ts.to(tl.int64))[:, None] * D + d[None, :], mask=m, other=0.0)
-        acc += dp * tl.load(w_ptr + j * D + d, mask=dm, other=0.0)[None, :]
-    rows = b * T + t.to(tl.int64)
-    tl.store(dx_ptr + rows[:, None] * D + d[None, :], acc.to(dx_ptr.dtype.element_ty),
-             mask=(t < T)[:, None] & dm[None, :])
+    tl.store(part + 0 * D + d, tl.reduce(acc0, 0, _add), mask=dm)
+    if W > 1:
+        tl.store(part + 1 * D + d, tl.reduce(acc1, 0, _add), mask=dm)
+    if W > 2:
+        tl.store(part + 2 * D + d, tl.reduce(acc2, 0, _add), mask=dm)
+    if W > 3:
+        tl.store(part + 3 * D + d, tl.reduce(acc3, 0, _add), mask=dm)
+    if W > 4:
+        tl.store(part + 4 * D + d, tl.reduce(acc4, 0, _add), mask=dm)
+    if W > 5:
+        tl.store(part + 5 * D + d, tl.reduce(acc5, 0, _add), mask=dm)
+    if W > 6:
+        tl.store(part + 6 * D + d, tl.reduce(acc6, 0, _add), mask=dm)
+    if W > 7:
+        tl.store(part + 7 * D + d, tl.reduce(acc7, 0, _add), mask=dm)
+    tl.store(part + W * D + d, tl.reduce(accb, 0, _add), mask=dm)
 
 
 def _grid(B, T, D):
     return (triton.cdiv(T, _BT), triton.cdiv(D, _BD), B)   # B on grid axis z: at most MAX_BATCH
+
+
+def _bwd_grid(B, T, D):
+    return (triton.cdiv(T, _BWD_BT * _BWD_TILES), triton.cdiv(D, _BD), B)
 
 
 def _channels_contiguous(x):
@@ -189,16 +237,13 @@ def _conv_bwd(x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None,
     bias = None if bias is None else bias.contiguous()
     B, T, D = x.shape
     W = w_t.shape[0]
-    grid = _grid(B, T, D)
-    dp = torch.empty(B, T, D, device=x.device, dtype=torch.float32)
+    grid = _bwd_grid(B, T, D)
     part = torch.empty(B * grid[0], W + 1, D, device=x.device, dtype=torch.float32)
     dx = x.new_empty(B, T, D)
-    dp_kernel, dx_kernel = triton_interp.kernels_for(globals(), x, ("_bwd_dp_kernel", "_bwd_dx_kernel"), "conv")
+    (bwd,) = triton_interp.kernels_for(globals(), x, ("_bwd_kernel",), "conv")
     with triton_interp.on_device(x):
-        dp_kernel[grid](
-            x, w_t, w_t if bias is None else bias, dy, dp, part, T, D, x.stride(0), x.stride(1),
-            HAS_BIAS=bias is not None, W=W, BT=_BT, BD=_BD, num_warps=_WARPS)
-        dx_kernel[grid](dp, w_t, dx, T, D, W=W, BT=_BT, BD=_BD, num_warps=_WARPS)
+        bwd[grid](x, w_t, w_t if bias is None else bias, dy, dx, part, T, D, x.stride(0), x.stride(1),
+                  HAS_BIAS=bias is not None, W=W, BT=_BWD_BT, BD=_BD, TILES=_BWD_TILES, num_warps=_BWD_WARPS)
     return dx, part.sum(dim=0)
 
 

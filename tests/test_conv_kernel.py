@@ -247,4 +247,5 @@ def test_gpu_bench_prints_every_contender(capsys):
     assert {"triton", "triton_compiled", "torch_compiled"} <= set(out["timings"])
     for t in out["timings"].values():
         assert t["forward"]["median_ms"] > 0 and t["forward_backward"]["median_ms"] > 0
-    assert out["kernel_stats"]["backward_dp"]["registers"] > 0
+        assert 0 < t["forward"]["gpu_ms"] < t["forward_backward"]["gpu_ms"]
+    assert out["kernel_stats"]["backward"]["registers"] > 0 and out["kernel_stats"]["forward"]["registers"] > 0
