@@ -50,11 +50,13 @@ MAX_WIDTH = 8
 MAX_BATCH = 65535   # the batch runs on grid axis z, which CUDA bounds at 65535
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Launch configuration, fixed (no autotune). Forward: tiles of BT steps x BD channels, 32 x 128 at 8 warps (ptxas,
-# sm_90, W = 4: 62 registers a thread). Backward: one kernel, each program walking TILES tiles of 16 x 128 at 8
-# warps, 8 elements a thread per (BT, BD) value. Its weight-gradient partials are (B * T / (BT TILES)) x (W + 1) x D
-# fp32.
+# sm_90, W = 4: 62 registers a thread). Backward: each program walks TILES = 16 tiles of 8 x 128 (128 steps) at
+# 8 warps, 4 elements a thread per (BT, BD) value; 128 registers, so two blocks share an SM. Of six configurations
+# timed at d = 512 on an H200 this was the fastest (BENCHMARKS.md): the time per tile falls with the run's length
+# (the final reductions are paid once a run) and rises with the registers of a 16-step tile (190, one block per
+# SM). The weight-gradient partials are (B * T / (BT TILES)) x (W + 1) x D fp32.
 _BT, _BD, _WARPS = 32, 128, 8
-_BWD_BT, _BWD_TILES, _BWD_WARPS = 16, 4, 8
+_BWD_BT, _BWD_TILES, _BWD_WARPS = 8, 16, 8
 
 
 def causal_conv1d_silu_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -54,7 +54,7 @@ def check(got, ref, tol, what, names=("y", "dx", "dweight", "dbias")):
         assert_ratio(f"{what}: {name}", a.double(), r.double(), tol)
 
 
-CASES = [(1, 1, 5, 4), (1, 40, 130, 4), (3, 9, 7, 1), (1, 5, 3, 8), (1, 97, 16, 2)]
+CASES = [(1, 1, 5, 4), (1, 40, 130, 4), (3, 9, 7, 1), (1, 5, 3, 8), (1, 97, 16, 2), (2, 300, 9, 3)]
 
 
 @pytest.mark.parametrize("B,T,D,W", CASES, ids=[f"B{b}-T{t}-D{d}-W{w}" for b, t, d, w in CASES])
