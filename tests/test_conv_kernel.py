@@ -249,3 +249,18 @@ def test_gpu_bench_prints_every_contender(capsys):
         assert t["forward"]["median_ms"] > 0 and t["forward_backward"]["median_ms"] > 0
         assert 0 < t["forward"]["gpu_ms"] < t["forward_backward"]["gpu_ms"]
     assert out["kernel_stats"]["backward"]["registers"] > 0 and out["kernel_stats"]["forward"]["registers"] > 0
+
+
+@pytest.mark.gpu
+def test_gpu_bench_sweep_restores_the_shipped_configuration(capsys):
+    import json
+
+    from gt_pipeline.engine import conv_bench
+    shipped = kconv._BWD_BT, kconv._BWD_TILES, kconv._BWD_WARPS
+    conv_bench.main(["--B", "2", "--T", "300", "--d-model", "64", "--d-state", "32", "--reps", "3", "--sweep"])
+    rows = json.loads(capsys.readouterr().out)["sweep"]
+    assert [(r["tile"][0], r["tiles_per_program"], r["num_warps"]) for r in rows] == conv_bench.SWEEP
+    for r in rows:
+        assert r["gpu_ms"] > 0 and r["backward"]["registers"] > 0
+        assert r["max_abs_diff"] < 1e-2       # the same gradients: bf16 dx may round the other way, sums reorder
+    assert (kconv._BWD_BT, kconv._BWD_TILES, kconv._BWD_WARPS) == shipped

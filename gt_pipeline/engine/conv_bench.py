@@ -2,6 +2,7 @@
 
     python -m gt_pipeline.engine.conv_bench          # d_model 512 (conv_dim 1152), B, T = 16, 1024, median of 50
     python -m gt_pipeline.engine.conv_bench --d-model 128 --B 64 --T 512
+    python -m gt_pipeline.engine.conv_bench --sweep  # also the backward kernel's launch configurations (SWEEP)
 
 Needs a CUDA GPU (it refuses to run otherwise). Every contender runs a Mamba-2 layer's own conv
 (`models.Mamba2._conv`, d_state = headdim = --d-state) on the same bf16 xBC, a column slice of a wider tensor as
@@ -26,8 +27,12 @@ import json
 import torch
 
 from kernels import conv
-from kernels.bench import _copy_bandwidth, bytes_bound_ms, gpu_machine, time_contenders, triton_kernel_stats
+from kernels.bench import (_copy_bandwidth, _log, bytes_bound_ms, gpu_machine, kernel_times, time_contenders,
+                           triton_kernel_stats)
 from models.mamba2 import Mamba2, _mamba_ssm_ops
+
+# Backward launch configurations --sweep times: (BT steps a tile, TILES tiles a program, num_warps).
+SWEEP = [(16, 4, 8), (8, 8, 8), (8, 16, 8), (8, 32, 8), (16, 8, 8), (8, 8, 4)]
 
 
 def _contenders(B: int, T: int, d_model: int, d_state: int) -> tuple[dict, int, int]:
@@ -85,6 +90,31 @@ def kernel_stats(B: int, T: int, D: int, W: int) -> dict:
                          conv._BWD_TILES, "num_warps": conv._BWD_WARPS}}
 
 
+def sweep(B: int, T: int, D: int, W: int) -> list[dict]:
+    """The backward kernel's GPU time (kernel_times of the backward op alone, its partials' sum included) for each
+    configuration in SWEEP, on one bf16 input; `max_abs_diff` compares its dx and weight/bias gradients with the
+    configuration kernels.conv ships. It sets kernels.conv's private launch configuration and restores it."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(B, T, D + 64, device="cuda", generator=g).to(torch.bfloat16)[:, :, 32:32 + D]
+    w_t, b = torch.randn(W, D, device="cuda", generator=g) * W ** -0.5, torch.randn(D, device="cuda", generator=g)
+    dy = torch.randn(B, T, D, device="cuda", generator=g).to(torch.bfloat16)
+    shipped = conv._BWD_BT, conv._BWD_TILES, conv._BWD_WARPS
+    dx0, dwb0 = conv._conv_bwd(x, w_t, b, dy)
+    rows = []
+    try:
+        for bt, tiles, nw in SWEEP:
+            conv._BWD_BT, conv._BWD_TILES, conv._BWD_WARPS = bt, tiles, nw
+            dx, dwb = conv._conv_bwd(x, w_t, b, dy)
+            diff = max(float((dx.float() - dx0.float()).abs().max()), float((dwb - dwb0).abs().max()))
+            rows.append({"tile": [bt, conv._BD], "tiles_per_program": tiles, "num_warps": nw,
+                         "gpu_ms": kernel_times(lambda: conv._conv_bwd(x, w_t, b, dy), n=20)["total_ms"],
+                         "max_abs_diff": diff, "backward": kernel_stats(B, T, D, W)["backward"]})
+            _log(f"sweep BT={bt} TILES={tiles} num_warps={nw}: {rows[-1]['gpu_ms']:.3f} ms")
+    finally:
+        conv._BWD_BT, conv._BWD_TILES, conv._BWD_WARPS = shipped
+    return rows
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--B", type=int, default=16)
@@ -93,6 +123,7 @@ def main(argv=None) -> None:
     ap.add_argument("--d-state", type=int, default=64,
                     help="Mamba-2 d_state (= headdim); conv_dim = 2 d_model + 2 d_state")
     ap.add_argument("--reps", type=int, default=50, help="timed repetitions per contender and phase")
+    ap.add_argument("--sweep", action="store_true", help="also time the backward's launch configurations in SWEEP")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("gt_pipeline.engine.conv_bench: needs a CUDA GPU (torch.cuda.is_available() is False); "
@@ -115,6 +146,8 @@ def main(argv=None) -> None:
     out["gpu_speedup_vs_torch_compiled_forward_backward"] = {
         name: base / t["forward_backward"]["gpu_ms"]
         for name, t in out["timings"].items() if name != "torch_compiled"}
+    if args.sweep:
+        out["sweep"] = sweep(args.B, args.T, D, W)
     print(json.dumps(out, indent=2))
 
 
