@@ -46,7 +46,7 @@ except ImportError:          # CPU-only installs: the reference works, causal_co
 
 __all__ = ["causal_conv1d_silu", "causal_conv1d_silu_ref", "MAX_WIDTH"]
 
-MAX_WIDTH = 8
+MAX_WIDTH = 8         # the backward kernel has one gradient accumulator per tap, acc0 .. acc7
 MAX_BATCH = 65535   # the batch runs on grid axis z, which CUDA bounds at 65535
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Launch configuration, fixed (no autotune). Forward: tiles of BT steps x BD channels, 32 x 128 at 8 warps (ptxas,
