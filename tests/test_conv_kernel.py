@@ -30,23 +30,43 @@ def interp():
         yield
 
 
+PAD_T, PAD_D = 3, 5   # a strided x sits at [:, PAD_T:, 2:D + 2] of a (B, T + PAD_T, D + PAD_D) buffer
+
+
 def make(B, T, D, W, bias=True, seed=0, device="cpu", strided=True):
-    """fp64 x (a column slice of a wider tensor when strided: Mamba-2's xBC is one), weight, bias, cotangent."""
+    """fp64 x, weight, bias, cotangent. A strided x is a slice of a wider buffer in time and channels, as Mamba-2's
+    xBC is a column slice of the in_proj output: its batch stride is not T times its time stride."""
     g = torch.Generator().manual_seed(seed)
     f64 = dict(generator=g, dtype=torch.float64)
-    wide = torch.randn(B, T, D + 5 if strided else D, **f64)
-    x = wide[:, :, 2:D + 2] if strided else wide
+    wide = torch.randn(B, T + PAD_T, D + PAD_D, **f64).to(device) if strided else None
+    x = wide[:, PAD_T:, 2:D + 2] if strided else torch.randn(B, T, D, **f64).to(device)
     w = torch.randn(D, W, **f64) * W ** -0.5
     b = torch.randn(D, **f64) if bias else None
     gy = torch.randn(B, T, D, **f64)
-    return [t if t is None else t.to(device) for t in (x, w, b, gy)]
+    return [x] + [t if t is None else t.to(device) for t in (w, b, gy)]
 
 
-def outputs_and_grads(fn, x, w, b, gy, dtype):
-    xs = [t if t is None else t.to(dtype).detach().requires_grad_() for t in (x, w, b)]
-    y = fn(*xs)
+def outputs_and_grads(fn, x, w, b, gy, dtype, x_dtype=None):
+    """fn(x, w, b)'s y and the gradients of x, w, b, with w and b in dtype and x in x_dtype (default dtype). A
+    strided x (make's) is handed to fn as the same slice of a zeroed buffer, so the kernels read its strides;
+    no gradient may reach the rest of that buffer."""
+    B, T, D = x.shape
+    if x.is_contiguous():
+        buf = xl = x.to(x_dtype or dtype).detach().requires_grad_()
+    else:
+        buf = torch.zeros(B, T + PAD_T, D + PAD_D, dtype=x_dtype or dtype, device=x.device)
+        buf[:, PAD_T:, 2:D + 2] = x
+        xl = buf.requires_grad_()[:, PAD_T:, 2:D + 2]
+        assert xl.stride() == x.stride()
+    ws = [t if t is None else t.to(dtype).detach().requires_grad_() for t in (w, b)]
+    y = fn(xl, *ws)
     y.backward(gy.to(y.dtype))
-    return [y] + [t.grad for t in xs if t is not None]
+    gx = buf.grad
+    if buf is not xl:
+        gx, rest = gx[:, PAD_T:, 2:D + 2].clone(), gx.clone()
+        rest[:, PAD_T:, 2:D + 2] = 0
+        assert not rest.any(), "a gradient reached the buffer outside x's slice"
+    return [y, gx] + [t.grad for t in ws if t is not None]
 
 
 def check(got, ref, tol, what, names=("y", "dx", "dweight", "dbias")):
@@ -54,13 +74,14 @@ def check(got, ref, tol, what, names=("y", "dx", "dweight", "dbias")):
         assert_ratio(f"{what}: {name}", a.double(), r.double(), tol)
 
 
-CASES = [(1, 1, 5, 4), (1, 40, 130, 4), (3, 9, 7, 1), (1, 5, 3, 8), (1, 97, 16, 2), (2, 300, 9, 3)]
+CASES = [(1, 1, 5, 4), (1, 40, 130, 4), (3, 9, 7, 1), (1, 5, 3, 8), (1, 97, 16, 2), (2, 300, 9, 3),
+         (1, 140, 3, 5), (1, 140, 3, 6), (1, 140, 3, 7), (1, 140, 3, 8)]
 
 
 @pytest.mark.parametrize("B,T,D,W", CASES, ids=[f"B{b}-T{t}-D{d}-W{w}" for b, t, d, w in CASES])
 def test_matches_fp64_definition(interp, B, T, D, W):
     """Single step, T shorter than the width, odd D past one channel tile, T over two and four step tiles (the
-    last one partial), W = 1 and 8."""
+    last one partial) and over two or three programs of the backward, every W from 1 to 8."""
     x, w, b, gy = make(B, T, D, W)
     ref = outputs_and_grads(causal_conv1d_silu_ref, x, w, b, gy, torch.float64)
     got = outputs_and_grads(causal_conv1d_silu, x, w, b, gy, torch.float32)
@@ -197,12 +218,34 @@ def test_gpu_matches_fp64_definition(dtype, B, T, D, W):
     """The compiled kernels against the fp64 definition: bf16 y and dx within bf16 rounding, the fp32 parameter
     gradients within fp32 sums of rounded inputs (the reference sees the same bf16 x)."""
     x, w, b, gy = make(B, T, D, W, device="cuda")
-    x, gy = x.to(dtype).double(), gy.to(dtype).double()
+    x.copy_(x.to(dtype))                          # rounded to dtype in place: still the strided slice
+    gy = gy.to(dtype).double()
     ref = outputs_and_grads(causal_conv1d_silu_ref, x, w, b, gy, torch.float64)
-    got = outputs_and_grads(lambda x_, w_, b_: causal_conv1d_silu(x_.to(dtype), w_, b_), x, w, b, gy, torch.float32)
+    got = outputs_and_grads(causal_conv1d_silu, x, w, b, gy, torch.float32, x_dtype=dtype)
     io_tol = {torch.float32: FP32_TOL, torch.bfloat16: BF16_TOL, torch.float16: FP16_TOL}[dtype]
     check(got[:2], ref[:2], io_tol, f"{dtype} {(B, T, D, W)}")                          # y, dx: stored in dtype
     check(got[2:], ref[2:], PARAM_GRAD_TOL, f"{dtype} {(B, T, D, W)}", names=("dweight", "dbias"))
+
+
+@pytest.mark.gpu
+def test_gpu_offsets_past_int32():
+    """B T D > 2^31 elements (4.6 GB a bf16 tensor): the last sequence's offsets pass 2^31 and must be formed in
+    int64. Its last 64 steps of y and dx against the fp64 definition on a window that holds their history."""
+    B, T, D, W, n = 2, 2 ** 20 + 5, 1100, 4, 64
+    assert B * T * D > 2 ** 31
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(B, T, D, device="cuda", generator=g).to(torch.bfloat16).requires_grad_()
+    w = torch.randn(D, W, device="cuda", generator=g) * W ** -0.5
+    b = torch.randn(D, device="cuda", generator=g)
+    dy = torch.randn(B, T, D, device="cuda", generator=g).to(torch.bfloat16)
+    y = causal_conv1d_silu(x, w, b)
+    y.backward(dy)
+    lo = T - n - (W - 1)                          # the window's outputs from W - 1 on see their whole history
+    xr = x.detach()[-1:, lo:].double().requires_grad_()
+    yr = causal_conv1d_silu_ref(xr, w.double(), b.double())
+    yr.backward(dy[-1:, lo:].double())
+    assert_ratio("y, last steps", y.detach()[-1:, -n:].double(), yr.detach()[:, -n:], BF16_TOL)
+    assert_ratio("dx, last steps", x.grad[-1:, -n:].double(), xr.grad[:, -n:], BF16_TOL)
 
 
 @pytest.mark.gpu
