@@ -37,6 +37,7 @@ vs the sequential PyTorch reference `wkv6_ref`, same process, ratio reported.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -120,6 +121,20 @@ def time_contenders(contenders: dict, reps: int) -> dict:
         fb = out[name]["forward_backward"]
         _log(f"{name}: fwd+bwd {fb['median_ms']:.3f} ms wall, {fb['gpu_ms']:.3f} ms of kernels")
     return out
+
+
+@contextlib.contextmanager
+def launch_config(module, **values):
+    """Inside: the module's private launch-configuration globals set to `values` (a benchmark's --sweep); the
+    kernels read them at each call. Restored on exit, also after an error."""
+    saved = {name: getattr(module, name) for name in values}
+    for name, value in values.items():
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
 
 
 def gpu_machine() -> dict:

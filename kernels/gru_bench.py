@@ -14,8 +14,8 @@ Each is timed forward (under no_grad) and forward+backward (torch.autograd.grad 
 with a fixed random cotangent) with CUDA events, one event pair per repetition, after warm-up (Triton's JIT
 compile included); medians and p20/p80 in ms, and `gpu_ms`, the summed time of the call's kernels (torch.profiler).
 `kernel_stats` gives the registers, spills and shared memory of the forward and backward kernels as compiled for
-this GPU. `--sweep` repeats the forward+backward of
-"bf16_scan_only" for every (num_warps, BLOCK_B) in SWEEP (it sets kernels.gru's private launch config).
+this GPU. `--sweep` repeats the forward+backward of "bf16_scan_only" for every (num_warps, BLOCK_B) in SWEEP (it
+sets kernels.gru's private launch config).
 """
 import argparse
 import datetime as dt
@@ -24,7 +24,7 @@ import json
 import torch
 
 from . import gru
-from .bench import _log, _time_cuda, gpu_machine, time_contenders, triton_kernel_stats
+from .bench import _log, _time_cuda, gpu_machine, launch_config, time_contenders, triton_kernel_stats
 from .gru import PRECISIONS, gru_scan
 
 SWEEP = [(4, 16), (8, 16), (4, 32), (8, 32)]          # (num_warps, BLOCK_B)
@@ -92,17 +92,13 @@ def kernel_stats(B: int, T: int, C: int) -> dict:
 
 def sweep(B: int, T: int, C: int, reps: int) -> list[dict]:
     """Forward+backward of gru_scan (bf16, scan only) for each (num_warps, BLOCK_B) in SWEEP."""
-    saved = gru._BLOCK_B, gru._num_warps
     rows = []
-    try:
-        for nw, bb in SWEEP:
-            gru._BLOCK_B, gru._num_warps = bb, (lambda C, nw=nw: nw)
+    for nw, bb in SWEEP:
+        with launch_config(gru, _BLOCK_B=bb, _num_warps=lambda C, nw=nw: nw):
             _, fwd_bwd = _contenders(B, T, C)["gru_scan_bf16_scan_only"]
             rows.append({"num_warps": nw, "BLOCK_B": bb, "forward_backward": _time_cuda(fwd_bwd, reps, None, warmup=3),
                          **{k: v for k, v in kernel_stats(B, T, C).items() if k in ("forward", "backward")}})
-            _log(f"sweep num_warps={nw} BLOCK_B={bb}: {rows[-1]['forward_backward']['median_ms']:.3f} ms")
-    finally:
-        gru._BLOCK_B, gru._num_warps = saved
+        _log(f"sweep num_warps={nw} BLOCK_B={bb}: {rows[-1]['forward_backward']['median_ms']:.3f} ms")
     return rows
 
 

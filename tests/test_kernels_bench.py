@@ -124,3 +124,17 @@ def test_the_cuda_part_runs_with_fla_autotune_results_kept(monkeypatch, capsys):
     monkeypatch.setenv("TRITON_CACHE_AUTOTUNING", "0")
     kbench.main(["--skip-cpu"])
     assert seen[-1] == "0" and "FLA re-tunes" in capsys.readouterr().err
+
+
+def test_launch_config_sets_and_restores_even_after_an_error():
+    import types
+
+    from kernels.bench import launch_config
+    mod = types.SimpleNamespace(_BT=32, _WARPS=8)
+    with launch_config(mod, _BT=8, _WARPS=4):
+        assert (mod._BT, mod._WARPS) == (8, 4)
+    assert (mod._BT, mod._WARPS) == (32, 8)
+    with pytest.raises(RuntimeError, match="mid-sweep"):
+        with launch_config(mod, _BT=16):
+            raise RuntimeError("mid-sweep")
+    assert (mod._BT, mod._WARPS) == (32, 8)

@@ -27,8 +27,8 @@ import json
 import torch
 
 from kernels import conv
-from kernels.bench import (_copy_bandwidth, _log, bytes_bound_ms, gpu_machine, kernel_times, time_contenders,
-                           triton_kernel_stats)
+from kernels.bench import (_copy_bandwidth, _log, bytes_bound_ms, gpu_machine, kernel_times, launch_config,
+                           time_contenders, triton_kernel_stats)
 from models.mamba2 import Mamba2, _mamba_ssm_ops
 
 # Backward launch configurations --sweep times: (BT steps a tile, TILES tiles a program, num_warps).
@@ -93,25 +93,21 @@ def kernel_stats(B: int, T: int, D: int, W: int) -> dict:
 def sweep(B: int, T: int, D: int, W: int) -> list[dict]:
     """The backward kernel's GPU time (kernel_times of the backward op alone, its partials' sum included) for each
     configuration in SWEEP, on one bf16 input; `max_abs_diff` compares its dx and weight/bias gradients with the
-    configuration kernels.conv ships. It sets kernels.conv's private launch configuration and restores it."""
+    configuration kernels.conv ships. It sets kernels.conv's private launch configuration (launch_config)."""
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(B, T, D + 64, device="cuda", generator=g).to(torch.bfloat16)[:, :, 32:32 + D]
     w_t, b = torch.randn(W, D, device="cuda", generator=g) * W ** -0.5, torch.randn(D, device="cuda", generator=g)
     dy = torch.randn(B, T, D, device="cuda", generator=g).to(torch.bfloat16)
-    shipped = conv._BWD_BT, conv._BWD_TILES, conv._BWD_WARPS
-    dx0, dwb0 = conv._conv_bwd(x, w_t, b, dy)
+    dx0, dwb0 = conv._conv_bwd(x, w_t, b, dy)                  # the shipped configuration
     rows = []
-    try:
-        for bt, tiles, nw in SWEEP:
-            conv._BWD_BT, conv._BWD_TILES, conv._BWD_WARPS = bt, tiles, nw
+    for bt, tiles, nw in SWEEP:
+        with launch_config(conv, _BWD_BT=bt, _BWD_TILES=tiles, _BWD_WARPS=nw):
             dx, dwb = conv._conv_bwd(x, w_t, b, dy)
             diff = max(float((dx.float() - dx0.float()).abs().max()), float((dwb - dwb0).abs().max()))
             rows.append({"tile": [bt, conv._BD], "tiles_per_program": tiles, "num_warps": nw,
                          "gpu_ms": kernel_times(lambda: conv._conv_bwd(x, w_t, b, dy), n=20)["total_ms"],
                          "max_abs_diff": diff, "backward": kernel_stats(B, T, D, W)["backward"]})
-            _log(f"sweep BT={bt} TILES={tiles} num_warps={nw}: {rows[-1]['gpu_ms']:.3f} ms")
-    finally:
-        conv._BWD_BT, conv._BWD_TILES, conv._BWD_WARPS = shipped
+        _log(f"sweep BT={bt} TILES={tiles} num_warps={nw}: {rows[-1]['gpu_ms']:.3f} ms")
     return rows
 
 
