@@ -7,8 +7,8 @@
 // per channel are elementwise with a decay per channel, become matrix products on tensor cores (head_scores);
 // gw then sums over the channels (chunk_gw_head_kernel).
 //
-// Per (b, h) one block of 256 threads walks the chunks in order, keeping the 64 x 64 state in shared
-// memory in fp32. The backward's two sweeps are independent and run side by side in one launch (two
+// Per (b, h) one block of 256 threads walks the chunks in order, keeping the 64 x 64 state in fp32: the
+// forward in its warps' mma accumulators (RegState), the backward sweeps in shared memory. The backward's two sweeps are independent and run side by side in one launch (two
 // blocks per (b, h)); a small third kernel then forms gw from both sweeps' per-step terms. Within a
 // chunk, with t, s local positions, lw = -exp(w) the log-decay, Ex_t = sum_{m<t} lw_m (exclusive),
 // Ei_t = Ex_{t+1} (inclusive), Et = Ei_{C-1}:
@@ -524,7 +524,134 @@ __device__ __forceinline__ void init_state(const Smem& s, const float* src, int 
   for (int e = tid; e < N * N; e += NT) s.S[(e >> 6) * PS + (e & 63)] = src ? src[e] : 0.f;
 }
 
+// ------------------------------------------------------------------- the forward's state in registers
+// The forward keeps the state in the warps' mma accumulators instead of shared memory. It uses the PTX
+// m16n8k16 bf16 mma, whose fragment layouts are fixed (g = lane / 4, c = lane % 4; pairs are bf16x2, the lower
+// index in the low half):
+//   A (16 x 16, row-major): a[0..3] = (g, 2c..2c+1), (g+8, 2c..), (g, 2c+8..), (g+8, 2c+8..)
+//   B (16 x 8):             b[0..1] = (rows 2c..2c+1, col g), (rows 2c+8..2c+9, col g)
+//   C (16 x 8, fp32):       d[0..3] = (g, 2c), (g, 2c+1), (g+8, 2c), (g+8, 2c+1)
+// A C tile of S^T (rows j, columns i) holds, for the same (g, c), the pairs that a B fragment of S (rows i,
+// columns j) needs, so y = (r e^{Ex}) S0 reads its B operand straight from the accumulators.
+__device__ __forceinline__ void mma16816(float* d, const uint32_t* a, uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Four 8 x 8 bf16 matrices from shared memory, lane l giving the address of row l % 8 of matrix l / 8; lane l
+// gets (row l / 4, columns 2 (l % 4)..+1) of each (TR: of its transpose).
+template <bool TR>
+__device__ __forceinline__ void ldsm4(uint32_t* x, const bf16* p) {
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  if (TR)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(x[0]), "=r"(x[1]), "=r"(x[2]), "=r"(x[3]) : "r"(a) : "memory");
+  else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(x[0]), "=r"(x[1]), "=r"(x[2]), "=r"(x[3]) : "r"(a) : "memory");
+}
+
+__device__ __forceinline__ uint32_t bf16x2(float lo, float hi) {
+  const __nv_bfloat162 p = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&p);
+}
+
+// Two fp32 values as bf16x2 terms hi + lo, as `split` forms them.
+__device__ __forceinline__ void split2(float x0, float x1, uint32_t& hi, uint32_t& lo) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(x0, x1);
+  const float2 f = __bfloat1622float2(h);
+  hi = *reinterpret_cast<const uint32_t*>(&h);
+  lo = bf16x2(x0 - f.x, x1 - f.y);
+}
+
+// The 64 x 64 state of one (b, h), spread over the 8 warps: warp w holds S^T rows j in [16 jb, 16 jb + 16),
+// jb = w % 4, for the keys i in [32 ih, 32 ih + 32), ih = w / 4, as four C tiles; tile n covers the keys
+// 32 ih + 8 n ..+7:  st[n] = S[i][j], S[i+1][j], S[i][j+8], S[i+1][j+8]  with i = 32 ih + 8 n + 2c, j = 16 jb + g.
+struct RegState {
+  float st[4][4];
+  int jb, ih, g, c;
+  __device__ explicit RegState(int tid) : jb((tid >> 5) & 3), ih(tid >> 7), g((tid & 31) >> 2), c(tid & 3) {}
+  __device__ int key(int n, int e) const { return 32 * ih + 8 * n + 2 * c + (e & 1); }
+  __device__ int val(int e) const { return 16 * jb + g + 8 * (e >> 1); }
+  // src: [N][N] fp32 (i, j) row-major, or nullptr for zeros
+  __device__ void load(const float* src) {
+#pragma unroll
+    for (int n = 0; n < 4; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) st[n][e] = src ? src[key(n, e) * N + val(e)] : 0.f;
+  }
+  __device__ void store(float* dst) const {
+#pragma unroll
+    for (int n = 0; n < 4; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dst[key(n, e) * N + val(e)] = st[n][e];
+  }
+
+  // out (16 x 16 fp32: t, the warp's columns j) = (r e^{Ex})[:, this warp's keys] S0[keys, j] with r e^{Ex} and
+  // S0 as bf16 pairs (three products, as rows_times_state), plus with AV the in-chunk A V (A a bf16 pair, V
+  // exact); vt: ldmatrix.trans of V's 16 x 16 block at columns 16 jb (blocks t 0-7 | 8-15 x j 0-7 | 8-15).
+  __device__ void y_partial(float (*out)[4], const Smem& s, const uint32_t* vt, bool AV, int lane) const {
+#pragma unroll
+    for (int nb = 0; nb < 2; ++nb)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) out[nb][e] = 0.f;
+    const int row = lane & 15, col = 8 * (lane >> 4);
+#pragma unroll
+    for (int kk = 0; kk < 2; ++kk) {
+      uint32_t ah[4], al[4];
+      ldsm4<false>(ah, s.Rh + row * PB + 32 * ih + 16 * kk + col);
+      ldsm4<false>(al, s.Rl + row * PB + 32 * ih + 16 * kk + col);
+#pragma unroll
+      for (int nb = 0; nb < 2; ++nb) {
+        uint32_t h0, l0, h1, l1;
+        split2(st[2 * kk][2 * nb], st[2 * kk][2 * nb + 1], h0, l0);
+        split2(st[2 * kk + 1][2 * nb], st[2 * kk + 1][2 * nb + 1], h1, l1);
+        mma16816(out[nb], ah, h0, h1);
+        mma16816(out[nb], ah, l0, l1);
+        mma16816(out[nb], al, h0, h1);
+      }
+    }
+    if (AV) {
+      uint32_t ah[4], al[4];
+      ldsm4<false>(ah, s.Ah + row * PA + col);
+      ldsm4<false>(al, s.Al + row * PA + col);
+#pragma unroll
+      for (int nb = 0; nb < 2; ++nb) {
+        mma16816(out[nb], ah, vt[2 * nb], vt[2 * nb + 1]);
+        mma16816(out[nb], al, vt[2 * nb], vt[2 * nb + 1]);
+      }
+    }
+  }
+
+  // S <- e^{Et} S + (k e^{Et-Ei})^T V, with k e^{Et-Ei} the bf16 pair Kh + Kl (as state_update_tile<false>):
+  // S^T[j][i] += sum_t V^T[j][t] K[t][i], A = V^T from vt, B = K by ldmatrix.trans.
+  __device__ void update(const Smem& s, const uint32_t* vt, int lane) {
+    const uint32_t av[4] = {vt[0], vt[2], vt[1], vt[3]};
+    const int row = (lane & 7) + 8 * ((lane >> 3) & 1), col = 8 * (lane >> 4);
+#pragma unroll
+    for (int n = 0; n < 4; ++n) {
+      const float2 d = *reinterpret_cast<const float2*>(s.EEt + key(n, 0));
+      st[n][0] *= d.x; st[n][1] *= d.y; st[n][2] *= d.x; st[n][3] *= d.y;
+    }
+#pragma unroll
+    for (int np = 0; np < 2; ++np) {  // key tiles 2 np, 2 np + 1
+      uint32_t kh[4], kl[4];
+      ldsm4<true>(kh, s.Kh + row * PB + 32 * ih + 16 * np + col);
+      ldsm4<true>(kl, s.Kl + row * PB + 32 * ih + 16 * np + col);
+#pragma unroll
+      for (int q = 0; q < 2; ++q) {
+        mma16816(st[2 * np + q], av, kh[2 * q], kh[2 * q + 1]);
+        mma16816(st[2 * np + q], av, kl[2 * q], kl[2 * q + 1]);
+      }
+    }
+  }
+};
+
 // =============================================================================================== forward
+// Per chunk: cumsums | scaled rows and scores | per warp: its share of y and of the state update, from the
+// state in its registers | y out, next chunk in; a barrier after each phase.
 template <typename Tw, bool WH>
 __global__ void __launch_bounds__(NT, 2)  // one block per (b, h), two per SM
 chunk_forward_kernel(int T, int H, const bf16* __restrict__ r, const bf16* __restrict__ k,
@@ -532,18 +659,18 @@ chunk_forward_kernel(int T, int H, const bf16* __restrict__ r, const bf16* __res
                      const float* __restrict__ h0, bf16* __restrict__ y, float* __restrict__ hT) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   const Smem s = carve(smem_raw);
-  const int tid = threadIdx.x, warp = tid >> 5, bh = blockIdx.x, b = bh / H, h = bh % H;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, bh = blockIdx.x, b = bh / H, h = bh % H;
   const ChunkAddr at(b, h, T, H, tid);
   const Slot& sl = at.sl;
+  RegState S(tid);
+  S.load(h0 ? h0 + (int64_t)bh * N * N : nullptr);
   if (tid < N) s.U[tid] = u[h * N + tid];
-  init_state(s, h0 ? h0 + (int64_t)bh * N * N : nullptr, tid);
-  __syncthreads();
-  split_state<false>(s, tid);
   Prefetch<Tw, false, WH> pf;
   const int nch = (T + C - 1) / C;
   pf.load(sl, at.off(0), at.woff(0), sl.t < T, r, k, v, w, nullptr);
   pf.store(s, sl, sl.t < T);
   __syncthreads();
+  float* const part = S.ih ? s.O2 : s.O1;  // y over this warp's half of the keys
   for (int c = 0; c < nch; ++c) {
     const bool more = c + 1 < nch, next_valid = (c + 1) * C + sl.t < T;
     if (more) pf.load(sl, at.off(c + 1), at.woff(c + 1), next_valid, r, k, v, w, nullptr);
@@ -555,38 +682,29 @@ chunk_forward_kernel(int T, int H, const bf16* __restrict__ r, const bf16* __res
       head_scores<true, false>(s, tid, s.dA);
     else
       scores(s, tid);
-    decay_state(s, tid);  // S <- e^{Et} S (the bf16 pair Sh/Sl still holds the undecayed S0 for y)
     __syncthreads();
-    if (warp < 4) {  // y tile j = warp: A V + (r e^{Ex}) S0
-      FragC acc;
-      wmma::fill_fragment(acc, 0.f);
-      FragAr a;
-      FragBr bv;
-      wmma::load_matrix_sync(bv, s.V + warp * 16, PB);
-      wmma::load_matrix_sync(a, s.Ah, PA);
-      wmma::mma_sync(acc, a, bv, acc);
-      wmma::load_matrix_sync(a, s.Al, PA);
-      wmma::mma_sync(acc, a, bv, acc);
-      rows_times_state(acc, s.Rh, s.Rl, s.Sh, s.Sl, warp);
-      wmma::store_matrix_sync(s.O1 + warp * 16, acc, PS, wmma::mem_row_major);
-    } else {  // state tiles 4 (warp - 4) .. +3
+    {
+      uint32_t vt[4];
+      ldsm4<true>(vt, s.V + ((lane & 7) + 8 * ((lane >> 3) & 1)) * PB + 16 * S.jb + 8 * (lane >> 4));
+      float out[2][4];
+      S.y_partial(out, s, vt, S.ih == 0, lane);
+      S.update(s, vt, lane);
 #pragma unroll
-      for (int q = 0; q < 4; ++q) state_update_tile<false>(s, 4 * (warp - 4) + q, s.Kh, s.Kl, nullptr, s.V);
+      for (int nb = 0; nb < 2; ++nb) {
+        const int j = 16 * S.jb + 8 * nb + 2 * S.c;
+        *reinterpret_cast<float2*>(part + S.g * PS + j) = make_float2(out[nb][0], out[nb][1]);
+        *reinterpret_cast<float2*>(part + (S.g + 8) * PS + j) = make_float2(out[nb][2], out[nb][3]);
+      }
     }
     __syncthreads();
     if (c * C + sl.t < T) {
-      const float* o = s.O1 + sl.t * PS + sl.i0;
-      const __nv_bfloat162 y01 = __floats2bfloat162_rn(o[0], o[1]), y23 = __floats2bfloat162_rn(o[2], o[3]);
-      uint2 raw;
-      raw.x = *reinterpret_cast<const uint32_t*>(&y01);
-      raw.y = *reinterpret_cast<const uint32_t*>(&y23);
-      *reinterpret_cast<uint2*>(y + at.off(c)) = raw;
+      const float4 o1 = ld4(s.O1 + sl.t * PS + sl.i0), o2 = ld4(s.O2 + sl.t * PS + sl.i0);
+      *reinterpret_cast<uint2*>(y + at.off(c)) = make_uint2(bf16x2(o1.x + o2.x, o1.y + o2.y), bf16x2(o1.z + o2.z, o1.w + o2.w));
     }
-    split_state<false>(s, tid);
     if (more) pf.store(s, sl, next_valid);
     __syncthreads();
   }
-  for (int e = tid; e < N * N; e += NT) hT[(int64_t)bh * N * N + e] = s.S[(e >> 6) * PS + (e & 63)];
+  S.store(hT + (int64_t)bh * N * N);
 }
 
 // ====================================================================================== backward sweep 1
