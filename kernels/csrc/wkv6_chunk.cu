@@ -7,9 +7,9 @@
 // per channel are elementwise with a decay per channel, become matrix products on tensor cores (head_scores);
 // gw then sums over the channels (chunk_gw_head_kernel).
 //
-// Per (b, h) one block of 256 threads walks the chunks in order, keeping the 64 x 64 state in fp32: the
-// forward in its warps' mma accumulators (RegState), the backward sweeps in shared memory. The backward's two sweeps are independent and run side by side in one launch (two
-// blocks per (b, h)); a small third kernel then forms gw from both sweeps' per-step terms. Within a
+// Per (b, h) one block of 256 threads walks the chunks in order, keeping the 64 x 64 state in fp32 in its
+// warps' mma accumulators (RegState in the forward, RegRows in the backward). The backward's two sweeps are
+// independent and run side by side in one launch (two blocks per (b, h)); a small third kernel then forms gw from both sweeps' per-step terms. Within a
 // chunk, with t, s local positions, lw = -exp(w) the log-decay, Ex_t = sum_{m<t} lw_m (exclusive),
 // Ei_t = Ex_{t+1} (inclusive), Et = Ei_{C-1}:
 //   y_t   = (r_t e^{Ex_t}) S0  +  sum_{s<t} A_ts v_s  +  (r_t.u.k_t) v_t
@@ -19,7 +19,7 @@
 // any decay (log-decays are clamped at -1e4, where exp already underflows to 0 in fp32). The
 // intra-chunk scores A are computed element by element in fp32, their decay factor e^{Ex_t - Ei_s} as
 // the running product of the per-step decays e^{lw_m}, s < m < t (each <= 1; no exp per term); every matrix
-// product runs as bf16 wmma with fp32 accumulation, with each fp32 operand split into a bf16 pair
+// product runs as bf16 mma with fp32 accumulation, with each fp32 operand split into a bf16 pair
 // hi + lo (hi = bf16(x), lo = bf16(x - hi)) so products keep ~16 bits: r, k, v, gy are bf16 already,
 // so r e^{Ex}, k e^{Et-Ei}, A, S and G are the only split operands (x*y ~ xh*yh + xh*yl + xl*yh).
 // Where a product feeds the decay gradient (below) it keeps fp32 precision instead: a third term
@@ -43,7 +43,7 @@
 //   out of both, every remaining term carries at least one decay, so a vanishing decay gives gw = 0
 //   instead of rounding noise times a huge lw. The pair is never added and subtracted again: inside a
 //   chunk its term is summed apart; at a chunk edge it sits inside a state product (b_0 through S0 gy_0,
-//   the last row's gk through G v_{C-1}), and edge_product forms that product in fp32 with the pair
+//   the last row's gk through G v_{C-1}), and RegRows::edge forms that product in fp32 with the pair
 //   taken out of the state first: (S0 - k_prev v_prev^T) gy_0 and (G - r_next^T gy_next) v_{C-1}. The
 //   pair is a bf16 x bf16 product, exact in fp32, and it entered the state with weight exactly 1, so
 //   what remains is the decayed rest of the state up to fp32 rounding (exactly 0 for a vanishing decay).
@@ -78,26 +78,27 @@ using FragC = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
 
 // ---------------------------------------------------------------------------------- shared memory
 // One carve-out for the forward and backward kernels (the backward sweeps use a superset of the forward's arrays).
+// The state itself lives in registers (RegState, RegRows); sweep 2 also keeps G's bf16 terms here for gv.
 struct Smem {
   float *R, *K, *LW, *Ex, *Ei;          // [C][PF]
   float *D;                               // [C][PF] per-step decay e^{lw} (per-channel scores)
-  float *O3;                              // [C][PS] one more wmma output, one decay per head: it is D's storage
-  float *Et, *EEt, *U, *X1, *X2, *Z, *XS; // [N]; EEt = e^{Et}; X1, X2: the neighbouring chunk's edge row;
-                                          // XS: the edge row's state product without the edge pair
-  float *S;                               // [N][PS] state (or G in the reverse sweep)
-  float *O1, *O2, *dA;                    // [C][PS] wmma outputs
+  float *O3;                              // [C][PS] one more mma output, one decay per head: it is D's storage
+  float *Et, *EEt, *U, *X1, *X2;          // [N]; EEt = e^{Et}; X1, X2: the neighbouring chunk's edge row
+  float *Z, *XS;                          // [2][N] per half of the state's columns: Z = rowsum(ghT * S), XS: the
+                                          // edge row's state product without the edge pair
+  float *O1, *O2, *O4, *dA;               // [C][PS] mma outputs
   bf16 *V, *DY, *Rh, *Rl, *Kh, *Kl;       // [C][PB]
   bf16 *Rm, *Km;                          // [C][PB] third terms of r e^{Ex}, k e^{Et-Ei} (backward updates)
   bf16 *Rb, *Kb;                          // [C][PB] r, k as loaded (one decay per head: score products)
   bf16 *Ah, *Al;                          // [C][PA]
   bf16 *Mh, *Ml, *Mm;                     // [C][PA] decayed gradient scores M (one decay per head), three terms
-  bf16 *Sh, *Sl, *Sm;                     // [N][PB]: S = Sh + Sl (+ Sm, a third term for gradients)
+  bf16 *Sh, *Sl;                          // [N][PB]: G = Sh + Sl (sweep 2's gv)
 };
 
 __host__ __device__ constexpr size_t align128(size_t x) { return (x + 127) / 128 * 128; }
 
 __host__ __device__ constexpr size_t smem_bytes() {
-  return 6 * align128(C * PF * 4) + 7 * align128(N * 4) + align128(N * PB * 2) + align128(N * PS * 4) + 3 * align128(C * PS * 4) +
+  return 6 * align128(C * PF * 4) + 5 * align128(N * 4) + 2 * align128(2 * N * 4) + 4 * align128(C * PS * 4) +
          10 * align128(C * PB * 2) + 5 * align128(C * PA * 2) + 2 * align128(N * PB * 2);
 }
 
@@ -109,16 +110,16 @@ __device__ Smem carve(unsigned char* p) {
   s.D = (float*)take(C * PF * 4);
   s.O3 = s.D;  // the head kernels form no per-step decays (cumsum<false>)
   s.Et = (float*)take(N * 4); s.EEt = (float*)take(N * 4); s.U = (float*)take(N * 4); s.X1 = (float*)take(N * 4); s.X2 = (float*)take(N * 4);
-  s.Z = (float*)take(N * 4); s.XS = (float*)take(N * 4);
-  s.S = (float*)take(N * PS * 4);
-  s.O1 = (float*)take(C * PS * 4); s.O2 = (float*)take(C * PS * 4); s.dA = (float*)take(C * PS * 4);
+  s.Z = (float*)take(2 * N * 4); s.XS = (float*)take(2 * N * 4);
+  s.O1 = (float*)take(C * PS * 4); s.O2 = (float*)take(C * PS * 4); s.O4 = (float*)take(C * PS * 4);
+  s.dA = (float*)take(C * PS * 4);
   s.V = (bf16*)take(C * PB * 2); s.DY = (bf16*)take(C * PB * 2); s.Rh = (bf16*)take(C * PB * 2);
   s.Rl = (bf16*)take(C * PB * 2); s.Kh = (bf16*)take(C * PB * 2); s.Kl = (bf16*)take(C * PB * 2);
   s.Rm = (bf16*)take(C * PB * 2); s.Km = (bf16*)take(C * PB * 2);
   s.Rb = (bf16*)take(C * PB * 2); s.Kb = (bf16*)take(C * PB * 2);
   s.Ah = (bf16*)take(C * PA * 2); s.Al = (bf16*)take(C * PA * 2);
   s.Mh = (bf16*)take(C * PA * 2); s.Ml = (bf16*)take(C * PA * 2); s.Mm = (bf16*)take(C * PA * 2);
-  s.Sh = (bf16*)take(N * PB * 2); s.Sl = (bf16*)take(N * PB * 2); s.Sm = (bf16*)take(N * PB * 2);
+  s.Sh = (bf16*)take(N * PB * 2); s.Sl = (bf16*)take(N * PB * 2);
   return s;
 }
 
@@ -351,87 +352,6 @@ __device__ __forceinline__ void scores(const Smem& s, int tid) {
   split(p[0], s.Ah + c * PA + sr, s.Al + c * PA + sr);
 }
 
-// fp32 state (or G) -> bf16 terms hi, lo (MID: and mid), 4 consecutive entries of a row per thread and step.
-template <bool MID>  // MID: also the third term Sm (the backward's transposed products use it)
-__device__ __forceinline__ void split_state(const Smem& s, int tid) {
-#pragma unroll
-  for (int e = 4 * tid; e < N * N; e += 4 * NT) {
-    const int i = e >> 6, j = e & 63;
-    split4<MID>(ld4(s.S + i * PS + j), s.Sh + i * PB + j, s.Sl + i * PB + j, s.Sm + i * PB + j);
-  }
-}
-
-// S <- e^{Et} S in place (row i, the key channel, scaled by its chunk decay).
-__device__ __forceinline__ void decay_state(const Smem& s, int tid) {
-#pragma unroll
-  for (int e = 4 * tid; e < N * N; e += 4 * NT) {
-    const int i = e >> 6, j = e & 63;
-    const float g = s.EEt[i];
-    const float4 x = ld4(s.S + i * PS + j);
-    put4(s.S + i * PS + j, make_float4(x.x * g, x.y * g, x.z * g, x.w * g));
-  }
-}
-
-// One 16 x 16 tile q of the state update S (already decayed) += X^T Y, X split into bf16 terms Xh + Xl
-// (MID: + Xm, then each product is exact).
-template <bool MID>
-__device__ __forceinline__ void state_update_tile(const Smem& s, int q, const bf16* Xh, const bf16* Xl,
-                                                  const bf16* Xm, const bf16* Y) {
-  // tile q of the 4 x 4 grid: rows i (key) block ti, columns j (value) block tj;
-  // S[i][j] += sum_t X[t][i] Y[t][j]  (X^T as a col-major A operand)
-  const int ti = q >> 2, tj = q & 3;
-  FragC acc;
-  wmma::load_matrix_sync(acc, s.S + ti * 16 * PS + tj * 16, PS, wmma::mem_row_major);
-  FragAc a;
-  FragBr b;
-  wmma::load_matrix_sync(b, Y + tj * 16, PB);
-  wmma::load_matrix_sync(a, Xh + ti * 16, PB);
-  wmma::mma_sync(acc, a, b, acc);
-  wmma::load_matrix_sync(a, Xl + ti * 16, PB);
-  wmma::mma_sync(acc, a, b, acc);
-  if (MID) {
-    wmma::load_matrix_sync(a, Xm + ti * 16, PB);
-    wmma::mma_sync(acc, a, b, acc);
-  }
-  wmma::store_matrix_sync(s.S + ti * 16 * PS + tj * 16, acc, PS, wmma::mem_row_major);
-}
-
-// out[:, 16 tj ..] += Xsplit (C x 64, row-major) . Msplit[:, 16 tj ..] (64 x 64, row-major): 3 mmas per k-step.
-__device__ __forceinline__ void rows_times_state(FragC& acc, const bf16* Xh, const bf16* Xl, const bf16* Mh,
-                                                 const bf16* Ml, int tj) {
-  FragAr xh, xl;
-  FragBr mh, ml;
-#pragma unroll
-  for (int kk = 0; kk < 4; ++kk) {
-    wmma::load_matrix_sync(xh, Xh + kk * 16, PB);
-    wmma::load_matrix_sync(xl, Xl + kk * 16, PB);
-    wmma::load_matrix_sync(mh, Mh + kk * 16 * PB + tj * 16, PB);
-    wmma::load_matrix_sync(ml, Ml + kk * 16 * PB + tj * 16, PB);
-    wmma::mma_sync(acc, xh, mh, acc);
-    wmma::mma_sync(acc, xh, ml, acc);
-    wmma::mma_sync(acc, xl, mh, acc);
-  }
-}
-
-// out[t][16 ti + n] = sum_j X[t][j] M[16 ti + n][j]  (X bf16 exact, M a split 64 x 64 row-major): X . M^T.
-// M carries three bf16 terms (~24 bits): these products feed the decay gradient's running sum,
-// whose terms cancel in pairs, so their rounding must stay at fp32 level.
-__device__ __forceinline__ void rows_times_state_t(FragC& acc, const bf16* X, const bf16* Mh, const bf16* Ml,
-                                                   const bf16* Mm, int ti) {
-  FragAr x;
-  FragBc m;
-#pragma unroll
-  for (int kk = 0; kk < 4; ++kk) {
-    wmma::load_matrix_sync(x, X + kk * 16, PB);
-    wmma::load_matrix_sync(m, Mm + ti * 16 * PB + kk * 16, PB);
-    wmma::mma_sync(acc, x, m, acc);
-    wmma::load_matrix_sync(m, Ml + ti * 16 * PB + kk * 16, PB);
-    wmma::mma_sync(acc, x, m, acc);
-    wmma::load_matrix_sync(m, Mh + ti * 16 * PB + kk * 16, PB);
-    wmma::mma_sync(acc, x, m, acc);
-  }
-}
-
 // dst[t][s] = X_t . Y_s (16 x 16 fp32, row stride PS) for bf16 rows X, Y: one warp. The gradient scores
 // dA = gy v^T, and with one decay per head the undecayed scores r k^T. Each product of two bf16 values is exact
 // in fp32, so these are the fp32 dot products of the elementwise form.
@@ -491,41 +411,12 @@ __device__ __forceinline__ void decayed_times(float* out, const Smem& s, const b
   wmma::store_matrix_sync(out + tj * 16, acc, PS, wmma::mem_row_major);
 }
 
-// XS[i] = sum_j (M[i][j] - X1[i] X2[j]) x[j], M the fp32 state (or G) in s.S, X1 X2^T the edge pair, x a bf16
-// row. X1[i] X2[j] is a product of two bf16 values, exact in fp32, and the fma subtracts it from M before any
-// other rounding. Thread tid: row i = tid / 4, columns 8p + {0..3, 4..7, 32..35, 36..39} (p = tid % 4; eight
-// threads of a quarter warp then hit distinct banks), the four partial sums added across lanes.
-__device__ __forceinline__ void edge_product(const Smem& s, int tid, const bf16* x) {
-  const int i = tid >> 2, p = tid & 3;
-  const float a = s.X1[i];
-  float acc = 0.f;
-#pragma unroll
-  for (int q = 0; q < 4; ++q) {
-    const int j = 8 * p + 4 * (q & 1) + 32 * (q >> 1);
-    const float4 m = ld4(s.S + i * PS + j), b = ld4(s.X2 + j);
-    const uint2 xr = ld_raw(x + j);
-    const float2 x01 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&xr.x));
-    const float2 x23 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&xr.y));
-    acc = fmaf(fmaf(-a, b.x, m.x), x01.x, acc);
-    acc = fmaf(fmaf(-a, b.y, m.y), x01.y, acc);
-    acc = fmaf(fmaf(-a, b.z, m.z), x23.x, acc);
-    acc = fmaf(fmaf(-a, b.w, m.w), x23.y, acc);
-  }
-  acc += __shfl_xor_sync(0xffffffffu, acc, 1);
-  acc += __shfl_xor_sync(0xffffffffu, acc, 2);
-  if (p == 0) s.XS[i] = acc;
-}
-
 // The elementwise passes of the backward sweeps give thread group g = tid / 64 the rows {g, 7-g, 8+g, 15-g}:
 // their in-chunk loops cost ~t (sweep 1) or ~C-t (sweep 2) steps, so every group gets the same work.
 __device__ __forceinline__ int owned_row(int g, int m) { return m == 0 ? g : m == 1 ? 7 - g : m == 2 ? 8 + g : 15 - g; }
 
-__device__ __forceinline__ void init_state(const Smem& s, const float* src, int tid) {
-  for (int e = tid; e < N * N; e += NT) s.S[(e >> 6) * PS + (e & 63)] = src ? src[e] : 0.f;
-}
-
-// ------------------------------------------------------------------- the forward's state in registers
-// The forward keeps the state in the warps' mma accumulators instead of shared memory. It uses the PTX
+// ------------------------------------------------------------------------------- the state in registers
+// The kernels keep the state in the warps' mma accumulators, not in shared memory. The state products use the PTX
 // m16n8k16 bf16 mma, whose fragment layouts are fixed (g = lane / 4, c = lane % 4; pairs are bf16x2, the lower
 // index in the low half):
 //   A (16 x 16, row-major): a[0..3] = (g, 2c..2c+1), (g+8, 2c..), (g, 2c+8..), (g+8, 2c+8..)
@@ -590,7 +481,7 @@ struct RegState {
   }
 
   // out (16 x 16 fp32: t, the warp's columns j) = (r e^{Ex})[:, this warp's keys] S0[keys, j] with r e^{Ex} and
-  // S0 as bf16 pairs (three products, as rows_times_state), plus with AV the in-chunk A V (A a bf16 pair, V
+  // S0 as bf16 pairs (three products), plus with AV the in-chunk A V (A a bf16 pair, V
   // exact); vt: ldmatrix.trans of V's 16 x 16 block at columns 16 jb (blocks t 0-7 | 8-15 x j 0-7 | 8-15).
   __device__ void y_partial(float (*out)[4], const Smem& s, const uint32_t* vt, bool AV, int lane) const {
 #pragma unroll
@@ -625,7 +516,7 @@ struct RegState {
     }
   }
 
-  // S <- e^{Et} S + (k e^{Et-Ei})^T V, with k e^{Et-Ei} the bf16 pair Kh + Kl (as state_update_tile<false>):
+  // S <- e^{Et} S + (k e^{Et-Ei})^T V, with k e^{Et-Ei} the bf16 pair Kh + Kl:
   // S^T[j][i] += sum_t V^T[j][t] K[t][i], A = V^T from vt, B = K by ldmatrix.trans.
   __device__ void update(const Smem& s, const uint32_t* vt, int lane) {
     const uint32_t av[4] = {vt[0], vt[2], vt[1], vt[3]};
@@ -648,6 +539,200 @@ struct RegState {
     }
   }
 };
+
+// Two fp32 values as three bf16x2 terms hi + lo + mid (== x, as split<true>).
+__device__ __forceinline__ void split3(float x0, float x1, uint32_t& hi, uint32_t& lo, uint32_t& mid) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(x0, x1);
+  const float2 f = __bfloat1622float2(h);
+  const float d0 = x0 - f.x, d1 = x1 - f.y;
+  const __nv_bfloat162 l = __floats2bfloat162_rn(d0, d1);
+  const float2 e = __bfloat1622float2(l);
+  hi = *reinterpret_cast<const uint32_t*>(&h);
+  lo = *reinterpret_cast<const uint32_t*>(&l);
+  mid = bf16x2(d0 - e.x, d1 - e.y);
+}
+
+// The backward sweeps' state (S in sweep 1, G = dL/dS_end in sweep 2) in registers, rows on the fragments' g:
+// warp w holds S[i][j] for the keys i in [16 ib, 16 ib + 16), ib = w % 4, and the values j in [32 jh, 32 jh + 32),
+// jh = w / 4, as four C tiles; tile n covers the values 32 jh + 8 n ..+7:
+//   st[n] = S[i][j], S[i][j+1], S[i+8][j], S[i+8][j+1]  with i = 16 ib + g, j = 32 jh + 8 n + 2c.
+// A C tile of S (rows i, columns j) holds the pairs that a B fragment of S^T needs: X S^T reads its operand from
+// the accumulators.
+struct RegRows {
+  float st[4][4];
+  int ib, jh, g, c;
+  __device__ explicit RegRows(int tid) : ib((tid >> 5) & 3), jh(tid >> 7), g((tid & 31) >> 2), c(tid & 3) {}
+  __device__ int key(int e) const { return 16 * ib + g + 8 * (e >> 1); }
+  __device__ int val(int n, int e) const { return 32 * jh + 8 * n + 2 * c + (e & 1); }
+  // src: [N][N] fp32 (i, j) row-major, or nullptr for zeros
+  __device__ void load(const float* src) {
+#pragma unroll
+    for (int n = 0; n < 4; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) st[n][e] = src ? src[key(e) * N + val(n, e)] : 0.f;
+  }
+  __device__ void store(float* dst) const {
+#pragma unroll
+    for (int n = 0; n < 4; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dst[key(e) * N + val(n, e)] = st[n][e];
+  }
+
+  // dst[t][i] (PS rows, this warp's keys i) = sum over this warp's values j of X[t][j] S[i][j]: X bf16 rows (exact),
+  // S as three bf16 terms, so every product is exact and the sums keep fp32 precision (they feed gw).
+  __device__ void times_t(float* dst, const bf16* X, int lane) const {
+    float out[2][4] = {};
+    const int row = lane & 15, col = 8 * (lane >> 4);
+#pragma unroll
+    for (int kk = 0; kk < 2; ++kk) {
+      uint32_t x[4];
+      ldsm4<false>(x, X + row * PB + 32 * jh + 16 * kk + col);
+#pragma unroll
+      for (int nb = 0; nb < 2; ++nb) {
+        uint32_t h0, l0, m0, h1, l1, m1;
+        split3(st[2 * kk][2 * nb], st[2 * kk][2 * nb + 1], h0, l0, m0);
+        split3(st[2 * kk + 1][2 * nb], st[2 * kk + 1][2 * nb + 1], h1, l1, m1);
+        mma16816(out[nb], x, m0, m1);
+        mma16816(out[nb], x, l0, l1);
+        mma16816(out[nb], x, h0, h1);
+      }
+    }
+#pragma unroll
+    for (int nb = 0; nb < 2; ++nb) {
+      const int i = 16 * ib + 8 * nb + 2 * c;
+      *reinterpret_cast<float2*>(dst + g * PS + i) = make_float2(out[nb][0], out[nb][1]);
+      *reinterpret_cast<float2*>(dst + (g + 8) * PS + i) = make_float2(out[nb][2], out[nb][3]);
+    }
+  }
+
+  // S <- e^{Et} S + X^T Y: X (C x N) as three bf16 terms Xh + Xl + Xm, Y bf16 rows (C x N); every product exact.
+  // A = X^T by ldmatrix.trans of X's 16 x 16 block at the warp's keys, B = Y likewise at its values.
+  __device__ void update(const Smem& s, const bf16* Xh, const bf16* Xl, const bf16* Xm, const bf16* Y, int lane) {
+    const float e0 = s.EEt[key(0)], e1 = s.EEt[key(2)];
+#pragma unroll
+    for (int n = 0; n < 4; ++n) {
+      st[n][0] *= e0; st[n][1] *= e0; st[n][2] *= e1; st[n][3] *= e1;
+    }
+    const int xo = ((lane & 7) + 8 * (lane >> 4)) * PB + 16 * ib + 8 * ((lane >> 3) & 1);
+    uint32_t xh[4], xl[4], xm[4];
+    ldsm4<true>(xh, Xh + xo);
+    ldsm4<true>(xl, Xl + xo);
+    ldsm4<true>(xm, Xm + xo);
+    const int row = (lane & 7) + 8 * ((lane >> 3) & 1), col = 8 * (lane >> 4);
+#pragma unroll
+    for (int np = 0; np < 2; ++np) {  // value tiles 2 np, 2 np + 1
+      uint32_t y[4];
+      ldsm4<true>(y, Y + row * PB + 32 * jh + 16 * np + col);
+#pragma unroll
+      for (int q = 0; q < 2; ++q) {
+        mma16816(st[2 * np + q], xh, y[2 * q], y[2 * q + 1]);
+        mma16816(st[2 * np + q], xl, y[2 * q], y[2 * q + 1]);
+        mma16816(st[2 * np + q], xm, y[2 * q], y[2 * q + 1]);
+      }
+    }
+  }
+
+  // dst[i] = this warp's share (its values j) of sum_j (S[i][j] - X1[i] X2[j]) x[j], x a bf16 row and X1 X2^T the
+  // edge pair: a product of two bf16 values, exact in fp32, which the inner fma takes out of S before any other
+  // rounding. The two warps of a key block write the two halves of dst (XS[jh * N + i]).
+  __device__ void edge(float* dst, const Smem& s, const bf16* x) const {
+    float p[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float a = s.X1[key(2 * r)];
+      float acc = 0.f;
+#pragma unroll
+      for (int n = 0; n < 4; ++n) {
+        const int j = val(n, 0);
+        const float2 b = *reinterpret_cast<const float2*>(s.X2 + j);
+        const float2 xv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(x + j));
+        acc = fmaf(fmaf(-a, b.x, st[n][2 * r]), xv.x, acc);
+        acc = fmaf(fmaf(-a, b.y, st[n][2 * r + 1]), xv.y, acc);
+      }
+      acc += __shfl_xor_sync(0xffffffffu, acc, 1);
+      acc += __shfl_xor_sync(0xffffffffu, acc, 2);
+      p[r] = acc;
+    }
+    if (c == 0) {
+      dst[key(0)] = p[0];
+      dst[key(2)] = p[1];
+    }
+  }
+
+  // dst[i] = this warp's share of rowsum(gm * S)[i], gm an [N][N] fp32 matrix in global memory (nullptr: zeros).
+  __device__ void rowdot(float* dst, const float* gm) const {
+    float p[2] = {0.f, 0.f};
+    if (gm) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+#pragma unroll
+        for (int n = 0; n < 4; ++n) {
+          const float2 q = *reinterpret_cast<const float2*>(gm + key(2 * r) * N + val(n, 0));
+          p[r] = fmaf(q.x, st[n][2 * r], p[r]);
+          p[r] = fmaf(q.y, st[n][2 * r + 1], p[r]);
+        }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        p[r] += __shfl_xor_sync(0xffffffffu, p[r], 1);
+        p[r] += __shfl_xor_sync(0xffffffffu, p[r], 2);
+      }
+    }
+    if (c == 0) {
+      dst[key(0)] = p[0];
+      dst[key(2)] = p[1];
+    }
+  }
+
+  // The bf16 pair hi + lo of S into [N][PB] rows (sweep 2's gv reads G from there).
+  __device__ void split_to(bf16* hi, bf16* lo) const {
+#pragma unroll
+    for (int n = 0; n < 4; ++n)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        uint32_t h, l;
+        split2(st[n][2 * r], st[n][2 * r + 1], h, l);
+        const int o = key(2 * r) * PB + val(n, 0);
+        *reinterpret_cast<uint32_t*>(hi + o) = h;
+        *reinterpret_cast<uint32_t*>(lo + o) = l;
+      }
+  }
+};
+
+// Sweep 2's gv[s][j] for the 8 values j in [8 w, 8 w + 8) of warp w, into dst (PS rows):
+//   gv = A^T gy + (k e^{Et-Ei}) G,  A and k e^{Et-Ei} as bf16 pairs, G as the pair Sh + Sl (three products).
+__device__ __forceinline__ void gv_tile(float* dst, const Smem& s, int warp, int lane) {
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  const int g = lane >> 2, c = lane & 3;
+  {  // A^T gy: A^T by ldmatrix.trans of the scores [t][s]; gy [t][j] likewise (the upper lanes repeat the lower)
+    const int ao = ((lane & 7) + 8 * (lane >> 4)) * PA + 8 * ((lane >> 3) & 1);
+    uint32_t ah[4], al[4], gy[4];
+    ldsm4<true>(ah, s.Ah + ao);
+    ldsm4<true>(al, s.Al + ao);
+    ldsm4<true>(gy, s.DY + (lane & 15) * PB + 8 * warp);
+    mma16816(acc, ah, gy[0], gy[1]);
+    mma16816(acc, al, gy[0], gy[1]);
+  }
+  const int row = lane & 15, col = 8 * (lane >> 4);
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {  // keys 32 half ..+31: G's rows by ldmatrix.trans, 8 keys per matrix
+    uint32_t gh[4], gl[4];
+    ldsm4<true>(gh, s.Sh + (32 * half + lane) * PB + 8 * warp);
+    ldsm4<true>(gl, s.Sl + (32 * half + lane) * PB + 8 * warp);
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+      const int kk = 2 * half + q;
+      uint32_t kh[4], kl[4];
+      ldsm4<false>(kh, s.Kh + row * PB + 16 * kk + col);
+      ldsm4<false>(kl, s.Kl + row * PB + 16 * kk + col);
+      mma16816(acc, kh, gh[2 * q], gh[2 * q + 1]);
+      mma16816(acc, kh, gl[2 * q], gl[2 * q + 1]);
+      mma16816(acc, kl, gh[2 * q], gh[2 * q + 1]);
+    }
+  }
+  const int j = 8 * warp + 2 * c;
+  *reinterpret_cast<float2*>(dst + g * PS + j) = make_float2(acc[0], acc[1]);
+  *reinterpret_cast<float2*>(dst + (g + 8) * PS + j) = make_float2(acc[2], acc[3]);
+}
 
 // =============================================================================================== forward
 // Per chunk: cumsums | scaled rows and scores | per warp: its share of y and of the state update, from the
@@ -717,7 +802,7 @@ __device__ __forceinline__ void backward_sweep1(const Smem& s, int bh, int T, in
                                                 const float* __restrict__ ghT, bf16* __restrict__ gr,
                                                 float* __restrict__ bscr, float* __restrict__ gu_part,
                                                 float* __restrict__ P) {
-  const int tid = threadIdx.x, warp = tid >> 5, b = bh / H, h = bh % H;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, b = bh / H, h = bh % H;
   const ChunkAddr at(b, h, T, H, tid);
   const Slot& sl = at.sl;
   // elementwise ownership: channel i = tid & 63, rows owned_row(tid >> 6, 0..3)
@@ -728,9 +813,8 @@ __device__ __forceinline__ void backward_sweep1(const Smem& s, int bh, int T, in
     s.X1[tid] = 0.f;  // k of the previous chunk's last step
     s.X2[tid] = 0.f;  // v of the previous chunk's last step
   }
-  init_state(s, h0 ? h0 + (int64_t)bh * N * N : nullptr, tid);
-  __syncthreads();
-  split_state<true>(s, tid);
+  RegRows S(tid);
+  S.load(h0 ? h0 + (int64_t)bh * N * N : nullptr);
   Prefetch<Tw, true, WH> pf;
   const int nch = (T + C - 1) / C;
   pf.load(sl, at.off(0), at.woff(0), sl.t < T, r, k, v, w, gy);
@@ -739,33 +823,18 @@ __device__ __forceinline__ void backward_sweep1(const Smem& s, int bh, int T, in
   for (int c = 0; c < nch; ++c) {
     const bool more = c + 1 < nch, next_valid = (c + 1) * C + sl.t < T;
     if (more) pf.load(sl, at.off(c + 1), at.woff(c + 1), next_valid, r, k, v, w, gy);
-    edge_product(s, tid, s.DY);  // XS = (S0 - k_prev v_prev^T) gy_0, before S0 decays in place
+    S.edge(s.XS + S.jh * N, s, s.DY);  // XS = (S0 - k_prev v_prev^T) gy_0, from the undecayed S0
     cumsum<false>(s, tid);
     if (warp == 4) dots(s.dA, s.DY, s.V);
-    if (!more && tid >= N && tid < 2 * N) {  // Z = rowsum(ghT * S0) of the last chunk, for P below
-      const int i = tid - N;
-      float z = 0.f;
-      if (ghT) {
-        const float* g = ghT + (int64_t)bh * N * N + i * N;
-        for (int j = 0; j < N; ++j) z = fmaf(g[j], s.S[i * PS + j], z);
-      }
-      s.Z[i] = z;
-    }
+    if (!more) S.rowdot(s.Z + S.jh * N, ghT ? ghT + (int64_t)bh * N * N : nullptr);  // Z = rowsum(ghT * S0), for P
     __syncthreads();
     scaled_rk<0, 3>(s, sl);
-    decay_state(s, tid);
     if (WH) head_scores<false, true>(s, tid, nullptr);
     __syncthreads();
-    if (warp < 4) {  // O1[t][16 warp + n] = (gy S0^T)[t][i]; one decay per head: O2 = M k (the in-chunk sum)
-      FragC acc;
-      wmma::fill_fragment(acc, 0.f);
-      rows_times_state_t(acc, s.DY, s.Sh, s.Sl, s.Sm, warp);
-      wmma::store_matrix_sync(s.O1 + warp * 16, acc, PS, wmma::mem_row_major);
-      if (WH) decayed_times<false>(s.O2, s, s.Kb, warp);
-    } else {
-#pragma unroll
-      for (int q = 0; q < 4; ++q) state_update_tile<true>(s, 4 * (warp - 4) + q, s.Kh, s.Kl, s.Km, s.V);
-    }
+    // O1 + O4 = gy S0^T (per half of the values); S <- e^{Et} S + (k e^{Et-Ei})^T v; one decay per head: O2 = M k
+    S.times_t(S.jh ? s.O4 : s.O1, s.DY, lane);
+    S.update(s, s.Kh, s.Kl, s.Km, s.V, lane);
+    if (WH && warp < 4) decayed_times<false>(s.O2, s, s.Kb, warp);
     __syncthreads();
     float gr_out[4], b_out[4];
     // one decay per head: rolled, which keeps the registers under the bound of two blocks per SM (unrolled,
@@ -774,7 +843,7 @@ __device__ __forceinline__ void backward_sweep1(const Smem& s, int bh, int T, in
     for (int m = 0; m < 4; ++m) {
       const int t = owned_row(eg, m), o = t * PF + ei;
       const float ex = s.Ex[o];
-      float acc = __expf(ex) * s.O1[t * PS + ei];
+      float acc = __expf(ex) * (s.O1[t * PS + ei] + s.O4[t * PS + ei]);
       // j = t-1 (weight exactly 1) is summed apart: b leaves the adjacent pair out, and subtracting it after
       // rounding it into acc left noise that gw multiplies by |lw| (up to 1e5 for strong decays).
       if (WH)
@@ -786,7 +855,7 @@ __device__ __forceinline__ void backward_sweep1(const Smem& s, int bh, int T, in
       // t = 0: the pair with the previous chunk's last step is inside the state term (gr keeps it); b takes
       // the state term from XS, where it was left out before rounding (e^{Ex_0} = 1, no in-chunk terms)
       const float adj = t == 0 ? 0.f : s.dA[t * PS + t - 1] * s.K[(t - 1) * PF + ei];
-      const float far = t == 0 ? s.XS[ei] : acc;
+      const float far = t == 0 ? s.XS[ei] + s.XS[N + ei] : acc;
       gr_out[m] = acc + adj + s.U[ei] * kt * dtt;
       b_out[m] = rt * far;
     }
@@ -799,11 +868,10 @@ __device__ __forceinline__ void backward_sweep1(const Smem& s, int bh, int T, in
         bscr[g] = b_out[m];
       }
     }
-    if (tid < N) {  // X1, X2 were last read by edge_product, before the first barrier of this chunk
+    if (tid < N) {  // X1, X2 were last read by S.edge, before the first barrier of this chunk
       s.X1[tid] = s.K[(C - 1) * PF + tid];
       s.X2[tid] = __bfloat162float(s.V[(C - 1) * PB + tid]);
     }
-    split_state<true>(s, tid);
     __syncthreads();  // the elementwise pass above still reads this chunk's R, K
     if (more) pf.store(s, sl, next_valid);
     __syncthreads();
@@ -818,7 +886,7 @@ __device__ __forceinline__ void backward_sweep1(const Smem& s, int bh, int T, in
     // From the last chunk's S0 and rows s < L (L = its last valid row), every term decayed.
     const int L = T - 1 - (nch - 1) * C;
     const float eL = s.Ei[L * PF + tid];
-    float p = __expf(eL) * s.Z[tid];
+    float p = __expf(eL) * (s.Z[tid] + s.Z[N + tid]);
     if (ghT) {
       const float* g = ghT + (int64_t)bh * N * N + tid * N;
       for (int q = 0; q < L; ++q) {
@@ -833,7 +901,7 @@ __device__ __forceinline__ void backward_sweep1(const Smem& s, int bh, int T, in
 
 // ====================================================================================== backward sweep 2
 // Reverse in time: gk, gv, gh0, and kd_s = k_s * (gk_s - u r_s dA_ss - r_{s+1} dA_{s+1,s}) (the decay
-// gradient's share of each key step, into kscr). s.S holds G = dL/dS_end of the current chunk. Independent of
+// gradient's share of each key step, into kscr). G (registers) holds dL/dS_end of the current chunk. Independent of
 // sweep 1, so both run at once (chunk_backward_kernel); chunk_gw_kernel then combines kd with sweep 1's b and P.
 template <typename Tw, bool WH>
 __device__ __forceinline__ void backward_sweep2(const Smem& s, int bh, int T, int H, const bf16* __restrict__ r,
@@ -842,7 +910,7 @@ __device__ __forceinline__ void backward_sweep2(const Smem& s, int bh, int T, in
                                                 const bf16* __restrict__ gy, const float* __restrict__ ghT,
                                                 bf16* __restrict__ gk, bf16* __restrict__ gv,
                                                 float* __restrict__ kscr, float* __restrict__ gh0) {
-  const int tid = threadIdx.x, warp = tid >> 5, b = bh / H, h = bh % H;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, b = bh / H, h = bh % H;
   const ChunkAddr at(b, h, T, H, tid);
   const Slot& sl = at.sl;
   const int ei = tid & 63, eg = tid >> 6;
@@ -851,9 +919,9 @@ __device__ __forceinline__ void backward_sweep2(const Smem& s, int bh, int T, in
     s.X1[tid] = 0.f;  // r of the next chunk's first step
     s.X2[tid] = 0.f;  // gy of the next chunk's first step
   }
-  init_state(s, ghT ? ghT + (int64_t)bh * N * N : nullptr, tid);
-  __syncthreads();
-  split_state<true>(s, tid);
+  RegRows G(tid);
+  G.load(ghT ? ghT + (int64_t)bh * N * N : nullptr);
+  G.split_to(s.Sh, s.Sl);
   Prefetch<Tw, true, WH> pf;
   const int nch = (T + C - 1) / C;
   pf.load(sl, at.off(nch - 1), at.woff(nch - 1), (nch - 1) * C + sl.t < T, r, k, v, w, gy);
@@ -862,7 +930,7 @@ __device__ __forceinline__ void backward_sweep2(const Smem& s, int bh, int T, in
   for (int c = nch - 1; c >= 0; --c) {
     const bool more = c > 0;  // chunk c-1 is always full
     if (more) pf.load(sl, at.off(c - 1), at.woff(c - 1), true, r, k, v, w, gy);
-    edge_product(s, tid, s.V + (C - 1) * PB);  // XS = (G - r_next^T gy_next) v_{C-1}, before G decays in place
+    G.edge(s.XS + G.jh * N, s, s.V + (C - 1) * PB);  // XS = (G - r_next^T gy_next) v_{C-1}, undecayed G
     cumsum<!WH>(s, tid);
     if (warp == 0) dots(s.dA, s.DY, s.V);
     if (WH && warp == 1) dots(s.O3, s.Rb, s.Kb);  // r k^T
@@ -872,36 +940,20 @@ __device__ __forceinline__ void backward_sweep2(const Smem& s, int bh, int T, in
       head_scores<true, true>(s, tid, s.O3);
     else
       scores(s, tid);
-    decay_state(s, tid);  // G <- e^{Et} G; Sh/Sl keep the undecayed G for gv and gk
     __syncthreads();
-    if (warp < 4) {  // gv tile j = warp: A^T gy + (k e^{Et-Ei}) G
-      FragC acc;
-      wmma::fill_fragment(acc, 0.f);
-      FragAc a;
-      FragBr bg;
-      wmma::load_matrix_sync(bg, s.DY + warp * 16, PB);
-      wmma::load_matrix_sync(a, s.Ah, PA);
-      wmma::mma_sync(acc, a, bg, acc);
-      wmma::load_matrix_sync(a, s.Al, PA);
-      wmma::mma_sync(acc, a, bg, acc);
-      rows_times_state(acc, s.Kh, s.Kl, s.Sh, s.Sl, warp);
-      wmma::store_matrix_sync(s.O1 + warp * 16, acc, PS, wmma::mem_row_major);
-      if (WH) decayed_times<true>(s.O3, s, s.Rb, warp);  // M^T r (the in-chunk sum of gk)
-    } else {  // O2[s][16 ti + n] = (V G^T)[s][i], ti = warp - 4; then G += (r e^{Ex})^T gy on 4 tiles
-      FragC acc;
-      wmma::fill_fragment(acc, 0.f);
-      rows_times_state_t(acc, s.V, s.Sh, s.Sl, s.Sm, warp - 4);
-      wmma::store_matrix_sync(s.O2 + (warp - 4) * 16, acc, PS, wmma::mem_row_major);
-#pragma unroll
-      for (int q = 0; q < 4; ++q) state_update_tile<true>(s, 4 * (warp - 4) + q, s.Rh, s.Rl, s.Rm, s.DY);
-    }
+    // O1 = gv (Sh + Sl: the undecayed G); O2 + O4 = V G^T (per half of the values); G <- e^{Et} G + (r e^{Ex})^T gy;
+    // one decay per head: O3 = M^T r (the in-chunk sum of gk)
+    gv_tile(s.O1, s, warp, lane);
+    G.times_t(G.jh ? s.O4 : s.O2, s.V, lane);
+    G.update(s, s.Rh, s.Rl, s.Rm, s.DY, lane);
+    if (WH && warp < 4) decayed_times<true>(s.O3, s, s.Rb, warp);
     __syncthreads();
     float kd_out[4], gk_out[4], gv_out[4];
 #pragma unroll
     for (int m = 0; m < 4; ++m) {
       const int t = owned_row(eg, m), o = t * PF + ei;  // t plays "s" (the key position) here
       const float eis = s.Ei[o], fs = __expf(s.Et[ei] - eis);
-      const float st = fs * s.O2[t * PS + ei];  // through G (the chunk's end state)
+      const float st = fs * (s.O2[t * PS + ei] + s.O4[t * PS + ei]);  // through G (the chunk's end state)
       float in = 0.f;
       // q = t+1 (weight exactly 1) summed apart, as in the forward sweep; t = C-1: that pair is inside G
       if (WH)
@@ -912,7 +964,7 @@ __device__ __forceinline__ void backward_sweep2(const Smem& s, int bh, int T, in
       // the state part without the pair (t, t+1): t = C-1 takes it from XS, where the pair with the next chunk's
       // first step was left out before rounding; at T-1 the whole state part is the pair with the final-state
       // gradient, left out of P too
-      const float far = c * C + t == T - 1 ? 0.f : t == C - 1 ? fs * s.XS[ei] : st;
+      const float far = c * C + t == T - 1 ? 0.f : t == C - 1 ? fs * (s.XS[ei] + s.XS[N + ei]) : st;
       kd_out[m] = s.K[o] * (far + in);
       gk_out[m] = st + in + adj + s.U[ei] * s.R[o] * s.dA[t * PS + t];
       gv_out[m] = s.O1[t * PS + ei];
@@ -927,17 +979,16 @@ __device__ __forceinline__ void backward_sweep2(const Smem& s, int bh, int T, in
         kscr[g] = kd_out[m];
       }
     }
-    if (tid < N) {  // X1, X2 were last read by edge_product, before the first barrier of this chunk
+    if (tid < N) {  // X1, X2 were last read by G.edge, before the first barrier of this chunk
       s.X1[ei] = s.R[ei];
       s.X2[ei] = __bfloat162float(s.DY[ei]);
     }
-    split_state<true>(s, tid);
+    G.split_to(s.Sh, s.Sl);  // every warp's gv_tile above has read the former G
     __syncthreads();
     if (more) pf.store(s, sl, true);
     __syncthreads();
   }
-  if (gh0)
-    for (int e = tid; e < N * N; e += NT) gh0[(int64_t)bh * N * N + e] = s.S[(e >> 6) * PS + (e & 63)];
+  if (gh0) G.store(gh0 + (int64_t)bh * N * N);
 }
 
 // ========================================================================================= backward launch
