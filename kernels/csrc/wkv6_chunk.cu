@@ -64,7 +64,7 @@ constexpr int N = 64;          // head size (K = V)
 constexpr int C = 16;          // chunk length
 constexpr int NT = 256;        // threads per block (8 warps)
 constexpr int PF = N + 4;      // fp32 per-step rows, 16-byte aligned (float4 reads and writes)
-constexpr int PB = N + 8;      // bf16 rows (wmma: ldm % 8 == 0, tiles 32-byte aligned)
+constexpr int PB = N + 8;      // bf16 rows (wmma: ldm % 8 == 0, tiles 32-byte aligned; ldmatrix: 16-byte rows)
 constexpr int PA = C + 8;      // bf16 16 x 16 score matrix
 constexpr int PS = N + 4;      // fp32 64-wide rows for wmma accumulators (ldm % 4 == 0)
 constexpr float LW_MIN = -1e4f;
@@ -994,7 +994,7 @@ __device__ __forceinline__ void backward_sweep2(const Smem& s, int bh, int T, in
 // ========================================================================================= backward launch
 // The two sweeps are independent (gw, the only output needing both, is formed afterwards), so one launch runs
 // them side by side: block 2 bh is sweep 1 of (b, h), block 2 bh + 1 its sweep 2. Two blocks fit an SM (smem
-// and the 128-register bound below, at which ptxas spills at most 8 bytes), so up to 2 x (SMs) sweeps run at once
+// and the 128-register bound below, under which ptxas spills nothing), so up to 2 x (SMs) sweeps run at once
 // instead of one sweep after the other.
 template <typename Tw, bool WH>
 __global__ void __launch_bounds__(NT, 2)
@@ -1104,8 +1104,8 @@ chunk_gw_head_kernel(int T, int H, const Tw* __restrict__ w, const float* __rest
   }
 }
 
-// The forward and backward kernels ask for the largest shared-memory carve-out, so two blocks (2 x ~110 KB) fit
-// an SM.
+// The forward and backward kernels ask for the largest shared-memory carve-out, so two blocks (2 x 89 KB) fit an
+// SM.
 cudaError_t setup(const void* fn) {
   cudaError_t err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_bytes());
   if (err != cudaSuccess) return err;
