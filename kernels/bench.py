@@ -29,7 +29,9 @@ the time the op would take if it only moved its bytes at copy speed; each conten
 Per shape, `ours_chunked.phases` splits our fwd+bwd GPU time by kernel (torch.profiler): the forward, the
 backward's two sweeps (one launch) and gw, each with its blocks, resident blocks per SM and waves on this
 GPU, and the microseconds per 16-step chunk of one block: the kernels walk the chunks in order, so that
-latency times the chunk count is the floor of each kernel. `fla_chunk_rwkv6.kernels` lists FLA's top kernels.
+latency times the chunk count is the floor of each kernel. Each kernel also gets the bytes it must move itself
+(`chunk_kernel_bytes`: its inputs read and outputs written once, the backward's fp32 scratch for gw included) and
+its `fraction_of_bytes_bound` at the measured copy bandwidth. `fla_chunk_rwkv6.kernels` lists FLA's top kernels.
 
 CPU part: forward+backward of (B, T, H) = (4, 1024, 4), K = V = 64, float32, the C++ extension
 vs the sequential PyTorch reference `wkv6_ref`, same process, ratio reported.
@@ -205,10 +207,27 @@ CHUNK_KERNELS = (("forward", "chunk_forward_kernel"), ("backward_sweeps", "chunk
                  ("gw", "chunk_gw_kernel"))
 
 
-def chunked_phases(fwd_bwd, B: int, T: int, H: int, sms: int, occupancy: dict) -> dict:
+def chunk_kernel_bytes(B: int, T: int, H: int, K: int = 64, io_bytes: int = 2, w_bytes: int = 2) -> dict:
+    """Bytes each chunked kernel must read and write (one decay per channel, each tensor once; r, k, v, y and
+    their gradients of `io_bytes`, w and gw of `w_bytes`, the gw terms fp32):
+      forward: read r, k, v, w (and u), write y;
+      backward_sweeps: each of the two sweeps reads r, k, v, w, gy; sweep 1 writes gr and its fp32 gw terms,
+        sweep 2 gk, gv and its own;
+      gw: read both sweeps' fp32 terms and w, write gw."""
+    E = B * T * H * K
+    inputs = 3 * E * io_bytes + E * w_bytes                  # r, k, v, w
+    return {"forward": inputs + H * K * 4 + E * io_bytes,
+            "backward_sweeps": 2 * (inputs + E * io_bytes) + 3 * E * io_bytes + 2 * 4 * E,
+            "gw": 2 * 4 * E + 2 * E * w_bytes}
+
+
+def chunked_phases(fwd_bwd, B: int, T: int, H: int, sms: int, occupancy: dict, bytes_per_s: float | None = None,
+                   io_bytes: int = 2, w_bytes: int = 2) -> dict:
     """Where the chunked fwd+bwd spends its GPU time: per kernel, its ms, the µs per 16-step chunk of one block
-    (the kernels walk the chunks in order), its blocks and the waves they need on this GPU."""
+    (the kernels walk the chunks in order), its blocks and the waves they need on this GPU, its bytes
+    (`chunk_kernel_bytes`) and, given the copy bandwidth `bytes_per_s`, its fraction of that bytes bound."""
     prof = kernel_times(fwd_bwd)
+    nbytes = chunk_kernel_bytes(B, T, H, io_bytes=io_bytes, w_bytes=w_bytes)
     blocks = {"forward": B * H, "backward_sweeps": 2 * B * H, "gw": B * H}
     chunks = -(-T // 16)
     out = {"total_ms": prof["total_ms"], "kernels": {}}
@@ -217,7 +236,10 @@ def chunked_phases(fwd_bwd, B: int, T: int, H: int, sms: int, occupancy: dict) -
         per_sm = occupancy.get("backward" if phase == "backward_sweeps" else phase, 0)
         waves = -(-blocks[phase] // (sms * per_sm)) if per_sm > 0 else None
         out["kernels"][phase] = {"ms": ms, "blocks": blocks[phase], "blocks_per_sm": per_sm, "waves": waves,
-                                 "us_per_chunk_step": 1e3 * ms / (chunks * (waves or 1)) if phase != "gw" else None}
+                                 "us_per_chunk_step": 1e3 * ms / (chunks * (waves or 1)) if phase != "gw" else None,
+                                 "bytes": nbytes[phase],
+                                 "fraction_of_bytes_bound": (bytes_bound_ms(nbytes[phase], bytes_per_s) / ms
+                                                             if bytes_per_s and ms > 0 else None)}
     out["other_ms"] = prof["total_ms"] - sum(k["ms"] for k in out["kernels"].values())
     return out
 
@@ -322,7 +344,12 @@ def bench_cuda(reps: int, fla: bool = True, refs: bool = True, shapes=SHAPES, pr
             _log(f"cuda {B},{T},{H} {cname}: fwd {f['median_ms']:.3f} ms ({frac['forward']:.1%} of the bytes bound), "
                  f"fwd+bwd {fb['median_ms']:.3f} ms ({frac['forward_backward']:.1%})")
             report(doc)
-        row["ours_chunked"]["phases"] = chunked_phases(cont["ours_chunked"][1], B, T, H, sms, occupancy)
+        phases = chunked_phases(cont["ours_chunked"][1], B, T, H, sms, occupancy, copy_bw,
+                                io_bytes=xs[0].element_size(), w_bytes=xs[3].element_size())
+        row["ours_chunked"]["phases"] = phases
+        _log(f"cuda {B},{T},{H} ours_chunked kernels: " + ", ".join(
+            f"{p} {k['ms']:.3f} ms ({k['fraction_of_bytes_bound']:.1%} of its bytes bound)"
+            for p, k in phases["kernels"].items() if k["fraction_of_bytes_bound"] is not None))
         if "fla_chunk_rwkv6" in cont:
             fla_prof = kernel_times(cont["fla_chunk_rwkv6"][1])
             row["fla_chunk_rwkv6"]["kernels"] = {k: fla_prof[k] for k in ("total_ms", "kernels")}
