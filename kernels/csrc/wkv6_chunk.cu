@@ -1104,7 +1104,7 @@ chunk_gw_head_kernel(int T, int H, const Tw* __restrict__ w, const float* __rest
   }
 }
 
-// The forward and backward kernels ask for the largest shared-memory carve-out, so two blocks (2 x 89 KB) fit an
+// The forward and backward kernels ask for the largest shared-memory carve-out, so two blocks (2 x 89 KiB) fit an
 // SM.
 cudaError_t setup(const void* fn) {
   cudaError_t err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_bytes());
