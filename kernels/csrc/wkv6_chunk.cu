@@ -457,28 +457,37 @@ __device__ __forceinline__ void split2(float x0, float x1, uint32_t& hi, uint32_
   lo = bf16x2(x0 - f.x, x1 - f.y);
 }
 
+// A thread's share of a 64 x 64 fp32 state held as four m16n8 C tiles, st[n][0..3]; Layout::at(n, e) is the
+// (key i, value j) row-major index i N + j of st[n][e] (RegState and RegRows place the tiles differently).
+template <class Layout>
+struct TileState {
+  float st[4][4];
+  // src: [N][N] fp32 (i, j) row-major, or nullptr for zeros
+  __device__ void load(const float* src) {
+    const Layout& l = *static_cast<const Layout*>(this);
+#pragma unroll
+    for (int n = 0; n < 4; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) st[n][e] = src ? src[l.at(n, e)] : 0.f;
+  }
+  __device__ void store(float* dst) const {
+    const Layout& l = *static_cast<const Layout*>(this);
+#pragma unroll
+    for (int n = 0; n < 4; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dst[l.at(n, e)] = st[n][e];
+  }
+};
+
 // The 64 x 64 state of one (b, h), spread over the 8 warps: warp w holds S^T rows j in [16 jb, 16 jb + 16),
 // jb = w % 4, for the keys i in [32 ih, 32 ih + 32), ih = w / 4, as four C tiles; tile n covers the keys
 // 32 ih + 8 n ..+7:  st[n] = S[i][j], S[i+1][j], S[i][j+8], S[i+1][j+8]  with i = 32 ih + 8 n + 2c, j = 16 jb + g.
-struct RegState {
-  float st[4][4];
+struct RegState : TileState<RegState> {
   int jb, ih, g, c;
   __device__ explicit RegState(int tid) : jb((tid >> 5) & 3), ih(tid >> 7), g((tid & 31) >> 2), c(tid & 3) {}
   __device__ int key(int n, int e) const { return 32 * ih + 8 * n + 2 * c + (e & 1); }
   __device__ int val(int e) const { return 16 * jb + g + 8 * (e >> 1); }
-  // src: [N][N] fp32 (i, j) row-major, or nullptr for zeros
-  __device__ void load(const float* src) {
-#pragma unroll
-    for (int n = 0; n < 4; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) st[n][e] = src ? src[key(n, e) * N + val(e)] : 0.f;
-  }
-  __device__ void store(float* dst) const {
-#pragma unroll
-    for (int n = 0; n < 4; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) dst[key(n, e) * N + val(e)] = st[n][e];
-  }
+  __device__ int at(int n, int e) const { return key(n, e) * N + val(e); }
 
   // out (16 x 16 fp32: t, the warp's columns j) = (r e^{Ex})[:, this warp's keys] S0[keys, j] with r e^{Ex} and
   // S0 as bf16 pairs (three products), plus with AV the in-chunk A V (A a bf16 pair, V
@@ -558,25 +567,12 @@ __device__ __forceinline__ void split3(float x0, float x1, uint32_t& hi, uint32_
 //   st[n] = S[i][j], S[i][j+1], S[i+8][j], S[i+8][j+1]  with i = 16 ib + g, j = 32 jh + 8 n + 2c.
 // A C tile of S (rows i, columns j) holds the pairs that a B fragment of S^T needs: X S^T reads its operand from
 // the accumulators.
-struct RegRows {
-  float st[4][4];
+struct RegRows : TileState<RegRows> {
   int ib, jh, g, c;
   __device__ explicit RegRows(int tid) : ib((tid >> 5) & 3), jh(tid >> 7), g((tid & 31) >> 2), c(tid & 3) {}
   __device__ int key(int e) const { return 16 * ib + g + 8 * (e >> 1); }
   __device__ int val(int n, int e) const { return 32 * jh + 8 * n + 2 * c + (e & 1); }
-  // src: [N][N] fp32 (i, j) row-major, or nullptr for zeros
-  __device__ void load(const float* src) {
-#pragma unroll
-    for (int n = 0; n < 4; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) st[n][e] = src ? src[key(e) * N + val(n, e)] : 0.f;
-  }
-  __device__ void store(float* dst) const {
-#pragma unroll
-    for (int n = 0; n < 4; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) dst[key(e) * N + val(n, e)] = st[n][e];
-  }
+  __device__ int at(int n, int e) const { return key(e) * N + val(n, e); }
 
   // dst[t][i] (PS rows, this warp's keys i) = sum over this warp's values j of X[t][j] S[i][j]: X bf16 rows (exact),
   // S as three bf16 terms, so every product is exact and the sums keep fp32 precision (they feed gw).
