@@ -16,9 +16,10 @@
 //   A_ts  = sum_i r_t[i] k_s[i] e^{Ex_t[i] - Ei_s[i]}                       (s < t)
 //   S_end = e^{Et} S0  +  sum_s (k_s e^{Et - Ei_s})^T v_s
 // Every exponent is "later minus earlier" of a non-increasing cumsum, so it is <= 0: no overflow for
-// any decay (log-decays are clamped at -1e4, where exp already underflows to 0 in fp32). The
-// intra-chunk scores A are computed element by element in fp32, their decay factor e^{Ex_t - Ei_s} as
-// the running product of the per-step decays e^{lw_m}, s < m < t (each <= 1; no exp per term); every matrix
+// any decay (log-decays are clamped at -1e4, where exp already underflows to 0 in fp32). With one decay per
+// channel the intra-chunk sums over pairs s < t (the scores A, and the backward's decayed gradient terms) are
+// formed element by element in fp32, their decay factor e^{Ex_t - Ei_s} as the running product of the per-step
+// decays e^{lw_m}, s < m < t (each <= 1; no exp per term, and no rounding of the cumsums in it); every matrix
 // product runs as bf16 mma with fp32 accumulation, with each fp32 operand split into a bf16 pair
 // hi + lo (hi = bf16(x), lo = bf16(x - hi)) so products keep ~16 bits: r, k, v, gy are bf16 already,
 // so r e^{Ex}, k e^{Et-Ei}, A, S and G are the only split operands (x*y ~ xh*yh + xh*yl + xl*yh).
@@ -168,6 +169,14 @@ __device__ __forceinline__ void split(float x, bf16* hi, bf16* lo, bf16* mid = n
   if (MID) *mid = __float2bfloat16_rn(d - __bfloat162float(l));
 }
 __device__ __forceinline__ float lw_of(float w) { return -__expf(w); }  // exact; the cumsums clamp it
+// e^x for the kernels' exponents (all <= 0): one ex2.approx with subnormal results flushed to zero. __expf
+// would add a rescaling step per call for those results; below 2^-126 they only ever multiply values that the
+// bf16 outputs and the fp32 sums cannot resolve.
+__device__ __forceinline__ float exp_ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * 1.4426950408889634f));
+  return y;
+}
 
 // w as loaded: fp32 as is, bf16 still packed. Converting only at store time keeps the prefetch's global
 // load latency off the critical path (a conversion right after the load would wait for it).
@@ -244,7 +253,7 @@ struct Prefetch {
 // Exclusive / inclusive cumsums of the log-decay per channel, e^{Et} and (PD) the per-step decays e^{lw}.
 // Thread (channel i, quarter q) = (8 * warp + lane % 8, lane / 8) sums rows 4q..4q+3; every lane of a
 // channel then adds the four quarter totals in the same order, so Ex_{t+1} == Ei_t holds exactly.
-template <bool PD>  // PD: write s.D for the per-channel scores (with one decay per head it holds O3)
+template <bool PD>  // PD: write s.D for the per-channel decayed sums (with one decay per head it holds O3)
 __device__ __forceinline__ void cumsum(const Smem& s, int tid) {
   const int lane = tid & 31, i = 8 * (tid >> 5) + (lane & 7), q = lane >> 3;
   float lw[4], loc[4], run = 0.f;
@@ -264,11 +273,11 @@ __device__ __forceinline__ void cumsum(const Smem& s, int tid) {
     const int o = (4 * q + m) * PF + i;
     s.Ex[o] = m == 0 ? base : base + loc[m - 1];
     s.Ei[o] = base + loc[m];
-    if (PD) s.D[o] = __expf(lw[m]);
+    if (PD) s.D[o] = exp_ftz(lw[m]);
   }
   if (q == 3) {
     s.Et[i] = e[4];
-    s.EEt[i] = __expf(e[4]);
+    s.EEt[i] = exp_ftz(e[4]);
   }
 }
 
@@ -300,13 +309,13 @@ __device__ __forceinline__ void scaled_rk(const Smem& s, const Slot& sl) {
   const int o = sl.t * PF + sl.i0, ob = sl.t * PB + sl.i0;
   if (RT > 0) {
     const float4 r = ld4(s.R + o), ex = ld4(s.Ex + o);
-    split4<RT == 3>(make_float4(r.x * __expf(ex.x), r.y * __expf(ex.y), r.z * __expf(ex.z), r.w * __expf(ex.w)),
+    split4<RT == 3>(make_float4(r.x * exp_ftz(ex.x), r.y * exp_ftz(ex.y), r.z * exp_ftz(ex.z), r.w * exp_ftz(ex.w)),
                     s.Rh + ob, s.Rl + ob, s.Rm + ob);
   }
   if (KT > 0) {
     const float4 k = ld4(s.K + o), ei = ld4(s.Ei + o), et = ld4(s.Et + sl.i0);
-    split4<KT == 3>(make_float4(k.x * __expf(et.x - ei.x), k.y * __expf(et.y - ei.y), k.z * __expf(et.z - ei.z),
-                                k.w * __expf(et.w - ei.w)),
+    split4<KT == 3>(make_float4(k.x * exp_ftz(et.x - ei.x), k.y * exp_ftz(et.y - ei.y), k.z * exp_ftz(et.z - ei.z),
+                                k.w * exp_ftz(et.w - ei.w)),
                     s.Kh + ob, s.Kl + ob, s.Km + ob);
   }
 }
@@ -325,22 +334,22 @@ __device__ __forceinline__ void halve(float* p, int c) {
 
 // Intra-chunk scores A (16 x 16: s < t, plus the bonus diagonal) as a bf16 pair.
 //   A_ts = sum_i r_t[i] k_s[i] f_ts[i],  f_ts = prod_{s<m<t} e^{lw_m}  (s < t),   A_tt = sum_i r_t[i] u[i] k_t[i].
-// f is carried as a running product of factors <= 1 (no overflow; underflow is the exact limit), which is the
-// log-space e^{Ex_t - Ei_s} without an exp per term. Thread (s, c) = (tid / 16, tid % 16) owns key row s and
+// k_s f_ts is carried as a running product with factors <= 1 (no overflow; underflow is the exact limit): the
+// log-space k_s e^{Ex_t - Ei_s} without an exp per term. Thread (s, c) = (tid / 16, tid % 16) owns key row s and
 // channels 4c..4c+3 and forms a partial A_ts for every t; the 16 lanes of one s then reduce their 16 partial
 // rows with a butterfly reduce-scatter (one shuffle per value per step) that leaves A[c][s] on lane c.
 __device__ __forceinline__ void scores(const Smem& s, int tid) {
   const int sr = tid >> 4, c = tid & 15, i0 = 4 * c;
   const float4 k = ld4(s.K + sr * PF + i0);
-  float f0 = 1.f, f1 = 1.f, f2 = 1.f, f3 = 1.f;
+  float4 kf = k;  // k_s f_ts
   float p[C];
 #pragma unroll
   for (int t = 0; t < C; ++t) {
     const float4 r = ld4(s.R + t * PF + i0);
     if (t > sr) {
       const float4 d = ld4(s.D + t * PF + i0);
-      p[t] = r.x * k.x * f0 + r.y * k.y * f1 + r.z * k.z * f2 + r.w * k.w * f3;
-      f0 *= d.x; f1 *= d.y; f2 *= d.z; f3 *= d.w;
+      p[t] = r.x * kf.x + r.y * kf.y + r.z * kf.z + r.w * kf.w;
+      kf.x *= d.x; kf.y *= d.y; kf.z *= d.z; kf.w *= d.w;
     } else if (t == sr) {
       const float4 u = ld4(s.U + i0);
       p[t] = r.x * u.x * k.x + r.y * u.y * k.y + r.z * u.z * k.z + r.w * u.w * k.w;
@@ -380,7 +389,7 @@ __device__ __forceinline__ void dots(float* dst, const bf16* X, const bf16* Y) {
 template <bool WA, bool WM>
 __device__ __forceinline__ void head_scores(const Smem& s, int tid, const float* RK) {
   const int t = tid >> 4, c = tid & 15;
-  const float f = c < t ? __expf(s.Ex[t * PF] - s.Ei[c * PF]) : 0.f;
+  const float f = c < t ? exp_ftz(s.Ex[t * PF] - s.Ei[c * PF]) : 0.f;
   if (WA) {
     const int i0 = 4 * c;
     const float4 r = ld4(s.R + t * PF + i0), k = ld4(s.K + t * PF + i0), u = ld4(s.U + i0);
@@ -820,7 +829,7 @@ __device__ __forceinline__ void backward_sweep1(const Smem& s, int bh, int T, in
     const bool more = c + 1 < nch, next_valid = (c + 1) * C + sl.t < T;
     if (more) pf.load(sl, at.off(c + 1), at.woff(c + 1), next_valid, r, k, v, w, gy);
     S.edge(s.XS + S.jh * N, s, s.DY);  // XS = (S0 - k_prev v_prev^T) gy_0, from the undecayed S0
-    cumsum<false>(s, tid);
+    cumsum<!WH>(s, tid);
     if (warp == 4) dots(s.dA, s.DY, s.V);
     if (!more) S.rowdot(s.Z + S.jh * N, ghT ? ghT + (int64_t)bh * N * N : nullptr);  // Z = rowsum(ghT * S0), for P
     __syncthreads();
@@ -839,13 +848,18 @@ __device__ __forceinline__ void backward_sweep1(const Smem& s, int bh, int T, in
     for (int m = 0; m < 4; ++m) {
       const int t = owned_row(eg, m), o = t * PF + ei;
       const float ex = s.Ex[o];
-      float acc = __expf(ex) * (s.O1[t * PS + ei] + s.O4[t * PS + ei]);
+      float acc = exp_ftz(ex) * (s.O1[t * PS + ei] + s.O4[t * PS + ei]);
       // j = t-1 (weight exactly 1) is summed apart: b leaves the adjacent pair out, and subtracting it after
       // rounding it into acc left noise that gw multiplies by |lw| (up to 1e5 for strong decays).
-      if (WH)
+      if (WH) {
         acc += s.O2[t * PS + ei];
-      else
-        for (int j = 0; j + 1 < t; ++j) acc = fmaf(s.dA[t * PS + j] * s.K[j * PF + ei], __expf(ex - s.Ei[j * PF + ei]), acc);
+      } else {  // e^{Ex_t - Ei_j} = prod_{j<m<t} e^{lw_m}, built from j = t-2 down
+        float f = 1.f;
+        for (int j = t - 2; j >= 0; --j) {
+          f *= s.D[(j + 1) * PF + ei];
+          acc = fmaf(s.dA[t * PS + j] * s.K[j * PF + ei], f, acc);
+        }
+      }
       const float rt = s.R[o], kt = s.K[o], dtt = s.dA[t * PS + t];
       gu_acc = fmaf(rt * kt, dtt, gu_acc);
       // t = 0: the pair with the previous chunk's last step is inside the state term (gr keeps it); b takes
@@ -882,13 +896,13 @@ __device__ __forceinline__ void backward_sweep1(const Smem& s, int bh, int T, in
     // From the last chunk's S0 and rows s < L (L = its last valid row), every term decayed.
     const int L = T - 1 - (nch - 1) * C;
     const float eL = s.Ei[L * PF + tid];
-    float p = __expf(eL) * (s.Z[tid] + s.Z[N + tid]);
+    float p = exp_ftz(eL) * (s.Z[tid] + s.Z[N + tid]);
     if (ghT) {
       const float* g = ghT + (int64_t)bh * N * N + tid * N;
       for (int q = 0; q < L; ++q) {
         float gv_ = 0.f;
         for (int j = 0; j < N; ++j) gv_ = fmaf(g[j], __bfloat162float(s.V[q * PB + j]), gv_);
-        p = fmaf(s.K[q * PF + tid] * __expf(eL - s.Ei[q * PF + tid]), gv_, p);
+        p = fmaf(s.K[q * PF + tid] * exp_ftz(eL - s.Ei[q * PF + tid]), gv_, p);
       }
     }
     P[(int64_t)bh * N + tid] = p;
@@ -948,14 +962,19 @@ __device__ __forceinline__ void backward_sweep2(const Smem& s, int bh, int T, in
 #pragma unroll
     for (int m = 0; m < 4; ++m) {
       const int t = owned_row(eg, m), o = t * PF + ei;  // t plays "s" (the key position) here
-      const float eis = s.Ei[o], fs = __expf(s.Et[ei] - eis);
+      const float eis = s.Ei[o], fs = exp_ftz(s.Et[ei] - eis);
       const float st = fs * (s.O2[t * PS + ei] + s.O4[t * PS + ei]);  // through G (the chunk's end state)
       float in = 0.f;
       // q = t+1 (weight exactly 1) summed apart, as in the forward sweep; t = C-1: that pair is inside G
-      if (WH)
+      if (WH) {
         in = s.O3[t * PS + ei];
-      else
-        for (int q = t + 2; q < C; ++q) in = fmaf(s.dA[q * PS + t] * s.R[q * PF + ei], __expf(s.Ex[q * PF + ei] - eis), in);
+      } else {  // e^{Ex_q - Ei_t} = prod_{t<m<q} e^{lw_m}, built from q = t+2 up
+        float f = 1.f;
+        for (int q = t + 2; q < C; ++q) {
+          f *= s.D[(q - 1) * PF + ei];
+          in = fmaf(s.dA[q * PS + t] * s.R[q * PF + ei], f, in);
+        }
+      }
       const float adj = t == C - 1 ? 0.f : s.dA[(t + 1) * PS + t] * s.R[(t + 1) * PF + ei];
       // the state part without the pair (t, t+1): t = C-1 takes it from XS, where the pair with the next chunk's
       // first step was left out before rounding; at T-1 the whole state part is the pair with the final-state
