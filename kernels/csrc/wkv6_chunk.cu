@@ -424,6 +424,58 @@ __device__ __forceinline__ void decayed_times(float* out, const Smem& s, const b
 // their in-chunk loops cost ~t (sweep 1) or ~C-t (sweep 2) steps, so every group gets the same work.
 __device__ __forceinline__ int owned_row(int g, int m) { return m == 0 ? g : m == 1 ? 7 - g : m == 2 ? 8 + g : 15 - g; }
 
+// One decay per channel: the in-chunk decayed sums of the four rows t = owned_row(g, m) of channel i, without the
+// adjacent pair, as sum over pairs of coef(pair) * X[other end][i] * prod e^{lw_m} over the steps strictly between
+// the ends (the running product of s.D). Sweep 1 (REV = false, gr's sums):  in_t = sum_{j < t-1} dA_tj k_j[i] f_tj,
+// walking j down from t-2. Sweep 2 (REV = true, gk's sums, t the key step): in_t = sum_{q > t+1} dA_qt r_q[i] f_qt,
+// walking q up from t+2. The rows' lengths pair up: after 8 terms of rows m = 2, 3 (sweep 2: m = 0, 1), each has
+// as many terms left as row m = 0, 1 (sweep 2: m = 2, 3) has in all, at the same steps. So two rows always advance
+// together, two independent chains, and in the second and third loops they share the loads of D and X.
+template <bool REV>
+struct PairedRows {
+  const Smem& s;
+  const float* X;
+  int i;
+  __device__ PairedRows(const Smem& s_, const float* X_, int i_) : s(s_), X(X_), i(i_) {}
+  // one term of row t at its other end e; f: the row's running product
+  __device__ __forceinline__ void term(int t, int e, float& f, float& in) const {
+    f *= s.D[(REV ? e - 1 : e + 1) * PF + i];
+    in = fmaf((REV ? s.dA[e * PS + t] : s.dA[t * PS + e]) * X[e * PF + i], f, in);
+  }
+  // two rows at one shared end e (the second and third loops)
+  __device__ __forceinline__ void term2(int ta, int tb, int e, float& fa, float& fb, float& ina, float& inb) const {
+    const float d = s.D[(REV ? e - 1 : e + 1) * PF + i], x = X[e * PF + i];
+    fa *= d;
+    fb *= d;
+    ina = fmaf((REV ? s.dA[e * PS + ta] : s.dA[ta * PS + e]) * x, fa, ina);
+    inb = fmaf((REV ? s.dA[e * PS + tb] : s.dA[tb * PS + e]) * x, fb, inb);
+  }
+  __device__ __forceinline__ void sums(int g, float* in) const {
+    float f[4] = {1.f, 1.f, 1.f, 1.f};
+    in[0] = in[1] = in[2] = in[3] = 0.f;
+    const int t[4] = {g, 7 - g, 8 + g, 15 - g};
+    // the long rows: sweep 1 m = 2, 3 (lengths 7 + g, 14 - g); sweep 2 m = 0, 1 (14 - g, 7 + g). With g = 0 the
+    // first of them has only 7 terms.
+    const int a = REV ? 0 : 2, b = REV ? 1 : 3;
+    const int la = REV ? a : b;  // the row whose 8th term always exists
+    const int lb = REV ? b : a;  // the row with 7 + g terms
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      term(t[la], REV ? t[la] + 2 + k : t[la] - 2 - k, f[la], in[la]);
+      if (k < 7 || g > 0) term(t[lb], REV ? t[lb] + 2 + k : t[lb] - 2 - k, f[lb], in[lb]);
+    }
+    // second loop: row m = 2 (sweep 2: 0) goes on beside row 0 (sweep 2: 2); third: row 3 (1) beside row 1 (3)
+    const int p0 = REV ? 0 : 2, q0 = REV ? 2 : 0, p1 = REV ? 1 : 3, q1 = REV ? 3 : 1;
+    if (REV) {
+      for (int e = t[q0] + 2; e < C; ++e) term2(t[p0], t[q0], e, f[p0], f[q0], in[p0], in[q0]);
+      for (int e = t[q1] + 2; e < C; ++e) term2(t[p1], t[q1], e, f[p1], f[q1], in[p1], in[q1]);
+    } else {
+      for (int e = t[q0] - 2; e >= 0; --e) term2(t[p0], t[q0], e, f[p0], f[q0], in[p0], in[q0]);
+      for (int e = t[q1] - 2; e >= 0; --e) term2(t[p1], t[q1], e, f[p1], f[q1], in[p1], in[q1]);
+    }
+  }
+};
+
 // ------------------------------------------------------------------------------- the state in registers
 // The kernels keep the state in the warps' mma accumulators, not in shared memory. The state products use the PTX
 // m16n8k16 bf16 mma, whose fragment layouts are fixed (g = lane / 4, c = lane % 4; pairs are bf16x2, the lower
@@ -841,25 +893,16 @@ __device__ __forceinline__ void backward_sweep1(const Smem& s, int bh, int T, in
     S.update(s, s.Kh, s.Kl, s.Km, s.V, lane);
     if (WH && warp < 4) decayed_times<false>(s.O2, s, s.Kb, warp);
     __syncthreads();
-    float gr_out[4], b_out[4];
+    float gr_out[4], b_out[4], in[4];
+    if (!WH) PairedRows<false>(s, s.K, ei).sums(eg, in);
     // one decay per head: rolled, which keeps the registers under the bound of two blocks per SM (unrolled,
     // ptxas spilled 140 bytes); gr_out and b_out then take 32 bytes of local memory
 #pragma unroll(WH ? 1 : 4)
     for (int m = 0; m < 4; ++m) {
       const int t = owned_row(eg, m), o = t * PF + ei;
-      const float ex = s.Ex[o];
-      float acc = exp_ftz(ex) * (s.O1[t * PS + ei] + s.O4[t * PS + ei]);
-      // j = t-1 (weight exactly 1) is summed apart: b leaves the adjacent pair out, and subtracting it after
-      // rounding it into acc left noise that gw multiplies by |lw| (up to 1e5 for strong decays).
-      if (WH) {
-        acc += s.O2[t * PS + ei];
-      } else {  // e^{Ex_t - Ei_j} = prod_{j<m<t} e^{lw_m}, built from j = t-2 down
-        float f = 1.f;
-        for (int j = t - 2; j >= 0; --j) {
-          f *= s.D[(j + 1) * PF + ei];
-          acc = fmaf(s.dA[t * PS + j] * s.K[j * PF + ei], f, acc);
-        }
-      }
+      // the in-chunk sum leaves j = t-1 (weight exactly 1) out: b leaves the adjacent pair out, and subtracting it
+      // after rounding it into acc left noise that gw multiplies by |lw| (up to 1e5 for strong decays)
+      const float acc = exp_ftz(s.Ex[o]) * (s.O1[t * PS + ei] + s.O4[t * PS + ei]) + (WH ? s.O2[t * PS + ei] : in[m]);
       const float rt = s.R[o], kt = s.K[o], dtt = s.dA[t * PS + t];
       gu_acc = fmaf(rt * kt, dtt, gu_acc);
       // t = 0: the pair with the previous chunk's last step is inside the state term (gr keeps it); b takes
@@ -958,23 +1001,16 @@ __device__ __forceinline__ void backward_sweep2(const Smem& s, int bh, int T, in
     G.update(s, s.Rh, s.Rl, s.Rm, s.DY, lane);
     if (WH && warp < 4) decayed_times<true>(s.O3, s, s.Rb, warp);
     __syncthreads();
-    float kd_out[4], gk_out[4], gv_out[4];
+    float kd_out[4], gk_out[4], gv_out[4], ins[4];
+    if (!WH) PairedRows<true>(s, s.R, ei).sums(eg, ins);
 #pragma unroll
     for (int m = 0; m < 4; ++m) {
       const int t = owned_row(eg, m), o = t * PF + ei;  // t plays "s" (the key position) here
-      const float eis = s.Ei[o], fs = exp_ftz(s.Et[ei] - eis);
+      const float fs = exp_ftz(s.Et[ei] - s.Ei[o]);
       const float st = fs * (s.O2[t * PS + ei] + s.O4[t * PS + ei]);  // through G (the chunk's end state)
-      float in = 0.f;
-      // q = t+1 (weight exactly 1) summed apart, as in the forward sweep; t = C-1: that pair is inside G
-      if (WH) {
-        in = s.O3[t * PS + ei];
-      } else {  // e^{Ex_q - Ei_t} = prod_{t<m<q} e^{lw_m}, built from q = t+2 up
-        float f = 1.f;
-        for (int q = t + 2; q < C; ++q) {
-          f *= s.D[(q - 1) * PF + ei];
-          in = fmaf(s.dA[q * PS + t] * s.R[q * PF + ei], f, in);
-        }
-      }
+      // the in-chunk sum leaves q = t+1 (weight exactly 1) out, as in the forward sweep; t = C-1: that pair is
+      // inside G
+      const float in = WH ? s.O3[t * PS + ei] : ins[m];
       const float adj = t == C - 1 ? 0.f : s.dA[(t + 1) * PS + t] * s.R[(t + 1) * PF + ei];
       // the state part without the pair (t, t+1): t = C-1 takes it from XS, where the pair with the next chunk's
       // first step was left out before rounding; at T-1 the whole state part is the pair with the final-state
