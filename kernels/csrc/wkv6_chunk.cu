@@ -455,7 +455,7 @@ struct PairedRows {
     in[0] = in[1] = in[2] = in[3] = 0.f;
     const int t[4] = {g, 7 - g, 8 + g, 15 - g};
     // the long rows: sweep 1 m = 2, 3 (lengths 7 + g, 14 - g); sweep 2 m = 0, 1 (14 - g, 7 + g). With g = 0 the
-    // first of them has only 7 terms.
+    // one of length 7 + g has only 7 terms.
     const int a = REV ? 0 : 2, b = REV ? 1 : 3;
     const int la = REV ? a : b;  // the row whose 8th term always exists
     const int lb = REV ? b : a;  // the row with 7 + g terms
