@@ -1,5 +1,6 @@
-"""kernels.ncu_phases on small source-page exports written the way ncu writes them (one page per kernel,
-repeated pages, quoted CSV), and its errors on what is not such an export."""
+"""The profiling tools. kernels.ncu_phases on small source-page exports written the way ncu writes them (one page
+per kernel, repeated pages, quoted CSV), and its errors on what is not such an export; kernels.profile_run's
+argument errors, its refusal without CUDA and (on a GPU) its two calls."""
 from __future__ import annotations
 
 import csv
@@ -9,7 +10,9 @@ import lzma
 
 import pytest
 
-from kernels import ncu_phases
+import torch
+
+from kernels import ncu_phases, profile_run
 
 COLS = ["Address", "Source", "Warp Stall Sampling (All Samples)", "Warp Stall Sampling (Not-issued Samples)",
         "Instructions Executed", "stall_wait", "stall_barrier", "stall_wait (Not Issued)"]
@@ -91,3 +94,29 @@ def test_cli_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         ncu_phases.main([str(p), "--out", str(tmp_path)])
     assert "give a file in an existing directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arg", ["16,4096", "16,x,8", "0,16,1", "1,2,3,4"])
+def test_profile_run_refuses_bad_shapes(arg, capsys):
+    with pytest.raises(SystemExit):
+        profile_run.main([arg])
+    assert "expected B,T,H (three positive integers)" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without CUDA")
+def test_profile_run_needs_cuda():
+    with pytest.raises(SystemExit, match="need a CUDA GPU; none is visible"):
+        profile_run.main(["1,16,1"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head", [False, True], ids=["channel", "head"])
+def test_profile_run_launches_the_three_chunked_kernels_per_call(head):
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        profile_run.run(2, 40, 2, head=head, w_dtype=torch.float32 if head else torch.bfloat16)
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    chunked = [n for n in names if "chunk_" in n]
+    kinds = [("forward" if "forward" in n else "backward" if "backward" in n else "gw") for n in chunked]
+    assert kinds == ["forward", "backward", "gw"] * 2, chunked

@@ -1,0 +1,64 @@
+"""Two forward+backward calls of the chunked wkv6 kernels at one shape, for a profiler to wrap.
+
+    ncu --set full --import-source yes -k regex:chunk_ --launch-skip 3 --launch-count 3 -o rep \\
+        python -m kernels.profile_run 16,4096,8 [--head] [--w-dtype fp32]
+
+Each call launches the forward, the backward sweeps and gw, in that order: the first call warms up (the
+extension is built or loaded before it), `--launch-skip 3 --launch-count 3` profiles the second. Inputs as in
+`kernels.bench`: bf16 r, k, v, gy, K = V = 64, raw decays w ~ U(-6, 1) (decays 0.07 .. 0.9975), bf16 w with one
+decay per channel unless `--w-dtype fp32` or `--head` ([B, T, H, 1], fp32 by default: Mamba-2's form).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+HEAD = 64
+
+
+def shape(text: str) -> tuple[int, int, int]:
+    """argparse type of the B,T,H argument."""
+    try:
+        dims = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        dims = ()
+    if len(dims) != 3 or min(dims) < 1:
+        raise argparse.ArgumentTypeError(f"expected B,T,H (three positive integers), got {text!r}")
+    return dims
+
+
+def run(B: int, T: int, H: int, head: bool, w_dtype: torch.dtype, calls: int = 2) -> None:
+    from .wkv6 import wkv6
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    dev, bf16 = "cuda", torch.bfloat16
+    r, k, v, gy = (torch.randn(B, T, H, HEAD, generator=g).to(dev, bf16) for _ in range(4))
+    w = (torch.rand(B, T, H, 1 if head else HEAD, generator=g) * 7 - 6).to(dev, w_dtype)
+    u = torch.randn(H, HEAD, generator=g).to(dev)
+    xs = [t.requires_grad_() for t in (r, k, v, w, u)]
+    for _ in range(calls):
+        y, _ = wkv6(*xs, impl="chunked")
+        torch.autograd.grad(y, xs, gy)
+    torch.cuda.synchronize()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("shape", type=shape, metavar="B,T,H")
+    ap.add_argument("--head", action="store_true", help="one decay per head, w [B, T, H, 1]")
+    ap.add_argument("--w-dtype", choices=["bf16", "fp32"], default=None,
+                    help="the decays' dtype (default: bf16 per channel, fp32 per head)")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("profile_run: the chunked wkv6 kernels need a CUDA GPU; none is visible")
+    w_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.w_dtype or ("fp32" if args.head else "bf16")]
+    run(*args.shape, head=args.head, w_dtype=w_dtype)
+    B, T, H = args.shape
+    print(f"profile_run: 2 forward+backward calls at B, T, H = {B}, {T}, {H}, "
+          f"{'one decay per head' if args.head else 'one decay per channel'}, w {w_dtype}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
