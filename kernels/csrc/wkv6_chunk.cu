@@ -437,42 +437,42 @@ struct PairedRows {
   const float* X;
   int i;
   __device__ PairedRows(const Smem& s_, const float* X_, int i_) : s(s_), X(X_), i(i_) {}
-  // one term of row t at its other end e; f: the row's running product
+  // row t's k-th pair has its other end at e = first(t, k) (j = t-2-k in sweep 1, q = t+2+k in sweep 2); the
+  // row's running product takes the decay of the step next to e towards t, and the pair's coefficient is dA_tj
+  // (sweep 1) or dA_qt (sweep 2)
+  __device__ __forceinline__ static int first(int t, int k) { return REV ? t + 2 + k : t - 2 - k; }
+  __device__ __forceinline__ float decay(int e) const { return s.D[(REV ? e - 1 : e + 1) * PF + i]; }
+  __device__ __forceinline__ float coef(int t, int e) const { return REV ? s.dA[e * PS + t] : s.dA[t * PS + e]; }
   __device__ __forceinline__ void term(int t, int e, float& f, float& in) const {
-    f *= s.D[(REV ? e - 1 : e + 1) * PF + i];
-    in = fmaf((REV ? s.dA[e * PS + t] : s.dA[t * PS + e]) * X[e * PF + i], f, in);
+    f *= decay(e);
+    in = fmaf(coef(t, e) * X[e * PF + i], f, in);
   }
-  // two rows at one shared end e (the second and third loops)
-  __device__ __forceinline__ void term2(int ta, int tb, int e, float& fa, float& fb, float& ina, float& inb) const {
-    const float d = s.D[(REV ? e - 1 : e + 1) * PF + i], x = X[e * PF + i];
-    fa *= d;
-    fb *= d;
-    ina = fmaf((REV ? s.dA[e * PS + ta] : s.dA[ta * PS + e]) * x, fa, ina);
-    inb = fmaf((REV ? s.dA[e * PS + tb] : s.dA[tb * PS + e]) * x, fb, inb);
+  // row ta going on beside row tb from tb's first pair to its last, the two sharing each step's decay and X
+  __device__ __forceinline__ void beside(int ta, int tb, float& fa, float& fb, float& ina, float& inb) const {
+    for (int e = first(tb, 0); REV ? e < C : e >= 0; e += REV ? 1 : -1) {
+      const float d = decay(e), x = X[e * PF + i];
+      fa *= d;
+      fb *= d;
+      ina = fmaf(coef(ta, e) * x, fa, ina);
+      inb = fmaf(coef(tb, e) * x, fb, inb);
+    }
   }
   __device__ __forceinline__ void sums(int g, float* in) const {
     float f[4] = {1.f, 1.f, 1.f, 1.f};
     in[0] = in[1] = in[2] = in[3] = 0.f;
     const int t[4] = {g, 7 - g, 8 + g, 15 - g};
-    // the long rows: sweep 1 m = 2, 3 (lengths 7 + g, 14 - g); sweep 2 m = 0, 1 (14 - g, 7 + g). With g = 0 the
-    // one of length 7 + g has only 7 terms.
-    const int a = REV ? 0 : 2, b = REV ? 1 : 3;
-    const int la = REV ? a : b;  // the row whose 8th term always exists
-    const int lb = REV ? b : a;  // the row with 7 + g terms
+    // the long rows: sweep 1 m = 2, 3 (lengths 7 + g, 14 - g); sweep 2 m = 0, 1 (14 - g, 7 + g)
+    const int la = REV ? 0 : 3;  // the row whose 8th term always exists
+    const int lb = REV ? 1 : 2;  // the row of 7 + g terms (only 7 with g = 0)
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
-      term(t[la], REV ? t[la] + 2 + k : t[la] - 2 - k, f[la], in[la]);
-      if (k < 7 || g > 0) term(t[lb], REV ? t[lb] + 2 + k : t[lb] - 2 - k, f[lb], in[lb]);
+      term(t[la], first(t[la], k), f[la], in[la]);
+      if (k < 7 || g > 0) term(t[lb], first(t[lb], k), f[lb], in[lb]);
     }
-    // second loop: row m = 2 (sweep 2: 0) goes on beside row 0 (sweep 2: 2); third: row 3 (1) beside row 1 (3)
+    // row m = 2 (sweep 2: 0) goes on beside row 0 (sweep 2: 2), then row 3 (1) beside row 1 (3)
     const int p0 = REV ? 0 : 2, q0 = REV ? 2 : 0, p1 = REV ? 1 : 3, q1 = REV ? 3 : 1;
-    if (REV) {
-      for (int e = t[q0] + 2; e < C; ++e) term2(t[p0], t[q0], e, f[p0], f[q0], in[p0], in[q0]);
-      for (int e = t[q1] + 2; e < C; ++e) term2(t[p1], t[q1], e, f[p1], f[q1], in[p1], in[q1]);
-    } else {
-      for (int e = t[q0] - 2; e >= 0; --e) term2(t[p0], t[q0], e, f[p0], f[q0], in[p0], in[q0]);
-      for (int e = t[q1] - 2; e >= 0; --e) term2(t[p1], t[q1], e, f[p1], f[q1], in[p1], in[q1]);
-    }
+    beside(t[p0], t[q0], f[p0], f[q0], in[p0], in[q0]);
+    beside(t[p1], t[q1], f[p1], f[q1], in[p1], in[q1]);
   }
 };
 
