@@ -21,6 +21,8 @@ import re
 import sys
 from pathlib import Path
 
+from .bench import out_file
+
 KERNEL = '"Kernel Name"'
 HEADER = '"Address"'
 SAMPLES = "Warp Stall Sampling (All Samples)"
@@ -127,10 +129,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("csv", type=Path, help="ncu source page export (.csv or .csv.xz)")
     ap.add_argument("--kernel", default=None, help="regex on the kernel name")
-    ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    ap.add_argument("--out", type=out_file, default=None, metavar="FILE", help="also write the JSON here")
     args = ap.parse_args(argv)
-    if args.out is not None and (args.out.is_dir() or not args.out.parent.is_dir()):
-        ap.error(f"--out {args.out}: give a file in an existing directory")
     try:
         doc = report(args.csv, args.kernel)
     except (OSError, ValueError) as e:
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     text = json.dumps(doc, indent=2)
     print(text)
     if args.out:
-        args.out.write_text(text + "\n")
+        Path(args.out).write_text(text + "\n")
     for k in doc["kernels"]:
         top = ", ".join(f"{r} {v:.0%}" for r, v in list(k["stall_reasons"].items())[:5])
         print(f"{k['name'][:70]}: {k['warp_instructions_executed']:,} warp instructions; stalls: {top}", file=sys.stderr)

@@ -5,8 +5,9 @@
 
 Each call launches the forward, the backward sweeps and gw, in that order: the first call warms up (the
 extension is built or loaded before it), `--launch-skip 3 --launch-count 3` profiles the second. Inputs as in
-`kernels.bench`: bf16 r, k, v, gy, K = V = 64, raw decays w ~ U(-6, 1) (decays 0.07 .. 0.9975), bf16 w with one
-decay per channel unless `--w-dtype fp32` or `--head` ([B, T, H, 1], fp32 by default: Mamba-2's form).
+`kernels.bench` (`_inputs`): bf16 r, k, v, gy, K = V = 64, raw decays w ~ U(-6, 1) (decays 0.07 .. 0.9975) in bf16,
+one per channel, cast to fp32 with `--w-dtype fp32`; `--head` keeps channel 0's ([B, T, H, 1], fp32 by default:
+Mamba-2's form).
 """
 from __future__ import annotations
 
@@ -14,8 +15,6 @@ import argparse
 import sys
 
 import torch
-
-HEAD = 64
 
 
 def shape(text: str) -> tuple[int, int, int]:
@@ -30,14 +29,13 @@ def shape(text: str) -> tuple[int, int, int]:
 
 
 def run(B: int, T: int, H: int, head: bool, w_dtype: torch.dtype, calls: int = 2) -> None:
+    from .bench import _inputs
     from .wkv6 import wkv6
 
-    g = torch.Generator(device="cpu").manual_seed(0)
-    dev, bf16 = "cuda", torch.bfloat16
-    r, k, v, gy = (torch.randn(B, T, H, HEAD, generator=g).to(dev, bf16) for _ in range(4))
-    w = (torch.rand(B, T, H, 1 if head else HEAD, generator=g) * 7 - 6).to(dev, w_dtype)
-    u = torch.randn(H, HEAD, generator=g).to(dev)
-    xs = [t.requires_grad_() for t in (r, k, v, w, u)]
+    xs, gy = _inputs(B, T, H, torch.bfloat16, "cuda")
+    w = xs[3][..., :1] if head else xs[3]  # one decay per head: channel 0's
+    xs[3] = w.to(w_dtype).contiguous()
+    xs = [t.requires_grad_() for t in xs]
     for _ in range(calls):
         y, _ = wkv6(*xs, impl="chunked")
         torch.autograd.grad(y, xs, gy)

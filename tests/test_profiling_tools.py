@@ -93,7 +93,10 @@ def test_cli_errors(tmp_path, capsys):
     p = write(tmp_path, page("k", FWD))
     with pytest.raises(SystemExit):
         ncu_phases.main([str(p), "--out", str(tmp_path)])
-    assert "give a file in an existing directory" in capsys.readouterr().err
+    assert "is a directory; give a file name" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ncu_phases.main([str(p), "--out", str(tmp_path / "no-such-dir" / "phases.json")])
+    assert "does not exist" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("arg", ["16,4096", "16,x,8", "0,16,1", "1,2,3,4"])
