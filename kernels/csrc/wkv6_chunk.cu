@@ -1066,31 +1066,67 @@ chunk_backward_kernel(int T, int H, const bf16* __restrict__ r, const bf16* __re
 
 // gw from the sweeps' per-step terms, per channel i of (b, h) (the sum runs backwards in time, in fp64):
 //   dL/dlw_m = P + sum_{t>m} b_t - sum_{s>=m} kd_s,   gw_m = dL/dlw_m * lw_m.
-// Thread (segment q, channel i) of a block per (b, h): each of GW_SEG segments of ceil(T / GW_SEG) steps sums
-// its b - kd, then walks its steps backwards from P plus the later segments' sums.
-constexpr int GW_SEG = 16;
+// One block per (b, h) walks tiles of GW_TILE steps from the last and reads every input once. Thread (group q,
+// channel i) loads its GW_ROWS consecutive steps of the tile into registers, all loads in flight together; the
+// groups' sums of b - kd meet in shared memory; each thread then walks its steps backwards from the carry (P plus
+// every later tile) and the later groups' sums.
+constexpr int GW_GROUPS = 16, GW_ROWS = 8, GW_TILE = GW_GROUPS * GW_ROWS;
+
+// A thread's rows of a tile: steps t0 + r for r in [r0, GW_ROWS) (r0 > 0 only in the sequence's first tile, when
+// it is partial; FULL: the caller passes r0 = 0 and nothing is predicated), step t0 + r0 at p[0] of each
+// [B, T, H, N] tensor and the next steps every `stride` elements (32-bit offsets keep the registers within the 64
+// of 1024 threads). seg: this tile's half of seg_sum. Returns the carry for the tile before.
+template <typename Tw, bool FULL>
+__device__ __forceinline__ double gw_rows(const float* pb, const float* pk, const Tw* pw, Tw* pg, int stride, int r0,
+                                          double carry, double (*seg)[N], int q, int i) {
+  float bv[GW_ROWS], kv[GW_ROWS], lw[GW_ROWS];
+#pragma unroll
+  for (int r = 0; r < GW_ROWS; ++r) {
+    const bool ok = FULL || r >= r0;
+    const int o = (r - r0) * stride;
+    bv[r] = ok ? pb[o] : 0.f;
+    kv[r] = ok ? pk[o] : 0.f;
+    lw[r] = ok ? lw_of(to_f32(pw[o])) : 0.f;
+  }
+  double sum = 0.0;
+#pragma unroll
+  for (int r = 0; r < GW_ROWS; ++r) sum += (double)bv[r] - (double)kv[r];
+  seg[q][i] = sum;
+  __syncthreads();
+  double run = 0.0, later = 0.0;  // run: the groups' sums from the last down to p; later: those after q
+#pragma unroll
+  for (int p = GW_GROUPS - 1; p >= 0; --p) {
+    if (p == q) later = run;
+    run += seg[p][i];
+  }
+  double acc = carry + later;
+#pragma unroll
+  for (int r = GW_ROWS - 1; r >= 0; --r) {
+    const double dl = acc - (double)kv[r];
+    acc = dl + (double)bv[r];
+    if (FULL || r >= r0) pg[(r - r0) * stride] = cvt<Tw>((float)(dl * (double)lw[r]));
+  }
+  return carry + run;
+}
 
 template <typename Tw>
-__global__ void __launch_bounds__(N * GW_SEG)
+__global__ void __launch_bounds__(N * GW_GROUPS)
 chunk_gw_kernel(int T, int H, const Tw* __restrict__ w, const float* __restrict__ bscr,
                 const float* __restrict__ kscr, const float* __restrict__ P, Tw* __restrict__ gw) {
-  __shared__ double seg_sum[GW_SEG][N];
+  __shared__ double seg_sum[2][GW_GROUPS][N];  // two tiles' worth: one barrier per tile
   const int i = threadIdx.x % N, q = threadIdx.x / N, bh = blockIdx.x, b = bh / H, h = bh % H;
-  const int64_t base = ((int64_t)b * T * H + h) * N + i, stride = (int64_t)H * N;
-  const int len = (T + GW_SEG - 1) / GW_SEG, t0 = min(T, q * len), t1 = min(T, t0 + len);
-  double sum = 0.0;
-#pragma unroll 8
-  for (int t = t0; t < t1; ++t) sum += (double)bscr[base + t * stride] - (double)kscr[base + t * stride];
-  seg_sum[q][i] = sum;
-  __syncthreads();
-  double acc = (double)P[(int64_t)bh * N + i];
-  for (int p = GW_SEG - 1; p > q; --p) acc += seg_sum[p][i];
-#pragma unroll 8
-  for (int t = t1 - 1; t >= t0; --t) {
-    const int64_t g = base + t * stride;
-    const double dl = acc - (double)kscr[g];
-    acc = dl + (double)bscr[g];
-    gw[g] = cvt<Tw>((float)(dl * (double)lw_of(to_f32(w[g]))));
+  const int64_t base = ((int64_t)b * T * H + h) * N + i;
+  const int stride = H * N;
+  double carry = (double)P[(int64_t)bh * N + i];
+  int buf = 0;
+  for (int end = T; end > 0; end -= GW_TILE, buf ^= 1) {
+    const int t0 = end - GW_TILE + q * GW_ROWS;  // steps t0 .. t0 + GW_ROWS - 1; those before 0 do not exist
+    const int r0 = max(-t0, 0);
+    const int64_t first = base + (int64_t)(t0 + r0) * stride;
+    if (end >= GW_TILE)  // the same for the whole block, like the barrier inside
+      carry = gw_rows<Tw, true>(bscr + first, kscr + first, w + first, gw + first, stride, 0, carry, seg_sum[buf], q, i);
+    else
+      carry = gw_rows<Tw, false>(bscr + first, kscr + first, w + first, gw + first, stride, r0, carry, seg_sum[buf], q, i);
   }
 }
 
@@ -1188,7 +1224,7 @@ cudaError_t launch_backward(int B, int T, int H, const void* r, const void* k, c
   if (WH)
     chunk_gw_head_kernel<Tw><<<B * H, GWH_THREADS, 0, stream>>>(T, H, (const Tw*)w, bscr, kscr, P, (Tw*)gw);
   else
-    chunk_gw_kernel<Tw><<<B * H, N * GW_SEG, 0, stream>>>(T, H, (const Tw*)w, bscr, kscr, P, (Tw*)gw);
+    chunk_gw_kernel<Tw><<<B * H, N * GW_GROUPS, 0, stream>>>(T, H, (const Tw*)w, bscr, kscr, P, (Tw*)gw);
   return cudaGetLastError();
 }
 
@@ -1231,7 +1267,7 @@ cudaError_t wkv6_chunk_backward(int tw, int wh, int B, int T, int H, const void*
 void wkv6_chunk_occupancy(int* out) {
   out[0] = blocks_per_sm((const void*)chunk_forward_kernel<bf16, false>, NT, smem_bytes());
   out[1] = blocks_per_sm((const void*)chunk_backward_kernel<bf16, false>, NT, smem_bytes());
-  out[2] = blocks_per_sm((const void*)chunk_gw_kernel<bf16>, N * GW_SEG, 0);
+  out[2] = blocks_per_sm((const void*)chunk_gw_kernel<bf16>, N * GW_GROUPS, 0);
   out[3] = blocks_per_sm((const void*)chunk_forward_kernel<bf16, true>, NT, smem_bytes());
   out[4] = blocks_per_sm((const void*)chunk_backward_kernel<bf16, true>, NT, smem_bytes());
 }
