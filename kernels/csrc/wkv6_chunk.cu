@@ -9,9 +9,9 @@
 //
 // Per (b, h) one block of 256 threads walks the chunks in order, keeping the 64 x 64 state in fp32 in its
 // warps' mma accumulators (RegState in the forward, RegRows in the backward). The backward's two sweeps are
-// independent and run side by side in one launch (two blocks per (b, h)); a small third kernel then forms gw from both sweeps' per-step terms. Within a
-// chunk, with t, s local positions, lw = -exp(w) the log-decay, Ex_t = sum_{m<t} lw_m (exclusive),
-// Ei_t = Ex_{t+1} (inclusive), Et = Ei_{C-1}:
+// independent and run side by side in one launch (two blocks per (b, h)); a small third kernel then forms gw
+// from both sweeps' per-step terms. Within a chunk, with t, s local positions, lw = -exp(w) the log-decay,
+// Ex_t = sum_{m<t} lw_m (exclusive), Ei_t = Ex_{t+1} (inclusive), Et = Ei_{C-1}:
 //   y_t   = (r_t e^{Ex_t}) S0  +  sum_{s<t} A_ts v_s  +  (r_t.u.k_t) v_t
 //   A_ts  = sum_i r_t[i] k_s[i] e^{Ex_t[i] - Ei_s[i]}                       (s < t)
 //   S_end = e^{Et} S0  +  sum_s (k_s e^{Et - Ei_s})^T v_s
@@ -281,25 +281,36 @@ __device__ __forceinline__ void cumsum(const Smem& s, int tid) {
   }
 }
 
-__device__ __forceinline__ uint2 pack4(const __nv_bfloat162& a, const __nv_bfloat162& b) {
-  return make_uint2(*reinterpret_cast<const uint32_t*>(&a), *reinterpret_cast<const uint32_t*>(&b));
+__device__ __forceinline__ uint32_t bf16x2(float lo, float hi) {
+  const __nv_bfloat162 p = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&p);
 }
 
-// Four fp32 values as bf16 pairs hi + lo (MID: and the third term mid, hi + lo + mid == x), each packed
-// into 8 bytes. Every difference below is exact in fp32.
+// Two fp32 values as bf16x2 terms hi + lo (MID: and the third term mid, hi + lo + mid == x), as `split` forms
+// them. Every difference below is exact in fp32.
+template <bool MID = false>
+__device__ __forceinline__ void split2(float x0, float x1, uint32_t& hi, uint32_t& lo, uint32_t* mid = nullptr) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(x0, x1);
+  const float2 f = __bfloat1622float2(h);
+  const float d0 = x0 - f.x, d1 = x1 - f.y;
+  const __nv_bfloat162 l = __floats2bfloat162_rn(d0, d1);
+  hi = *reinterpret_cast<const uint32_t*>(&h);
+  lo = *reinterpret_cast<const uint32_t*>(&l);
+  if (MID) {
+    const float2 e = __bfloat1622float2(l);
+    *mid = bf16x2(d0 - e.x, d1 - e.y);
+  }
+}
+
+// Four fp32 values (split2 twice), each term packed into 8 bytes.
 template <bool MID>
 __device__ __forceinline__ void split4(const float4& x, bf16* hi, bf16* lo, bf16* mid) {
-  const __nv_bfloat162 h01 = __floats2bfloat162_rn(x.x, x.y), h23 = __floats2bfloat162_rn(x.z, x.w);
-  const float2 f01 = __bfloat1622float2(h01), f23 = __bfloat1622float2(h23);
-  const float4 d = make_float4(x.x - f01.x, x.y - f01.y, x.z - f23.x, x.w - f23.y);
-  const __nv_bfloat162 l01 = __floats2bfloat162_rn(d.x, d.y), l23 = __floats2bfloat162_rn(d.z, d.w);
-  *reinterpret_cast<uint2*>(hi) = pack4(h01, h23);
-  *reinterpret_cast<uint2*>(lo) = pack4(l01, l23);
-  if (MID) {
-    const float2 g01 = __bfloat1622float2(l01), g23 = __bfloat1622float2(l23);
-    *reinterpret_cast<uint2*>(mid) = pack4(__floats2bfloat162_rn(d.x - g01.x, d.y - g01.y),
-                                           __floats2bfloat162_rn(d.z - g23.x, d.w - g23.y));
-  }
+  uint32_t h01, l01, m01, h23, l23, m23;
+  split2<MID>(x.x, x.y, h01, l01, &m01);
+  split2<MID>(x.z, x.w, h23, l23, &m23);
+  *reinterpret_cast<uint2*>(hi) = make_uint2(h01, h23);
+  *reinterpret_cast<uint2*>(lo) = make_uint2(l01, l23);
+  if (MID) *reinterpret_cast<uint2*>(mid) = make_uint2(m01, m23);
 }
 
 // r e^{Ex} and k e^{Et - Ei} as bf16 terms (4 elements per thread). RT, KT: how many terms of each to
@@ -505,19 +516,6 @@ __device__ __forceinline__ void ldsm4(uint32_t* x, const bf16* p) {
                  : "=r"(x[0]), "=r"(x[1]), "=r"(x[2]), "=r"(x[3]) : "r"(a) : "memory");
 }
 
-__device__ __forceinline__ uint32_t bf16x2(float lo, float hi) {
-  const __nv_bfloat162 p = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&p);
-}
-
-// Two fp32 values as bf16x2 terms hi + lo, as `split` forms them.
-__device__ __forceinline__ void split2(float x0, float x1, uint32_t& hi, uint32_t& lo) {
-  const __nv_bfloat162 h = __floats2bfloat162_rn(x0, x1);
-  const float2 f = __bfloat1622float2(h);
-  hi = *reinterpret_cast<const uint32_t*>(&h);
-  lo = bf16x2(x0 - f.x, x1 - f.y);
-}
-
 // A thread's share of a 64 x 64 fp32 state held as four m16n8 C tiles, st[n][0..3]; Layout::at(n, e) is the
 // (key i, value j) row-major index i N + j of st[n][e] (RegState and RegRows place the tiles differently).
 template <class Layout>
@@ -610,18 +608,6 @@ struct RegState : TileState<RegState> {
   }
 };
 
-// Two fp32 values as three bf16x2 terms hi + lo + mid (== x, as split<true>).
-__device__ __forceinline__ void split3(float x0, float x1, uint32_t& hi, uint32_t& lo, uint32_t& mid) {
-  const __nv_bfloat162 h = __floats2bfloat162_rn(x0, x1);
-  const float2 f = __bfloat1622float2(h);
-  const float d0 = x0 - f.x, d1 = x1 - f.y;
-  const __nv_bfloat162 l = __floats2bfloat162_rn(d0, d1);
-  const float2 e = __bfloat1622float2(l);
-  hi = *reinterpret_cast<const uint32_t*>(&h);
-  lo = *reinterpret_cast<const uint32_t*>(&l);
-  mid = bf16x2(d0 - e.x, d1 - e.y);
-}
-
 // The backward sweeps' state (S in sweep 1, G = dL/dS_end in sweep 2) in registers, rows on the fragments' g:
 // warp w holds S[i][j] for the keys i in [16 ib, 16 ib + 16), ib = w % 4, and the values j in [32 jh, 32 jh + 32),
 // jh = w / 4, as four C tiles; tile n covers the values 32 jh + 8 n ..+7:
@@ -647,8 +633,8 @@ struct RegRows : TileState<RegRows> {
 #pragma unroll
       for (int nb = 0; nb < 2; ++nb) {
         uint32_t h0, l0, m0, h1, l1, m1;
-        split3(st[2 * kk][2 * nb], st[2 * kk][2 * nb + 1], h0, l0, m0);
-        split3(st[2 * kk + 1][2 * nb], st[2 * kk + 1][2 * nb + 1], h1, l1, m1);
+        split2<true>(st[2 * kk][2 * nb], st[2 * kk][2 * nb + 1], h0, l0, &m0);
+        split2<true>(st[2 * kk + 1][2 * nb], st[2 * kk + 1][2 * nb + 1], h1, l1, &m1);
         mma16816(out[nb], x, m0, m1);
         mma16816(out[nb], x, l0, l1);
         mma16816(out[nb], x, h0, h1);
