@@ -413,6 +413,22 @@ def bench_cpu(reps: int) -> dict:
             "speedup_forward": ref_f["median_ms"] / ours_f["median_ms"]}
 
 
+def shape_arg(text: str) -> tuple[int, int, int]:
+    """argparse type of one B,T,H shape (here and in kernels.profile_run)."""
+    try:
+        dims = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        dims = ()
+    if len(dims) != 3 or min(dims) < 1:
+        raise argparse.ArgumentTypeError(f"expected B,T,H (three positive integers), got {text!r}")
+    return dims
+
+
+def shapes_arg(text: str) -> list[tuple[int, int, int]]:
+    """argparse type of `--shapes B,T,H;B,T,H;...`: each entry as `shape_arg` takes it."""
+    return [shape_arg(part) for part in text.split(";")]
+
+
 def out_file(text: str) -> str:
     """argparse type of `--out FILE` (here and in the pipeline's benchmarks): refused at the start, not after the
     first result, when FILE's directory does not exist or FILE is a directory."""
@@ -435,7 +451,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=None, metavar="FILE", type=out_file,
                     help="also write the JSON to FILE, replaced after every timed contender (a run stopped "
                          "part-way keeps what it timed, marked \"partial\": true)")
-    ap.add_argument("--shapes", default=None, help="B,T,H;B,T,H;... (default: %s)" % ";".join(",".join(map(str, s)) for s in SHAPES))
+    ap.add_argument("--shapes", default=None, type=shapes_arg, help="B,T,H;B,T,H;... (default: %s)" % ";".join(",".join(map(str, s)) for s in SHAPES))
     args = ap.parse_args(argv)
     out = {
         "benchmark": "kernels.wkv6",
@@ -450,13 +466,12 @@ def main(argv=None) -> None:
             kept = keep_autotune_results()
             _log("FLA's Triton autotune results " + ("are kept in Triton's cache (TRITON_CACHE_AUTOTUNING=1; set it "
                  "to 0 to re-tune)" if kept else "are not kept (TRITON_CACHE_AUTOTUNING is off): FLA re-tunes"))
-        shapes = SHAPES if not args.shapes else [tuple(int(x) for x in p.split(",")) for p in args.shapes.split(";")]
 
         def progress(cuda: dict) -> None:
             write_json_atomic(Path(args.out), {**out, "partial": True, "cuda": cuda,
                                                "copy_bandwidth_GBps": cuda["measured_copy_bytes_per_s"] / 1e9})
 
-        out["cuda"] = bench_cuda(args.reps, fla=not args.no_fla, refs=not args.no_refs, shapes=shapes,
+        out["cuda"] = bench_cuda(args.reps, fla=not args.no_fla, refs=not args.no_refs, shapes=args.shapes or SHAPES,
                                  progress=progress if args.out else None)
         out["copy_bandwidth_GBps"] = out["cuda"]["measured_copy_bytes_per_s"] / 1e9
     if not args.skip_cpu:

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from .bench import out_file
+from .build import write_json_atomic
 
 KERNEL = '"Kernel Name"'
 HEADER = '"Address"'
@@ -118,7 +119,10 @@ def phases(rows: list[dict]) -> dict:
 def report(path: Path, kernel: str | None = None) -> dict:
     pages = read_pages(path)
     if kernel:
-        pat = re.compile(kernel)
+        try:
+            pat = re.compile(kernel)
+        except re.error as e:
+            raise ValueError(f"ncu_phases: --kernel {kernel!r} is not a regular expression: {e}") from None
         pages = [(n, r) for n, r in pages if pat.search(n)]
         if not pages:
             raise ValueError(f"ncu_phases: no kernel in {path} matches {kernel!r}")
@@ -135,10 +139,9 @@ def main(argv: list[str] | None = None) -> None:
         doc = report(args.csv, args.kernel)
     except (OSError, ValueError) as e:
         sys.exit(str(e))
-    text = json.dumps(doc, indent=2)
-    print(text)
+    print(json.dumps(doc, indent=2))
     if args.out:
-        Path(args.out).write_text(text + "\n")
+        write_json_atomic(Path(args.out), doc)
     for k in doc["kernels"]:
         top = ", ".join(f"{r} {v:.0%}" for r, v in list(k["stall_reasons"].items())[:5])
         print(f"{k['name'][:70]}: {k['warp_instructions_executed']:,} warp instructions; stalls: {top}", file=sys.stderr)

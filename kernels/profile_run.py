@@ -16,22 +16,11 @@ import sys
 
 import torch
 
-
-def shape(text: str) -> tuple[int, int, int]:
-    """argparse type of the B,T,H argument."""
-    try:
-        dims = tuple(int(x) for x in text.split(","))
-    except ValueError:
-        dims = ()
-    if len(dims) != 3 or min(dims) < 1:
-        raise argparse.ArgumentTypeError(f"expected B,T,H (three positive integers), got {text!r}")
-    return dims
+from .bench import _inputs, shape_arg
+from .wkv6 import wkv6
 
 
 def run(B: int, T: int, H: int, head: bool, w_dtype: torch.dtype, calls: int = 2) -> None:
-    from .bench import _inputs
-    from .wkv6 import wkv6
-
     xs, gy = _inputs(B, T, H, torch.bfloat16, "cuda")
     w = xs[3][..., :1] if head else xs[3]  # one decay per head: channel 0's
     xs[3] = w.to(w_dtype).contiguous()
@@ -44,7 +33,7 @@ def run(B: int, T: int, H: int, head: bool, w_dtype: torch.dtype, calls: int = 2
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("shape", type=shape, metavar="B,T,H")
+    ap.add_argument("shape", type=shape_arg, metavar="B,T,H")
     ap.add_argument("--head", action="store_true", help="one decay per head, w [B, T, H, 1]")
     ap.add_argument("--w-dtype", choices=["bf16", "fp32"], default=None,
                     help="the decays' dtype (default: bf16 per channel, fp32 per head)")

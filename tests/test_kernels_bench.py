@@ -116,6 +116,14 @@ def test_out_in_a_missing_directory_is_refused_at_the_start(tmp_path, capsys):
     assert "is a directory" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("arg", ["16,4096", "16,x,8;1,2,3", "1,2,3;0,16,1", "1,2,3,4"])
+def test_bad_shapes_are_refused_by_entry(arg, capsys):
+    with pytest.raises(SystemExit):
+        kbench.main(["--skip-cuda", "--skip-cpu", "--shapes", arg])
+    bad = next(p for p in arg.split(";") if p != "1,2,3")
+    assert f"expected B,T,H (three positive integers), got {bad!r}" in capsys.readouterr().err
+
+
 def test_autotune_results_are_kept_unless_the_caller_says_no():
     env = {}
     assert kbench.keep_autotune_results(env) is True and env == {"TRITON_CACHE_AUTOTUNING": "1"}

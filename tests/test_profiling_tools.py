@@ -91,6 +91,8 @@ def test_cli_errors(tmp_path, capsys):
     with pytest.raises(SystemExit, match="no such file"):
         ncu_phases.main([str(tmp_path / "missing.csv")])
     p = write(tmp_path, page("k", FWD))
+    with pytest.raises(SystemExit, match=r"--kernel 'chunk_\(' is not a regular expression"):
+        ncu_phases.main([str(p), "--kernel", "chunk_("])
     with pytest.raises(SystemExit):
         ncu_phases.main([str(p), "--out", str(tmp_path)])
     assert "is a directory; give a file name" in capsys.readouterr().err
