@@ -26,12 +26,13 @@ the time the op would take if it only moved its bytes at copy speed; each conten
 `fraction_of_bytes_bound` = bytes_bound_ms / its median time (1.0 = as fast as a copy). The older
 `*_fraction_of_hbm_bound` fields divide by the GPU's nominal HBM bandwidth instead.
 
-Per shape, `ours_chunked.phases` splits our fwd+bwd GPU time by kernel (torch.profiler): the forward, the
-backward's two sweeps (one launch) and gw, each with its blocks, resident blocks per SM and waves on this
-GPU, and the microseconds per 16-step chunk of one block: the kernels walk the chunks in order, so that
-latency times the chunk count is the floor of each kernel. Each kernel also gets the bytes it must move itself
-(`chunk_kernel_bytes`: its inputs read and outputs written once, the backward's fp32 scratch for gw included) and
-its `fraction_of_bytes_bound` at the measured copy bandwidth. `fla_chunk_rwkv6.kernels` lists FLA's top kernels.
+Per shape, `ours_chunked.phases` splits our fwd+bwd GPU time by kernel (torch.profiler): the chunks' scores
+(all chunks at once), the forward, the backward's two sweeps (one launch) and gw, each with its blocks,
+resident blocks per SM and waves on this GPU, and for the forward and the sweeps the microseconds per 16-step
+chunk of one block: they walk the chunks in order, so that latency times the chunk count is their floor. Each
+kernel also gets the bytes it must move itself (`chunk_kernel_bytes`: its inputs read and outputs written once,
+the scores and the backward's fp32 scratch for gw included) and its `fraction_of_bytes_bound` at the measured copy
+bandwidth. `fla_chunk_rwkv6.kernels` lists FLA's top kernels.
 
 CPU part: forward+backward of (B, T, H) = (4, 1024, 4), K = V = 64, float32, the C++ extension
 vs the sequential PyTorch reference `wkv6_ref`, same process, ratio reported.
@@ -202,22 +203,30 @@ def kernel_times(fn, n: int = 5, top: int = 8) -> dict:
     return {"total_ms": sum(r["ms"] for r in rows), "kernels": rows[:top], "all": rows}
 
 
-# The chunked kernels by the fragment of their (mangled) names: forward, both backward sweeps in one launch, gw.
-CHUNK_KERNELS = (("forward", "chunk_forward_kernel"), ("backward_sweeps", "chunk_backward_kernel"),
-                 ("gw", "chunk_gw_kernel"))
+# The chunked kernels by the fragment of their (mangled) names: the chunks' scores, the forward, both backward
+# sweeps in one launch, gw.
+CHUNK_KERNELS = (("scores", "chunk_scores_kernel"), ("forward", "chunk_forward_kernel"),
+                 ("backward_sweeps", "chunk_backward_kernel"), ("gw", "chunk_gw_kernel"))
+# The kernels that walk a sequence's chunks in order, one block per sequence (or sweep)
+WALKS = ("forward", "backward_sweeps")
+SCORES_BLOCKS_PER_SM = 32   # chunk_scores_kernel's grid: min(chunks of all sequences, 32 x the SMs)
 
 
 def chunk_kernel_bytes(B: int, T: int, H: int, K: int = 64, io_bytes: int = 2, w_bytes: int = 2) -> dict:
     """Bytes each chunked kernel must read and write (one decay per channel, each tensor once; r, k, v, y and
-    their gradients of `io_bytes`, w and gw of `w_bytes`, the gw terms fp32):
-      forward: read r, k, v, w (and u), write y;
-      backward_sweeps: each of the two sweeps reads r, k, v, w, gy; sweep 1 writes gr and its fp32 gw terms,
-        sweep 2 gk, gv and its own;
+    their gradients of `io_bytes`, w and gw of `w_bytes`, the gw terms fp32; the scores, 2 x 16 x 16 bf16 per
+    16 x K chunk of one sequence, K = 64: one byte per element):
+      scores: read r, k, w (and u), write the scores;
+      forward: read r, k, v, w, u and the scores, write y;
+      backward_sweeps: each of the two sweeps reads r, k, v, w, gy, sweep 2 also the scores; sweep 1 writes gr
+        and its fp32 gw terms, sweep 2 gk, gv and its own;
       gw: read both sweeps' fp32 terms and w, write gw."""
     E = B * T * H * K
     inputs = 3 * E * io_bytes + E * w_bytes                  # r, k, v, w
-    return {"forward": inputs + H * K * 4 + E * io_bytes,
-            "backward_sweeps": 2 * (inputs + E * io_bytes) + 3 * E * io_bytes + 2 * 4 * E,
+    scores = B * H * -(-T // 16) * 2 * 16 * 16 * 2
+    return {"scores": 2 * E * io_bytes + E * w_bytes + H * K * 4 + scores,
+            "forward": inputs + H * K * 4 + scores + E * io_bytes,
+            "backward_sweeps": 2 * (inputs + E * io_bytes) + scores + 3 * E * io_bytes + 2 * 4 * E,
             "gw": 2 * 4 * E + 2 * E * w_bytes}
 
 
@@ -228,15 +237,16 @@ def chunked_phases(fwd_bwd, B: int, T: int, H: int, sms: int, occupancy: dict, b
     (`chunk_kernel_bytes`) and, given the copy bandwidth `bytes_per_s`, its fraction of that bytes bound."""
     prof = kernel_times(fwd_bwd)
     nbytes = chunk_kernel_bytes(B, T, H, io_bytes=io_bytes, w_bytes=w_bytes)
-    blocks = {"forward": B * H, "backward_sweeps": 2 * B * H, "gw": B * H}
     chunks = -(-T // 16)
+    blocks = {"scores": min(B * H * chunks, SCORES_BLOCKS_PER_SM * sms), "forward": B * H,
+              "backward_sweeps": 2 * B * H, "gw": B * H}
     out = {"total_ms": prof["total_ms"], "kernels": {}}
     for phase, frag in CHUNK_KERNELS:
         ms = sum(r["ms"] for r in prof["all"] if frag in r["name"])
         per_sm = occupancy.get("backward" if phase == "backward_sweeps" else phase, 0)
         waves = -(-blocks[phase] // (sms * per_sm)) if per_sm > 0 else None
         out["kernels"][phase] = {"ms": ms, "blocks": blocks[phase], "blocks_per_sm": per_sm, "waves": waves,
-                                 "us_per_chunk_step": 1e3 * ms / (chunks * (waves or 1)) if phase != "gw" else None,
+                                 "us_per_chunk_step": 1e3 * ms / (chunks * (waves or 1)) if phase in WALKS else None,
                                  "bytes": nbytes[phase],
                                  "fraction_of_bytes_bound": (bytes_bound_ms(nbytes[phase], bytes_per_s) / ms
                                                              if bytes_per_s and ms > 0 else None)}

@@ -147,64 +147,91 @@ def _state_dtype(r: torch.Tensor) -> torch.dtype:
     return torch.float64 if r.dtype == torch.float64 else torch.float32
 
 
+CHUNK = 16  # the chunked kernels' chunk length
+
+
+def chunk_scores_numel(B: int, T: int, H: int) -> int:
+    """Values (bf16) of the scores the chunked forward hands to its backward: 2 x 16 x 16 per (b, h) and chunk."""
+    return B * H * -(-T // CHUNK) * 2 * CHUNK * CHUNK
+
+
+def check_scores(scores: torch.Tensor, r: torch.Tensor) -> None:
+    """ValueError unless `scores` is what the chunked forward returns with save_scores for inputs shaped like r."""
+    B, T, H, _ = r.shape
+    want = chunk_scores_numel(B, T, H)
+    if scores.dtype != torch.bfloat16 or scores.shape != (want,) or scores.device != r.device:
+        raise ValueError(
+            f"wkv6: the chunked backward needs the scores its forward saved (save_scores=True): bfloat16 [{want}] on "
+            f"{r.device} for B, T, H = {B}, {T}, {H}; got {scores.dtype} {list(scores.shape)} on {scores.device}")
+
+
 # The extension calls are registered as torch.library custom ops, so torch.compile traces a model
 # through wkv6 (WKV6Function's forward and backward call them) instead of breaking its graph here.
+# With `chunked` and `save_scores` the forward also returns each chunk's intra-chunk scores, which the chunked
+# backward reads instead of forming them again; otherwise that output is empty.
 @torch.library.custom_op("groundthink::wkv6_fwd", mutates_args=())
 def _wkv6_fwd(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor,
-              h0: torch.Tensor | None, chunked: bool) -> tuple[torch.Tensor, torch.Tensor]:
+              h0: torch.Tensor | None, chunked: bool, save_scores: bool
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r, k, v, w, u = (_prep(x) for x in (r, k, v, w, u))
     h0 = None if h0 is None else _prep(h0)
     if r.is_cuda:
-        y, state = get_extension("cuda").forward(r, k, v, w, u, h0, chunked)
-    else:
-        y, state = get_extension("cpu").forward(r, k, v, w, u, h0)
-    return y, state
+        return tuple(get_extension("cuda").forward(r, k, v, w, u, h0, chunked, save_scores))
+    y, state = get_extension("cpu").forward(r, k, v, w, u, h0)
+    return y, state, r.new_empty((0,))
 
 
 @_wkv6_fwd.register_fake
-def _(r, k, v, w, u, h0, chunked):
-    B, _, H, K = r.shape
-    return torch.empty_like(v), r.new_empty((B, H, K, v.shape[-1]), dtype=_state_dtype(r))
+def _(r, k, v, w, u, h0, chunked, save_scores):
+    B, T, H, K = r.shape
+    scores = r.new_empty((chunk_scores_numel(B, T, H) if chunked and save_scores else 0,))
+    return torch.empty_like(v), r.new_empty((B, H, K, v.shape[-1]), dtype=_state_dtype(r)), scores
 
 
 @torch.library.custom_op("groundthink::wkv6_bwd", mutates_args=())
 def _wkv6_bwd(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor,
-              h0: torch.Tensor | None, gy: torch.Tensor, gs: torch.Tensor, chunked: bool) -> list[torch.Tensor]:
+              h0: torch.Tensor | None, gy: torch.Tensor, gs: torch.Tensor, chunked: bool,
+              scores: torch.Tensor) -> list[torch.Tensor]:
     r, k, v, w, u, gy, gs = (_prep(x) for x in (r, k, v, w, u, gy, gs))
     h0 = None if h0 is None else _prep(h0)
+    if chunked:
+        check_scores(scores, r)
     if r.is_cuda:
-        out = get_extension("cuda").backward(r, k, v, w, u, h0, gy, gs, chunked)
+        out = get_extension("cuda").backward(r, k, v, w, u, h0, gy, gs, chunked, scores)
     else:
         out = get_extension("cpu").backward(r, k, v, w, u, h0, gy, gs)
     return list(out)
 
 
 @_wkv6_bwd.register_fake
-def _(r, k, v, w, u, h0, gy, gs, chunked):
+def _(r, k, v, w, u, h0, gy, gs, chunked, scores):
     gh0 = torch.empty_like(h0) if h0 is not None else u.new_empty((0,), dtype=_state_dtype(r))
     return [torch.empty_like(r), torch.empty_like(k), torch.empty_like(v), torch.empty_like(w),
             torch.empty_like(u), gh0]
 
 
 class WKV6Function(torch.autograd.Function):
-    """forward(r, k, v, w, u, initial_state, chunked) -> (y, final_state); inputs validated by `wkv6`,
-    u and initial_state already in the state dtype (`wkv6` casts them; autograd casts their gradients back).
+    """forward(r, k, v, w, u, initial_state, chunked, save_scores) -> (y, final_state); inputs validated by `wkv6`,
+    u and initial_state already in the state dtype (`wkv6` casts them; autograd casts their gradients back);
+    save_scores: a backward will run (the chunked kernels then keep their scores for it).
 
-    Saves only the inputs; the backward recomputes the states (no [T, K, V] history is kept).
+    Saves the inputs and, on the chunked kernels, each chunk's 16 x 16 intra-chunk scores (1 KiB per (b, h)
+    and chunk, half of r's size in bf16); the backward recomputes the states (no [T, K, V] history is kept).
     """
 
     @staticmethod
-    def forward(ctx, r, k, v, w, u, initial_state, chunked=False):
-        y, state = _wkv6_fwd(r, k, v, w, u, initial_state, chunked)
+    def forward(ctx, r, k, v, w, u, initial_state, chunked=False, save_scores=False):
+        y, state, scores = _wkv6_fwd(r, k, v, w, u, initial_state, chunked, chunked and save_scores)
         ctx.chunked = chunked
-        ctx.save_for_backward(r, k, v, w, u, initial_state)
+        ctx.save_for_backward(r, k, v, w, u, initial_state, scores)
         return y, state
 
     @staticmethod
     def backward(ctx, gy, gstate):
-        r, k, v, w, u, h0 = ctx.saved_tensors
-        gr, gk, gv, gw, gu, gh0 = _wkv6_bwd(r, k, v, w, u, h0, gy.to(v.dtype), gstate.to(u.dtype), ctx.chunked)
-        return gr, gk, gv, gw, gu, (gh0 if h0 is not None else None), None
+        r, k, v, w, u, h0, scores = ctx.saved_tensors
+        gr, gk, gv, gw, gu, gh0 = _wkv6_bwd(r, k, v, w, u, h0, gy.to(v.dtype), gstate.to(u.dtype), ctx.chunked,
+                                            scores)
+        return gr, gk, gv, gw, gu, (gh0 if h0 is not None else None), None, None
 
 
 def wkv6(
@@ -246,5 +273,8 @@ def wkv6(
         w = w.expand(r.shape)
     sd = _state_dtype(r)
     h0 = None if initial_state is None else initial_state.to(sd)
-    y, state = WKV6Function.apply(r, k, v, w, u.to(sd), h0, chunked)
+    u = u.to(sd)
+    # the chunked backward reads scores its forward keeps: only worth keeping when a backward can follow
+    grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (r, k, v, w, u, h0))
+    y, state = WKV6Function.apply(r, k, v, w, u, h0, chunked, chunked and grads)
     return y, (state if output_final_state else None)

@@ -43,16 +43,20 @@ def test_phases_sum_each_chunk_kernel_and_count_its_waves(monkeypatch):
     rows = [{"name": "_ZN..chunk_backward_kernelI13__nv_bfloat16EEvii..", "ms": 4.0, "calls": 1.0},
             {"name": "_ZN..chunk_forward_kernelI13__nv_bfloat16EEvii..", "ms": 1.2, "calls": 1.0},
             {"name": "void at::native::reduce_kernel<..>", "ms": 0.05, "calls": 1.0},
-            {"name": "_ZN..chunk_gw_kernelI13__nv_bfloat16EEvii..", "ms": 0.3, "calls": 1.0}]
-    monkeypatch.setattr(kbench, "kernel_times", lambda fn: {"total_ms": 5.55, "kernels": rows[:2], "all": rows})
-    out = kbench.chunked_phases(None, 8, 4096, 32, 132, {"forward": 2, "backward": 2, "gw": 2}, bytes_per_s=4e12)
+            {"name": "_ZN..chunk_gw_kernelI13__nv_bfloat16EEvii..", "ms": 0.3, "calls": 1.0},
+            {"name": "_ZN..chunk_scores_kernelI13__nv_bfloat16EEvii..", "ms": 0.1, "calls": 1.0}]
+    monkeypatch.setattr(kbench, "kernel_times", lambda fn: {"total_ms": 5.65, "kernels": rows[:2], "all": rows})
+    out = kbench.chunked_phases(None, 8, 4096, 32, 132, {"forward": 2, "backward": 2, "gw": 2, "scores": 5},
+                                bytes_per_s=4e12)
     k = out["kernels"]
     # each kernel against its own bytes at 4 TB/s (1 MB takes 0.25 us)
     nbytes = kbench.chunk_kernel_bytes(8, 4096, 32)
-    for p, ms in (("forward", 1.2), ("backward_sweeps", 4.0), ("gw", 0.3)):
+    for p, ms in (("scores", 0.1), ("forward", 1.2), ("backward_sweeps", 4.0), ("gw", 0.3)):
         assert k[p]["bytes"] == nbytes[p]
         assert k[p]["fraction_of_bytes_bound"] == pytest.approx(nbytes[p] / 4e12 * 1e3 / ms)
-    assert [k[p]["ms"] for p in ("forward", "backward_sweeps", "gw")] == [1.2, 4.0, 0.3]
+    assert [k[p]["ms"] for p in ("scores", "forward", "backward_sweeps", "gw")] == [0.1, 1.2, 4.0, 0.3]
+    # the scores kernel: 65,536 chunks over a grid of 32 blocks per SM (each walks ~16), 5 resident: 7 waves by count
+    assert (k["scores"]["blocks"], k["scores"]["waves"], k["scores"]["us_per_chunk_step"]) == (4224, 7, None)
     # 256 forward blocks fit 132 SMs x 2 at once; the backward's 512 (two sweeps per head) need two waves
     assert (k["forward"]["blocks"], k["forward"]["waves"]) == (256, 1)
     assert (k["backward_sweeps"]["blocks"], k["backward_sweeps"]["waves"]) == (512, 2)
@@ -69,12 +73,19 @@ def test_each_chunk_kernel_counts_its_own_bytes():
     B, T, H, K = 16, 4096, 8, 64
     E = B * T * H * K
     b = kbench.chunk_kernel_bytes(B, T, H)
-    assert b["forward"] == 5 * E * 2 + H * K * 4                   # r, k, v, w in and y out (bf16); u fp32
-    assert b["backward_sweeps"] == 2 * 5 * E * 2 + 3 * E * 2 + 2 * 4 * E   # two sweeps read r, k, v, w, gy;
-    assert b["gw"] == 2 * 4 * E + 2 * E * 2                        # gr, gk, gv out; each sweep's fp32 gw terms
+    A = B * H * (T // 16) * 2 * 16 * 16 * 2                         # the scores: hi and lo bf16, 16 x 16 a chunk
+    assert A == E                                                  # one byte per element at K = 64
+    assert b["scores"] == 3 * E * 2 + H * K * 4 + A                # r, k, w in (bf16), u fp32; scores out
+    assert b["forward"] == 5 * E * 2 + H * K * 4 + A               # r, k, v, w and scores in, y out; u fp32
+    assert b["backward_sweeps"] == 2 * 5 * E * 2 + A + 3 * E * 2 + 2 * 4 * E   # two sweeps read r, k, v, w, gy,
+    # sweep 2 the scores; gr, gk, gv out; each sweep's fp32 gw terms
+    assert b["gw"] == 2 * 4 * E + 2 * E * 2
     # fp32 decays: only what reads w or writes gw grows, by 2 bytes an element each time
     b32 = kbench.chunk_kernel_bytes(B, T, H, w_bytes=4)
-    assert {p: b32[p] - b[p] for p in b} == {"forward": 2 * E, "backward_sweeps": 4 * E, "gw": 4 * E}
+    assert {p: b32[p] - b[p] for p in b} == {"scores": 2 * E, "forward": 2 * E, "backward_sweeps": 4 * E,
+                                             "gw": 4 * E}
+    # a partial last chunk still has a full chunk of scores
+    assert kbench.chunk_kernel_bytes(1, 17, 1)["scores"] - 3 * 17 * 64 * 2 - 64 * 4 == 2 * 1024
 
 
 def test_out_keeps_what_a_stopped_run_timed(monkeypatch, tmp_path):

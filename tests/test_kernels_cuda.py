@@ -4,6 +4,7 @@ CPU/CUDA parity; determinism. Marked `gpu`: tests/conftest.py skips them without
 from __future__ import annotations
 
 import functools
+import importlib
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from kernels import wkv6, wkv6_ref
 from wkv6_cases import assert_close, assert_matches_reference, run_with_grads
 
 pytestmark = pytest.mark.gpu
+wkv6_mod = importlib.import_module("kernels.wkv6")  # the module (the package exports the function under its name)
 
 NAMES = ("y", "state", "r", "k", "v", "w", "u", "h0")
 F32, BF16 = torch.float32, torch.bfloat16
@@ -197,6 +199,68 @@ def test_chunked_rejects_what_it_cannot_run():
     xk = cast(x, F32)
     with pytest.raises(ValueError, match="impl='chunked' needs CUDA bfloat16"):
         wkv6(xk["r"], xk["k"], xk["v"], xk["w"], xk["u"], impl="chunked")
+
+
+def chunk_scores_fp64(x):
+    """Each chunk's intra-chunk scores [B, H, chunks, 16, 16] in float64 from the kernel's (rounded) r, k, w, u:
+    A_ts = sum_i r_t[i] k_s[i] exp(sum_{s<m<t} lw_m[i]) for s < t, A_tt = sum_i r_t[i] u[i] k_t[i], zero above the
+    diagonal; lw = max(-exp(w), -1e4), steps past T zero with lw = 0."""
+    r, k, u = x["r"].double(), x["k"].double(), x["u"].double()
+    B, T, H, K = r.shape
+    lw = (-torch.exp(x["w"].double())).clamp_min(-1e4).expand(B, T, H, K)
+    n = -(-T // 16)
+    pad = lambda t: torch.nn.functional.pad(t, (0, 0, 0, 0, 0, 16 * n - T)).view(B, n, 16, H, K)
+    r, k, lw = pad(r), pad(k), pad(lw)
+    incl = lw.cumsum(2)                                          # sum_{m<=s} lw_m within the chunk
+    gap = (incl - lw).unsqueeze(3) - incl.unsqueeze(2)           # [B, n, t, s, H, K]: sum_{s<m<t} lw_m for s < t
+    below = torch.ones(16, 16, dtype=torch.bool, device=r.device).tril(-1).view(1, 1, 16, 16, 1, 1)
+    f = torch.where(below, gap.clamp_max(0.0).exp(), torch.zeros((), dtype=r.dtype, device=r.device))
+    A = torch.einsum("bntshi,bnthi,bnshi->bhnts", f, r, k)
+    diag = torch.einsum("bnthi,hi,bnthi->bhnt", r, u, k)
+    return A + torch.diag_embed(diag)
+
+
+@pytest.mark.parametrize("decay", ["channel", "head"])
+@pytest.mark.parametrize("w_range", [(-3.0, 1.0), (-8.0, 5.0)], ids=["default", "mixed"])
+def test_chunked_forward_saves_the_chunks_scores(decay, w_range):
+    """The scores the chunked forward hands to the backward (chunk_scores_kernel with one decay per channel, the
+    forward itself with one per head), as the bf16 pair hi + lo, against float64; a ragged last chunk included."""
+    x, _ = make_inputs(2, 37, 3, 64, seed=21, w_range=w_range)
+    xk = cast(x, BF16, F32)
+    if decay == "head":
+        xk = head_decay(xk)
+    y, _, scores = wkv6_mod._wkv6_fwd(xk["r"], xk["k"], xk["v"], xk["w"], xk["u"], None, True, True)
+    assert scores.dtype == BF16 and scores.numel() == wkv6_mod.chunk_scores_numel(2, 37, 3) == 2 * 3 * 3 * 512
+    got = scores.view(2, 3, 3, 2, 16, 16).double().sum(3)
+    want = chunk_scores_fp64(xk)
+    err = (got - want).abs().max().item()
+    assert err <= 1e-5 * want.abs().max().item(), (err, want.abs().max().item())  # hi + lo: 2^-18 relative
+    # without a backward to come, the per-head forward keeps nothing and the output is the same
+    y2, _, none = wkv6_mod._wkv6_fwd(xk["r"], xk["k"], xk["v"], xk["w"], xk["u"], None, True, False)
+    assert none.numel() == 0 and torch.equal(y, y2)
+    # through wkv6: kept for the backward only when one can follow
+    leaf = {n: t.clone().requires_grad_(n == "v") for n, t in xk.items()}
+    y3, _ = wkv6(leaf["r"], leaf["k"], leaf["v"], leaf["w"], leaf["u"], impl="chunked")
+    assert torch.equal(y3, y) and torch.equal(y3.grad_fn.saved_tensors[-1], scores)
+    with torch.no_grad():
+        assert torch.equal(wkv6(leaf["r"], leaf["k"], leaf["v"], leaf["w"], leaf["u"], impl="chunked")[0], y)
+
+
+def test_chunked_backward_needs_its_forwards_scores():
+    x, cot = make_inputs(1, 20, 2, 64, seed=22)
+    xk = cast(x, BF16)
+    gy, gs = cot["gy"].to(BF16), cot["gs"].float()
+    args = (xk["r"], xk["k"], xk["v"], xk["w"], xk["u"], None, gy, gs, True)
+    for bad in (torch.empty(0, dtype=BF16, device="cuda"), torch.zeros(1024, dtype=BF16, device="cuda"),
+                torch.zeros(2 * 2 * 1024, dtype=F32, device="cuda"), torch.zeros(2 * 2 * 512, dtype=BF16)):
+        with pytest.raises(ValueError, match=r"needs the scores its forward saved .*bfloat16 \[2048\] on cuda"):
+            wkv6_mod._wkv6_bwd(*args, bad)
+    # the forward's own scores pass the check, and the gradients match the autograd path's
+    _, _, scores = wkv6_mod._wkv6_fwd(xk["r"], xk["k"], xk["v"], xk["w"], xk["u"], None, True, True)
+    direct = wkv6_mod._wkv6_bwd(*args, scores)
+    via = run_with_grads(with_impl("chunked"), xk, cot, use_h0=False)
+    for name, g in zip("rkvwu", direct):
+        assert torch.equal(g.double(), via[name]), name
 
 
 @pytest.mark.parametrize("w_range", [(3.0, 5.0), (-12.0, -8.0), (-8.0, 5.0)], ids=["strong", "weak", "mixed"])

@@ -10,7 +10,10 @@
 // Per (b, h) one block of 256 threads walks the chunks in order, keeping the 64 x 64 state in fp32 in its
 // warps' mma accumulators (RegState in the forward, RegRows in the backward). The backward's two sweeps are
 // independent and run side by side in one launch (two blocks per (b, h)); a small third kernel then forms gw
-// from both sweeps' per-step terms. Within a chunk, with t, s local positions, lw = -exp(w) the log-decay,
+// from both sweeps' per-step terms. The intra-chunk scores A below depend on their chunk's inputs alone: with one
+// decay per channel chunk_scores_kernel forms them for every chunk at once before the forward walks the chunks, and
+// with one per head the forward forms them; either way the forward reads them from a buffer that the backward's
+// sweep 2 reads again (1 KiB per chunk). Within a chunk, with t, s local positions, lw = -exp(w) the log-decay,
 // Ex_t = sum_{m<t} lw_m (exclusive), Ei_t = Ex_{t+1} (inclusive), Et = Ei_{C-1}:
 //   y_t   = (r_t e^{Ex_t}) S0  +  sum_{s<t} A_ts v_s  +  (r_t.u.k_t) v_t
 //   A_ts  = sum_i r_t[i] k_s[i] e^{Ex_t[i] - Ei_s[i]}                       (s < t)
@@ -54,6 +57,7 @@
 #include <mma.h>
 #include <stdint.h>
 
+#include <algorithm>
 #include <type_traits>
 
 namespace {
@@ -370,6 +374,19 @@ __device__ __forceinline__ void scores(const Smem& s, int tid) {
   }
   halve<8>(p, c); halve<4>(p, c); halve<2>(p, c); halve<1>(p, c);
   split(p[0], s.Ah + c * PA + sr, s.Al + c * PA + sr);
+}
+
+// The forward hands each chunk's scores to the backward's sweep 2, which needs the same bf16 pair Ah + Al for gv:
+// per (b, h) and chunk, SCORE_WORDS 32-bit words (Ah's 16 x 16 values row-major, then Al's). Thread tid moves word
+// tid: term tid / 128, row (tid / 8) % 16, columns 2 (tid % 8) ..+1.
+constexpr int SCORE_WORDS = C * C;  // 2 terms x C x C bf16
+static_assert(SCORE_WORDS == NT, "one word of a chunk's scores per thread");
+__device__ __forceinline__ int score_slot(int tid) { return ((tid >> 3) & 15) * PA + 2 * (tid & 7); }
+__device__ __forceinline__ uint32_t score_word(const Smem& s, int tid) {
+  return *reinterpret_cast<const uint32_t*>((tid >> 7 ? s.Al : s.Ah) + score_slot(tid));
+}
+__device__ __forceinline__ void put_score_word(const Smem& s, int tid, uint32_t x) {
+  *reinterpret_cast<uint32_t*>((tid >> 7 ? s.Al : s.Ah) + score_slot(tid)) = x;
 }
 
 // dst[t][s] = X_t . Y_s (16 x 16 fp32, row stride PS) for bf16 rows X, Y: one warp. The gradient scores
@@ -777,39 +794,108 @@ __device__ __forceinline__ void gv_tile(float* dst, const Smem& s, int warp, int
   *reinterpret_cast<float2*>(dst + (g + 8) * PS + j) = make_float2(acc[2], acc[3]);
 }
 
+// ================================================================================================ scores
+// One decay per channel: every chunk's scores A (`scores`, as a bf16 pair) depend on that chunk's r, k, w and u
+// alone, so they are formed for all chunks at once, before the forward's walk through the chunks, which then reads
+// them like sweep 2 does. A block takes one chunk at a time (grid-stride over (b, h, chunk), the next chunk's inputs
+// loaded while the current one computes, five blocks per SM); the per-step decays
+// e^{lw} are formed as `cumsum` forms them, steps past T are zero with decay 1, so A is what the walk would form.
+// Raw r, k, w of one chunk's slot (Slot(tid)) in registers: the scores kernel loads the next chunk's while it forms
+// the current one's scores.
+template <typename Tw>
+struct ScoreInputs {
+  uint2 r, k;
+  RawW<Tw> w;
+  bool valid;
+  __device__ void load(const bf16* R, const bf16* K, const Tw* W, int T, int H, int nch, int64_t item, int tid) {
+    const int bh = (int)(item / nch), c = (int)(item % nch);
+    const ChunkAddr at(bh / H, bh % H, T, H, tid);
+    valid = c * C + at.sl.t < T;
+    r = k = make_uint2(0u, 0u);
+    w.zero();
+    if (valid) {
+      const int64_t off = at.off(c);
+      r = ld_raw(R + off); k = ld_raw(K + off); w.load(W + off);
+    }
+  }
+};
+
+template <typename Tw>
+__global__ void __launch_bounds__(NT, 5)
+chunk_scores_kernel(int T, int H, int64_t items, const bf16* __restrict__ r, const bf16* __restrict__ k,
+                    const Tw* __restrict__ w, const float* __restrict__ u, bf16* __restrict__ scores) {
+  __shared__ __align__(16) float R[C * PF], K[C * PF], D[C * PF], U[N];
+  __shared__ __align__(16) bf16 Ah[C * PA], Al[C * PA];
+  Smem s{};
+  s.R = R; s.K = K; s.D = D; s.U = U; s.Ah = Ah; s.Al = Al;
+  const int tid = threadIdx.x, nch = (T + C - 1) / C;
+  const Slot sl(tid);
+  const int o = sl.t * PF + sl.i0;
+  ScoreInputs<Tw> next;
+  if (blockIdx.x < items) next.load(r, k, w, T, H, nch, blockIdx.x, tid);
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    const ScoreInputs<Tw> in = next;
+    if (item + gridDim.x < items) next.load(r, k, w, T, H, nch, item + gridDim.x, tid);
+    if (tid < N) U[tid] = u[(int)(item / nch) % H * N + tid];
+    const float2 r01 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&in.r.x));
+    const float2 r23 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&in.r.y));
+    const float2 k01 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&in.k.x));
+    const float2 k23 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&in.k.y));
+    put4(R + o, make_float4(r01.x, r01.y, r23.x, r23.y));
+    put4(K + o, make_float4(k01.x, k01.y, k23.x, k23.y));
+    const float4 wf = in.w.get();
+    const bool valid = in.valid;
+    const auto dec = [valid](float x) { return exp_ftz(fmaxf(valid ? lw_of(x) : 0.f, LW_MIN)); };
+    put4(D + o, make_float4(dec(wf.x), dec(wf.y), dec(wf.z), dec(wf.w)));
+    __syncthreads();
+    ::scores(s, tid);
+    __syncthreads();
+    reinterpret_cast<uint32_t*>(scores)[item * SCORE_WORDS + tid] = score_word(s, tid);
+    // the next item's stores to R, K, D, U follow this item's reads of them (in scores) behind the barrier above;
+    // its scores' writes to Ah, Al follow these reads behind the next item's first barrier
+  }
+}
+
 // =============================================================================================== forward
-// Per chunk: cumsums | scaled rows and scores | per warp: its share of y and of the state update, from the
-// state in its registers | y out, next chunk in; a barrier after each phase.
+// Per chunk: cumsums | scaled rows (with one decay per head: and the scores) | per warp: its share of y and of the
+// state update, from the state in its registers | y out, next chunk in; a barrier after each phase. With one decay
+// per channel the chunks' scores come from chunk_scores_kernel (scores in, read one chunk ahead with its inputs);
+// with one per head they are formed here (three small products) and written to scores unless it is nullptr.
 template <typename Tw, bool WH>
 __global__ void __launch_bounds__(NT, 2)  // one block per (b, h), two per SM
 chunk_forward_kernel(int T, int H, const bf16* __restrict__ r, const bf16* __restrict__ k,
                      const bf16* __restrict__ v, const Tw* __restrict__ w, const float* __restrict__ u,
-                     const float* __restrict__ h0, bf16* __restrict__ y, float* __restrict__ hT) {
+                     const float* __restrict__ h0, bf16* __restrict__ y, float* __restrict__ hT,
+                     bf16* __restrict__ scores) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   const Smem s = carve(smem_raw);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, bh = blockIdx.x, b = bh / H, h = bh % H;
   const ChunkAddr at(b, h, T, H, tid);
   const Slot& sl = at.sl;
+  const int nch = (T + C - 1) / C;
+  uint32_t* const a_io = scores ? reinterpret_cast<uint32_t*>(scores) + (int64_t)bh * nch * SCORE_WORDS + tid : nullptr;
   RegState S(tid);
   S.load(h0 ? h0 + (int64_t)bh * N * N : nullptr);
-  if (tid < N) s.U[tid] = u[h * N + tid];
+  if (WH && tid < N) s.U[tid] = u[h * N + tid];  // the scores' diagonal (per channel: chunk_scores_kernel's)
   Prefetch<Tw, false, WH> pf;
-  const int nch = (T + C - 1) / C;
+  uint32_t a_pf = 0u;
   pf.load(sl, at.off(0), at.woff(0), sl.t < T, r, k, v, w, nullptr);
+  if (!WH) a_pf = a_io[0];
   pf.store(s, sl, sl.t < T);
+  if (!WH) put_score_word(s, tid, a_pf);
   __syncthreads();
   float* const part = S.ih ? s.O2 : s.O1;  // y over this warp's half of the keys
   for (int c = 0; c < nch; ++c) {
     const bool more = c + 1 < nch, next_valid = (c + 1) * C + sl.t < T;
-    if (more) pf.load(sl, at.off(c + 1), at.woff(c + 1), next_valid, r, k, v, w, nullptr);
-    cumsum<!WH>(s, tid);
+    if (more) {
+      pf.load(sl, at.off(c + 1), at.woff(c + 1), next_valid, r, k, v, w, nullptr);
+      if (!WH) a_pf = a_io[(int64_t)(c + 1) * SCORE_WORDS];
+    }
+    cumsum<false>(s, tid);
     if (WH && warp == 0) dots(s.dA, s.Rb, s.Kb);  // r k^T (s.dA is free in the forward)
     __syncthreads();
     scaled_rk<2, 2>(s, sl);
-    if (WH)
-      head_scores<true, false>(s, tid, s.dA);
-    else
-      scores(s, tid);
+    if (WH) head_scores<true, false>(s, tid, s.dA);
     __syncthreads();
     {
       uint32_t vt[4];
@@ -829,7 +915,11 @@ chunk_forward_kernel(int T, int H, const bf16* __restrict__ r, const bf16* __res
       const float4 o1 = ld4(s.O1 + sl.t * PS + sl.i0), o2 = ld4(s.O2 + sl.t * PS + sl.i0);
       *reinterpret_cast<uint2*>(y + at.off(c)) = make_uint2(bf16x2(o1.x + o2.x, o1.y + o2.y), bf16x2(o1.z + o2.z, o1.w + o2.w));
     }
-    if (more) pf.store(s, sl, next_valid);
+    if (WH && a_io) a_io[(int64_t)c * SCORE_WORDS] = score_word(s, tid);
+    if (more) {
+      pf.store(s, sl, next_valid);
+      if (!WH) put_score_word(s, tid, a_pf);  // y_partial above was the last reader of this chunk's scores
+    }
     __syncthreads();
   }
   S.store(hT + (int64_t)bh * N * N);
@@ -947,8 +1037,9 @@ __device__ __forceinline__ void backward_sweep2(const Smem& s, int bh, int T, in
                                                 const bf16* __restrict__ k, const bf16* __restrict__ v,
                                                 const Tw* __restrict__ w, const float* __restrict__ u,
                                                 const bf16* __restrict__ gy, const float* __restrict__ ghT,
-                                                bf16* __restrict__ gk, bf16* __restrict__ gv,
-                                                float* __restrict__ kscr, float* __restrict__ gh0) {
+                                                const bf16* __restrict__ scores, bf16* __restrict__ gk,
+                                                bf16* __restrict__ gv, float* __restrict__ kscr,
+                                                float* __restrict__ gh0) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, b = bh / H, h = bh % H;
   const ChunkAddr at(b, h, T, H, tid);
   const Slot& sl = at.sl;
@@ -963,22 +1054,25 @@ __device__ __forceinline__ void backward_sweep2(const Smem& s, int bh, int T, in
   G.split_to(s.Sh, s.Sl);
   Prefetch<Tw, true, WH> pf;
   const int nch = (T + C - 1) / C;
+  // the scores A of every chunk, as the forward formed them (score_word)
+  const uint32_t* const a_in = reinterpret_cast<const uint32_t*>(scores) + (int64_t)bh * nch * SCORE_WORDS + tid;
   pf.load(sl, at.off(nch - 1), at.woff(nch - 1), (nch - 1) * C + sl.t < T, r, k, v, w, gy);
+  uint32_t a_pf = a_in[(int64_t)(nch - 1) * SCORE_WORDS];
   pf.store(s, sl, (nch - 1) * C + sl.t < T);
+  put_score_word(s, tid, a_pf);
   __syncthreads();
   for (int c = nch - 1; c >= 0; --c) {
     const bool more = c > 0;  // chunk c-1 is always full
-    if (more) pf.load(sl, at.off(c - 1), at.woff(c - 1), true, r, k, v, w, gy);
+    if (more) {
+      pf.load(sl, at.off(c - 1), at.woff(c - 1), true, r, k, v, w, gy);
+      a_pf = a_in[(int64_t)(c - 1) * SCORE_WORDS];
+    }
     G.edge(s.XS + G.jh * N, s, s.V + (C - 1) * PB);  // XS = (G - r_next^T gy_next) v_{C-1}, undecayed G
     cumsum<!WH>(s, tid);
     if (warp == 0) dots(s.dA, s.DY, s.V);
-    if (WH && warp == 1) dots(s.O3, s.Rb, s.Kb);  // r k^T
     __syncthreads();
     scaled_rk<3, 2>(s, sl);
-    if (WH)
-      head_scores<true, true>(s, tid, s.O3);
-    else
-      scores(s, tid);
+    if (WH) head_scores<false, true>(s, tid, nullptr);
     __syncthreads();
     // O1 = gv (Sh + Sl: the undecayed G); O2 + O4 = V G^T (per half of the values); G <- e^{Et} G + (r e^{Ex})^T gy;
     // one decay per head: O3 = M^T r (the in-chunk sum of gk)
@@ -1022,7 +1116,10 @@ __device__ __forceinline__ void backward_sweep2(const Smem& s, int bh, int T, in
     }
     G.split_to(s.Sh, s.Sl);  // every warp's gv_tile above has read the former G
     __syncthreads();
-    if (more) pf.store(s, sl, true);
+    if (more) {
+      pf.store(s, sl, true);
+      put_score_word(s, tid, a_pf);  // gv_tile above was the last reader of this chunk's scores
+    }
     __syncthreads();
   }
   if (gh0) G.store(gh0 + (int64_t)bh * N * N);
@@ -1038,14 +1135,14 @@ __global__ void __launch_bounds__(NT, 2)
 chunk_backward_kernel(int T, int H, const bf16* __restrict__ r, const bf16* __restrict__ k,
                       const bf16* __restrict__ v, const Tw* __restrict__ w, const float* __restrict__ u,
                       const float* __restrict__ h0, const bf16* __restrict__ gy, const float* __restrict__ ghT,
-                      bf16* __restrict__ gr, bf16* __restrict__ gk, bf16* __restrict__ gv,
+                      const bf16* __restrict__ scores, bf16* __restrict__ gr, bf16* __restrict__ gk, bf16* __restrict__ gv,
                       float* __restrict__ gu_part, float* __restrict__ gh0, float* __restrict__ bscr,
                       float* __restrict__ kscr, float* __restrict__ P) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   const Smem s = carve(smem_raw);
   const int bh = blockIdx.x >> 1;
   if (blockIdx.x & 1)
-    backward_sweep2<Tw, WH>(s, bh, T, H, r, k, v, w, u, gy, ghT, gk, gv, kscr, gh0);
+    backward_sweep2<Tw, WH>(s, bh, T, H, r, k, v, w, u, gy, ghT, scores, gk, gv, kscr, gh0);
   else
     backward_sweep1<Tw, WH>(s, bh, T, H, r, k, v, w, u, h0, gy, ghT, gr, bscr, gu_part, P);
 }
@@ -1185,25 +1282,43 @@ cudaError_t setup(const void* fn) {
   return cudaFuncSetAttribute(fn, cudaFuncAttributePreferredSharedMemoryCarveout, (int)cudaSharedmemCarveoutMaxShared);
 }
 
+// Blocks of chunk_scores_kernel: enough to fill every SM several times over (kernels.bench counts them the same
+// way), each then takes items in turn.
+constexpr int SCORES_BLOCKS_PER_SM = 32;
+int scores_grid(int64_t items) {
+  int dev = 0, sms = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
+    sms = 132;
+  return (int)std::min<int64_t>(items, (int64_t)sms * SCORES_BLOCKS_PER_SM);
+}
+
 template <typename Tw, bool WH>
 cudaError_t launch_forward(int B, int T, int H, const void* r, const void* k, const void* v, const void* w,
-                           const float* u, const float* h0, void* y, float* hT, cudaStream_t stream) {
+                           const float* u, const float* h0, void* y, float* hT, void* scores, cudaStream_t stream) {
   cudaError_t err = setup((const void*)chunk_forward_kernel<Tw, WH>);
   if (err != cudaSuccess) return err;
-  chunk_forward_kernel<Tw, WH><<<B * H, NT, smem_bytes(), stream>>>(T, H, (const bf16*)r, (const bf16*)k,
-                                                                (const bf16*)v, (const Tw*)w, u, h0, (bf16*)y, hT);
+  if (!WH) {
+    const int64_t items = (int64_t)B * H * ((T + C - 1) / C);
+    chunk_scores_kernel<Tw><<<scores_grid(items), NT, 0, stream>>>(T, H, items, (const bf16*)r, (const bf16*)k,
+                                                                   (const Tw*)w, u, (bf16*)scores);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  chunk_forward_kernel<Tw, WH><<<B * H, NT, smem_bytes(), stream>>>(
+      T, H, (const bf16*)r, (const bf16*)k, (const bf16*)v, (const Tw*)w, u, h0, (bf16*)y, hT, (bf16*)scores);
   return cudaGetLastError();
 }
 
 template <typename Tw, bool WH>
 cudaError_t launch_backward(int B, int T, int H, const void* r, const void* k, const void* v, const void* w,
-                            const float* u, const float* h0, const void* gy, const float* ghT, void* gr,
-                            void* gk, void* gv, void* gw, float* gu_part, float* gh0, float* bscr, float* kscr,
-                            float* P, cudaStream_t stream) {
+                            const float* u, const float* h0, const void* gy, const float* ghT, const void* scores,
+                            void* gr, void* gk, void* gv, void* gw, float* gu_part, float* gh0, float* bscr,
+                            float* kscr, float* P, cudaStream_t stream) {
   cudaError_t err = setup((const void*)chunk_backward_kernel<Tw, WH>);
   if (err != cudaSuccess) return err;
   chunk_backward_kernel<Tw, WH><<<2 * B * H, NT, smem_bytes(), stream>>>(
-      T, H, (const bf16*)r, (const bf16*)k, (const bf16*)v, (const Tw*)w, u, h0, (const bf16*)gy, ghT, (bf16*)gr,
+      T, H, (const bf16*)r, (const bf16*)k, (const bf16*)v, (const Tw*)w, u, h0, (const bf16*)gy, ghT,
+      (const bf16*)scores, (bf16*)gr,
       (bf16*)gk, (bf16*)gv, gu_part, gh0, bscr, kscr, P);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
@@ -1226,31 +1341,37 @@ int blocks_per_sm(const void* fn, int threads, size_t smem) {
 
 // Launchers (declared in wkv6_cuda_bind.cpp). r, k, v, y, gy, gr, gk, gv bf16; w, gw bf16 (tw = 1) or
 // fp32 (tw = 0), [B,T,H,N] or, with wh = 1, one decay per head [B,T,H,1]; head size 64. Same buffers and meaning
-// as wkv6_cuda_forward / wkv6_cuda_backward, plus kscr (fp32 [B,T,H,N] scratch, like bscr).
+// as wkv6_cuda_forward / wkv6_cuda_backward, plus kscr (fp32 [B,T,H,N] scratch, like bscr) and the chunks' scores
+// (bf16 [B,H,ceil(T/16),2,16,16], wkv6_chunk_scores_numel values), which the forward writes and the backward reads.
+// With one decay per head the forward takes scores = nullptr when no backward will run; with one per channel it
+// always needs the buffer (chunk_scores_kernel fills it first).
+int64_t wkv6_chunk_scores_numel(int B, int T, int H) { return (int64_t)B * H * ((T + C - 1) / C) * 2 * SCORE_WORDS; }
+
 cudaError_t wkv6_chunk_forward(int tw, int wh, int B, int T, int H, const void* r, const void* k, const void* v,
-                               const void* w, const float* u, const float* h0, void* y, float* hT,
+                               const void* w, const float* u, const float* h0, void* y, float* hT, void* scores,
                                cudaStream_t stream) {
-  if (tw == 1)
-    return wh ? launch_forward<bf16, true>(B, T, H, r, k, v, w, u, h0, y, hT, stream)
-              : launch_forward<bf16, false>(B, T, H, r, k, v, w, u, h0, y, hT, stream);
-  return wh ? launch_forward<float, true>(B, T, H, r, k, v, w, u, h0, y, hT, stream)
-            : launch_forward<float, false>(B, T, H, r, k, v, w, u, h0, y, hT, stream);
+#define WKV6_FWD(TW, WH) launch_forward<TW, WH>(B, T, H, r, k, v, w, u, h0, y, hT, scores, stream)
+  if (tw == 1) return wh ? WKV6_FWD(bf16, true) : WKV6_FWD(bf16, false);
+  return wh ? WKV6_FWD(float, true) : WKV6_FWD(float, false);
+#undef WKV6_FWD
 }
 
 cudaError_t wkv6_chunk_backward(int tw, int wh, int B, int T, int H, const void* r, const void* k, const void* v,
                                 const void* w, const float* u, const float* h0, const void* gy, const float* ghT,
-                                void* gr, void* gk, void* gv, void* gw, float* gu_part, float* gh0, float* bscr,
-                                float* kscr, float* P, cudaStream_t stream) {
+                                const void* scores, void* gr, void* gk, void* gv, void* gw, float* gu_part,
+                                float* gh0, float* bscr, float* kscr, float* P, cudaStream_t stream) {
 #define WKV6_BWD(TW, WH) \
-  launch_backward<TW, WH>(B, T, H, r, k, v, w, u, h0, gy, ghT, gr, gk, gv, gw, gu_part, gh0, bscr, kscr, P, stream)
+  launch_backward<TW, WH>(B, T, H, r, k, v, w, u, h0, gy, ghT, scores, gr, gk, gv, gw, gu_part, gh0, bscr, kscr, P, \
+                          stream)
   if (tw == 1) return wh ? WKV6_BWD(bf16, true) : WKV6_BWD(bf16, false);
   return wh ? WKV6_BWD(float, true) : WKV6_BWD(float, false);
 #undef WKV6_BWD
 }
 
 // Resident blocks per SM of the chunk kernels (bf16 w) on the current device: {forward, backward, gw} with one
-// decay per channel, then {forward, backward} with one per head.
+// decay per channel, then {forward, backward} with one per head, then the scores kernel.
 void wkv6_chunk_occupancy(int* out) {
+  out[5] = blocks_per_sm((const void*)chunk_scores_kernel<bf16>, NT, 0);
   out[0] = blocks_per_sm((const void*)chunk_forward_kernel<bf16, false>, NT, smem_bytes());
   out[1] = blocks_per_sm((const void*)chunk_backward_kernel<bf16, false>, NT, smem_bytes());
   out[2] = blocks_per_sm((const void*)chunk_gw_kernel<bf16>, N * GW_GROUPS, 0);
