@@ -1,6 +1,6 @@
 """Where a kernel's time goes, by phase, from Nsight Compute's per-instruction source page; prints JSON.
 
-    ncu --set full --import-source yes -k regex:chunk_ --launch-skip 3 --launch-count 3 -o rep \\
+    ncu --set full --import-source yes -k regex:chunk_ --launch-skip 4 --launch-count 4 -o rep \\
         python -m kernels.profile_run 16,4096,8                                # on the GPU machine
     ncu -i rep.ncu-rep --page source --csv --print-source sass > rep.csv
     python -m kernels.ncu_phases rep.csv [--kernel REGEX] [--out FILE]       # anywhere (.csv or .csv.xz)

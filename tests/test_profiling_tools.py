@@ -1,6 +1,6 @@
 """The profiling tools. kernels.ncu_phases on small source-page exports written the way ncu writes them (one page
 per kernel, repeated pages, quoted CSV), and its errors on what is not such an export; kernels.profile_run's
-argument errors, its refusal without CUDA and (on a GPU) its two calls."""
+argument errors, its refusal without CUDA and (on a GPU) its two calls; kernels.call_overhead likewise."""
 from __future__ import annotations
 
 import csv
@@ -12,7 +12,7 @@ import pytest
 
 import torch
 
-from kernels import ncu_phases, profile_run
+from kernels import call_overhead, ncu_phases, profile_run
 
 COLS = ["Address", "Source", "Warp Stall Sampling (All Samples)", "Warp Stall Sampling (Not-issued Samples)",
         "Instructions Executed", "stall_wait", "stall_barrier", "stall_wait (Not Issued)"]
@@ -116,12 +116,40 @@ def test_profile_run_needs_cuda():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("head", [False, True], ids=["channel", "head"])
-def test_profile_run_launches_the_three_chunked_kernels_per_call(head):
+def test_profile_run_launches_the_chunked_kernels_in_order(head):
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         profile_run.run(2, 40, 2, head=head, w_dtype=torch.float32 if head else torch.bfloat16)
     names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     chunked = [n for n in names if "chunk_" in n]
-    kinds = [("forward" if "forward" in n else "backward" if "backward" in n else "gw") for n in chunked]
-    assert kinds == ["forward", "backward", "gw"] * 2, chunked
+    kinds = [next(k for k in ("scores", "forward", "backward", "gw") if f"chunk_{k}" in n) for n in chunked]
+    per_call = ["forward", "backward", "gw"] if head else ["scores", "forward", "backward", "gw"]
+    assert kinds == per_call * 2, chunked
+    assert len(per_call) == profile_run.kernels_per_call(head)
+
+
+@pytest.mark.parametrize("argv, message", [(["64,512"], "expected B,T,H (three positive integers)"),
+                                           (["1,16,1", "--calls", "0"], "--calls and --rounds must be >= 1")])
+def test_call_overhead_refuses_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        call_overhead.main(argv)
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without CUDA")
+def test_call_overhead_needs_cuda():
+    with pytest.raises(SystemExit, match="need a CUDA GPU; none is visible"):
+        call_overhead.main(["1,16,1"])
+
+
+@pytest.mark.gpu
+def test_call_overhead_times_every_path(tmp_path, capsys):
+    out = tmp_path / "calls.json"
+    call_overhead.main(["2,40,2", "--calls", "3", "--rounds", "2", "--out", str(out)])
+    doc = json.loads(capsys.readouterr().out)
+    assert doc == json.loads(out.read_text())
+    assert set(doc["paths"]) == set(call_overhead.PATHS)
+    for p in doc["paths"].values():
+        assert p["host_ms_per_call"] > 0 and p["wall_ms_per_call"] > 0
+
