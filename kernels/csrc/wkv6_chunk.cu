@@ -86,7 +86,7 @@ using FragC = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
 // The state itself lives in registers (RegState, RegRows); sweep 2 also keeps G's bf16 terms here for gv.
 struct Smem {
   float *R, *K, *LW, *Ex, *Ei;          // [C][PF]
-  float *D;                               // [C][PF] per-step decay e^{lw} (per-channel scores)
+  float *D;                               // [C][PF] per-step decay e^{lw} (the per-channel scores and decayed sums)
   float *O3;                              // [C][PS] one more mma output, one decay per head: it is D's storage
   float *Et, *EEt, *U, *X1, *X2;          // [N]; EEt = e^{Et}; X1, X2: the neighbouring chunk's edge row
   float *Z, *XS;                          // [2][N] per half of the state's columns: Z = rowsum(ghT * S), XS: the
@@ -113,7 +113,7 @@ __device__ Smem carve(unsigned char* p) {
   s.R = (float*)take(C * PF * 4); s.K = (float*)take(C * PF * 4); s.LW = (float*)take(C * PF * 4);
   s.Ex = (float*)take(C * PF * 4); s.Ei = (float*)take(C * PF * 4);
   s.D = (float*)take(C * PF * 4);
-  s.O3 = s.D;  // the head kernels form no per-step decays (cumsum<false>)
+  s.O3 = s.D;  // only the per-channel sweeps form per-step decays (cumsum<true>)
   s.Et = (float*)take(N * 4); s.EEt = (float*)take(N * 4); s.U = (float*)take(N * 4); s.X1 = (float*)take(N * 4); s.X2 = (float*)take(N * 4);
   s.Z = (float*)take(2 * N * 4); s.XS = (float*)take(2 * N * 4);
   s.O1 = (float*)take(C * PS * 4); s.O2 = (float*)take(C * PS * 4); s.O4 = (float*)take(C * PS * 4);
@@ -1135,7 +1135,8 @@ __global__ void __launch_bounds__(NT, 2)
 chunk_backward_kernel(int T, int H, const bf16* __restrict__ r, const bf16* __restrict__ k,
                       const bf16* __restrict__ v, const Tw* __restrict__ w, const float* __restrict__ u,
                       const float* __restrict__ h0, const bf16* __restrict__ gy, const float* __restrict__ ghT,
-                      const bf16* __restrict__ scores, bf16* __restrict__ gr, bf16* __restrict__ gk, bf16* __restrict__ gv,
+                      const bf16* __restrict__ scores, bf16* __restrict__ gr, bf16* __restrict__ gk,
+                      bf16* __restrict__ gv,
                       float* __restrict__ gu_part, float* __restrict__ gh0, float* __restrict__ bscr,
                       float* __restrict__ kscr, float* __restrict__ P) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -1285,11 +1286,12 @@ cudaError_t setup(const void* fn) {
 // Blocks of chunk_scores_kernel: enough to fill every SM several times over (kernels.bench counts them the same
 // way), each then takes items in turn.
 constexpr int SCORES_BLOCKS_PER_SM = 32;
-int scores_grid(int64_t items) {
+cudaError_t scores_grid(int64_t items, int* grid) {
   int dev = 0, sms = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
-    sms = 132;
-  return (int)std::min<int64_t>(items, (int64_t)sms * SCORES_BLOCKS_PER_SM);
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  *grid = (int)std::min<int64_t>(items, (int64_t)sms * SCORES_BLOCKS_PER_SM);
+  return err;
 }
 
 template <typename Tw, bool WH>
@@ -1299,8 +1301,11 @@ cudaError_t launch_forward(int B, int T, int H, const void* r, const void* k, co
   if (err != cudaSuccess) return err;
   if (!WH) {
     const int64_t items = (int64_t)B * H * ((T + C - 1) / C);
-    chunk_scores_kernel<Tw><<<scores_grid(items), NT, 0, stream>>>(T, H, items, (const bf16*)r, (const bf16*)k,
-                                                                   (const Tw*)w, u, (bf16*)scores);
+    int grid = 0;
+    err = scores_grid(items, &grid);
+    if (err != cudaSuccess) return err;
+    chunk_scores_kernel<Tw><<<grid, NT, 0, stream>>>(T, H, items, (const bf16*)r, (const bf16*)k, (const Tw*)w, u,
+                                                     (bf16*)scores);
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }

@@ -169,7 +169,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &wkv6_forward,
         "wkv6 forward(r, k, v, w, u, h0, chunked, save_scores) -> (y, final_state fp32, the chunked backward's "
         "scores or an empty tensor)");
-  m.def("chunk_occupancy", &chunk_occupancy, "resident blocks per SM of the chunked kernels: {forward, backward, gw, forward_head, backward_head, scores}");
+  m.def("chunk_occupancy", &chunk_occupancy,
+        "resident blocks per SM of the chunked kernels: {forward, backward, gw, forward_head, backward_head, scores}");
   m.def("backward", &wkv6_backward,
         "wkv6 backward(r, k, v, w, u, h0, gy, ghT, chunked, scores) -> (gr, gk, gv, gw, gu fp32 [H,N], gh0 fp32)");
 }
