@@ -54,7 +54,7 @@ import torch
 
 from .build import build_extension, get_extension, write_json_atomic
 from .reference import wkv6_chunked_ref, wkv6_ref
-from .wkv6 import wkv6
+from .wkv6 import chunk_scores_numel, wkv6
 
 SHAPES = [(16, 4096, 8), (8, 4096, 32), (64, 512, 2), (4, 2048, 32)]
 PHASES = ("forward", "forward_backward")   # the two timings per contender, each with its bytes bound
@@ -223,7 +223,7 @@ def chunk_kernel_bytes(B: int, T: int, H: int, K: int = 64, io_bytes: int = 2, w
       gw: read both sweeps' fp32 terms and w, write gw."""
     E = B * T * H * K
     inputs = 3 * E * io_bytes + E * w_bytes                  # r, k, v, w
-    scores = B * H * -(-T // 16) * 2 * 16 * 16 * 2
+    scores = 2 * chunk_scores_numel(B, T, H)                   # bf16
     return {"scores": 2 * E * io_bytes + E * w_bytes + H * K * 4 + scores,
             "forward": inputs + H * K * 4 + scores + E * io_bytes,
             "backward_sweeps": 2 * (inputs + E * io_bytes) + scores + 3 * E * io_bytes + 2 * 4 * E,

@@ -150,6 +150,12 @@ struct ChunkAddr {
 
 __device__ __forceinline__ float4 ld4(const float* p) { return *reinterpret_cast<const float4*>(p); }
 __device__ __forceinline__ uint2 ld_raw(const bf16* p) { return *reinterpret_cast<const uint2*>(p); }
+// Four bf16 values as ld_raw loads them, in fp32.
+__device__ __forceinline__ float4 unpack4(const uint2& x) {
+  const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&x.x));
+  const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&x.y));
+  return make_float4(a.x, a.y, b.x, b.y);
+}
 
 template <typename T>
 __device__ __forceinline__ T cvt(float x);
@@ -173,6 +179,12 @@ __device__ __forceinline__ void split(float x, bf16* hi, bf16* lo, bf16* mid = n
   if (MID) *mid = __float2bfloat16_rn(d - __bfloat162float(l));
 }
 __device__ __forceinline__ float lw_of(float w) { return -__expf(w); }  // exact; the cumsums clamp it
+// A step's log-decays as the kernels keep them: lw_of(w), or 0 past T (the step is the identity on the state);
+// clamp_lw bounds them where they are summed or exponentiated.
+__device__ __forceinline__ float4 step_lw(const float4& w, bool valid) {
+  return valid ? make_float4(lw_of(w.x), lw_of(w.y), lw_of(w.z), lw_of(w.w)) : make_float4(0.f, 0.f, 0.f, 0.f);
+}
+__device__ __forceinline__ float clamp_lw(float lw) { return fmaxf(lw, LW_MIN); }
 // e^x for the kernels' exponents (all <= 0): one ex2.approx with subnormal results flushed to zero. __expf
 // would add a rescaling step per call for those results; below 2^-126 they only ever multiply values that the
 // bf16 outputs and the fp32 sums cannot resolve.
@@ -198,11 +210,7 @@ struct RawW<bf16> {
   uint2 x;
   __device__ void load(const bf16* p) { x = ld_raw(p); }
   __device__ void zero() { x = make_uint2(0u, 0u); }
-  __device__ float4 get() const {
-    const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&x.x));
-    const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&x.y));
-    return make_float4(a.x, a.y, b.x, b.y);
-  }
+  __device__ float4 get() const { return unpack4(x); }
 };
 
 // One decay per head ([B, T, H, 1] w): the step's value stands for all four channels of the thread.
@@ -237,14 +245,9 @@ struct Prefetch {
   // valid = false leaves zeros and a zero log-decay (the step is the identity on the state)
   __device__ void store(const Smem& s, const Slot& sl, bool valid) const {
     const int o = sl.t * PF + sl.i0;
-    const float2 r01 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&r.x));
-    const float2 r23 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&r.y));
-    const float2 k01 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&k.x));
-    const float2 k23 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&k.y));
-    put4(s.R + o, make_float4(r01.x, r01.y, r23.x, r23.y));
-    put4(s.K + o, make_float4(k01.x, k01.y, k23.x, k23.y));
-    const float4 wf = w.get();
-    put4(s.LW + o, valid ? make_float4(lw_of(wf.x), lw_of(wf.y), lw_of(wf.z), lw_of(wf.w)) : make_float4(0.f, 0.f, 0.f, 0.f));
+    put4(s.R + o, unpack4(r));
+    put4(s.K + o, unpack4(k));
+    put4(s.LW + o, step_lw(w.get(), valid));
     *reinterpret_cast<uint2*>(s.V + sl.t * PB + sl.i0) = v;
     if (DY) *reinterpret_cast<uint2*>(s.DY + sl.t * PB + sl.i0) = dy;
     if (WH) {
@@ -263,7 +266,7 @@ __device__ __forceinline__ void cumsum(const Smem& s, int tid) {
   float lw[4], loc[4], run = 0.f;
 #pragma unroll
   for (int m = 0; m < 4; ++m) {
-    lw[m] = fmaxf(s.LW[(4 * q + m) * PF + i], LW_MIN);
+    lw[m] = clamp_lw(s.LW[(4 * q + m) * PF + i]);
     run += lw[m];
     loc[m] = run;
   }
@@ -837,16 +840,11 @@ chunk_scores_kernel(int T, int H, int64_t items, const bf16* __restrict__ r, con
     const ScoreInputs<Tw> in = next;
     if (item + gridDim.x < items) next.load(r, k, w, T, H, nch, item + gridDim.x, tid);
     if (tid < N) U[tid] = u[(int)(item / nch) % H * N + tid];
-    const float2 r01 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&in.r.x));
-    const float2 r23 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&in.r.y));
-    const float2 k01 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&in.k.x));
-    const float2 k23 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&in.k.y));
-    put4(R + o, make_float4(r01.x, r01.y, r23.x, r23.y));
-    put4(K + o, make_float4(k01.x, k01.y, k23.x, k23.y));
-    const float4 wf = in.w.get();
-    const bool valid = in.valid;
-    const auto dec = [valid](float x) { return exp_ftz(fmaxf(valid ? lw_of(x) : 0.f, LW_MIN)); };
-    put4(D + o, make_float4(dec(wf.x), dec(wf.y), dec(wf.z), dec(wf.w)));
+    put4(R + o, unpack4(in.r));
+    put4(K + o, unpack4(in.k));
+    const float4 lw = step_lw(in.w.get(), in.valid);  // as Prefetch::store and cumsum form the decays
+    put4(D + o, make_float4(exp_ftz(clamp_lw(lw.x)), exp_ftz(clamp_lw(lw.y)), exp_ftz(clamp_lw(lw.z)),
+                            exp_ftz(clamp_lw(lw.w))));
     __syncthreads();
     ::scores(s, tid);
     __syncthreads();
