@@ -221,7 +221,7 @@ class WKV6Function(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, r, k, v, w, u, initial_state, chunked=False, save_scores=False):
-        y, state, scores = _wkv6_fwd(r, k, v, w, u, initial_state, chunked, chunked and save_scores)
+        y, state, scores = _wkv6_fwd(r, k, v, w, u, initial_state, chunked, save_scores)
         ctx.chunked = chunked
         ctx.save_for_backward(r, k, v, w, u, initial_state, scores)
         return y, state
